@@ -1,0 +1,169 @@
+"""Kernel-shard datasets: values, chunk-aligned batches, workers, splits by structure, clear read errors."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from datagen import store
+from datagen.store import StoreError
+from training.datasets import (
+    ChunkBatchSampler,
+    KernelDataset,
+    KernelShards,
+    ShardReadError,
+    collate_batched,
+    split_by_structure,
+)
+
+K = 8
+
+
+def write_shard(path, first_index: int, n: int, structures: list[str], chunk: int | None = 4):
+    """A small but schema-complete kernel shard whose values encode the global sample index."""
+    index = np.arange(first_index, first_index + n)
+    cbed = (
+        np.broadcast_to(index[:, None, None, None], (n, 9, K, K)).astype(np.float32)
+        + np.arange(9)[None, :, None, None].astype(np.float32) / 10
+    )
+    wave = (index[:, None, None] * (1 + 1j) * np.ones((n, K, K))).astype(np.complex64)
+    metadata = {
+        "energy_eV": np.full(n, 200e3),
+        "semiangle_mrad": np.full(n, 20.0),
+        "gmax_invA": np.full(n, 2.0),
+        "step_A": 0.1 + index / 1000,
+        "Cs_A": np.full(n, 1e4),
+        "defocus_A": np.full(n, 19.4),
+        "thickness_A": np.full(n, 10.0),
+        "rotation_deg": np.zeros(n),
+        "zone_axis": np.tile([0, 0, 1], (n, 1)),
+        "num_phonons": np.full(n, 2),
+        "seed": index,
+        "source_id": np.array([structures[i % len(structures)] for i in range(n)]),
+        "formula": np.array(["X"] * n),
+    }
+    with store.create(path, store.KERNEL) as f:
+        f.create_dataset("cbed", data=cbed, chunks=(chunk, 9, K, K) if chunk else None)
+        f.create_dataset("wave", data=wave)
+        f.create_dataset("probe", data=np.ones((n, K, K), np.complex64))
+        for key, value in metadata.items():
+            if value.dtype.kind == "U":
+                f.create_dataset(key, data=value.astype(object), dtype=h5py.string_dtype())
+            else:
+                f.create_dataset(key, data=value)
+    return path
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    write_shard(tmp_path / "shard-00000-of-00003.h5", 0, 20, ["mp-1", "mp-2", "mp-3"])
+    write_shard(tmp_path / "shard-00001-of-00003.h5", 20, 20, ["mp-4", "mp-5"])
+    write_shard(tmp_path / "shard-00002-of-00003.h5", 40, 12, ["mp-6", "mp-1"])
+    return tmp_path
+
+
+def test_samples_and_batches_carry_the_right_values(shard_dir):
+    shards = KernelShards.open(shard_dir)
+    assert len(shards) == 52 and shards.kernel_px == K and shards.chunk == 4
+    dataset = KernelDataset(shards)
+    sample = dataset[23]
+    assert sample["cbed"].shape == (9, K, K) and sample["cbed"].dtype == torch.float32
+    assert sample["wave"].dtype == torch.complex64
+    assert sample["cbed"][4, 0, 0].item() == pytest.approx(23.4)
+    assert sample["index"].item() == 23
+    assert sample["step_A"].item() == pytest.approx(0.123)
+    positions = [45, 3, 21, 4, 5, 44, 19]
+    batch = dataset.__getitems__(positions)
+    np.testing.assert_allclose(batch["cbed"][:, 0, 0, 0].numpy(), positions)
+    np.testing.assert_allclose(batch["wave"][:, 1, 1].real.numpy(), positions)
+    assert batch["index"].tolist() == positions
+
+
+def test_split_by_structure_is_disjoint_complete_and_reproducible(shard_dir):
+    ids = KernelShards.open(shard_dir).source_ids
+    splits = split_by_structure(ids, (0.6, 0.2, 0.2), seed=3)
+    sets = {name: set(ids[idx]) for name, idx in splits.items()}
+    assert all(sets.values())
+    assert (
+        not (sets["train"] & sets["val"])
+        and not (sets["train"] & sets["test"])
+        and not (sets["val"] & sets["test"])
+    )
+    assert sorted(np.concatenate(list(splits.values())).tolist()) == list(range(len(ids)))
+    again = split_by_structure(ids, (0.6, 0.2, 0.2), seed=3)
+    assert all(np.array_equal(splits[k], again[k]) for k in splits)
+    assert any(
+        not np.array_equal(splits["val"], split_by_structure(ids, (0.6, 0.2, 0.2), seed=s)["val"])
+        for s in range(4, 10)
+    )
+    with pytest.raises(ValueError, match="at least 3 distinct structures"):
+        split_by_structure(["a", "a", "b"], (0.8, 0.1, 0.1))
+    with pytest.raises(ValueError, match="summing to 1"):
+        split_by_structure(ids, (0.8, 0.1, 0.2))
+
+
+def test_chunk_batches_cover_each_sample_once_and_read_few_runs(shard_dir):
+    dataset = KernelDataset(KernelShards.open(shard_dir))
+    sampler = ChunkBatchSampler(dataset, batch_size=8, shuffle=True, seed=1)
+    batches = list(sampler)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(52))
+    for batch in batches:  # blocks of 4 consecutive samples: at most 2 runs per batch of 8
+        runs = np.count_nonzero(np.diff(np.sort(batch)) != 1) + 1
+        assert runs <= 2
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    sampler.set_epoch(0)
+    assert list(sampler) == batches
+    replicas = [list(ChunkBatchSampler(dataset, 8, seed=1, rank=r, num_replicas=2)) for r in (0, 1)]
+    assert sorted(np.concatenate(replicas[0] + replicas[1]).tolist()) == list(range(52))
+
+
+def test_dataloader_with_workers_delivers_every_sample_once(shard_dir):
+    dataset = KernelDataset(KernelShards.open(shard_dir), indices=np.arange(3, 50))
+    dataset[0]  # a handle opened in the parent must not be reused by the workers
+    loader = DataLoader(
+        dataset,
+        batch_sampler=ChunkBatchSampler(dataset, batch_size=6, seed=0),
+        num_workers=2,
+        collate_fn=collate_batched,
+        multiprocessing_context="fork",
+    )
+    seen = []
+    for batch in loader:
+        np.testing.assert_allclose(batch["cbed"][:, 4, 0, 0].numpy(), batch["index"].numpy() + 0.4, rtol=1e-6)
+        seen.extend(batch["index"].tolist())
+    assert sorted(seen) == list(range(3, 50))
+
+
+def test_nan_sample_is_named_with_file_and_index(shard_dir):
+    path = shard_dir / "shard-00001-of-00003.h5"
+    with h5py.File(path, "a") as f:
+        f["cbed"][7, 2, 3, 3] = np.nan
+    dataset = KernelDataset(KernelShards.open(shard_dir))
+    with pytest.raises(
+        ShardReadError, match=r"shard-00001-of-00003\.h5: sample 7 has NaN or inf values in 'cbed'"
+    ):
+        dataset.__getitems__([0, 26, 27, 28])
+    loader = DataLoader(dataset, batch_sampler=[[26, 27]], num_workers=1, collate_fn=collate_batched)
+    with pytest.raises(ShardReadError, match=r"shard-00001-of-00003\.h5: sample 7"):
+        next(iter(loader))
+
+
+def test_missing_dataset_and_truncated_shard_are_named(shard_dir):
+    path = shard_dir / "shard-00002-of-00003.h5"
+    with h5py.File(path, "a") as f:
+        del f["probe"]
+    with pytest.raises(StoreError, match=r"shard-00002-of-00003\.h5: missing dataset\(s\) 'probe'"):
+        KernelShards.open(shard_dir)
+    path.unlink()
+    write_shard(path, 40, 12, ["mp-6"], chunk=None)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 3])
+    with pytest.raises(StoreError, match=r"shard-00002-of-00003\.h5: truncated"):
+        KernelShards.open(shard_dir)
+    with pytest.raises(ShardReadError, match="no such shard file or folder"):
+        KernelShards.open(shard_dir / "empty-folder-that-does-not-exist")

@@ -1,0 +1,287 @@
+"""Datasets over deepstem's HDF5 kernel shards (schema ``deepstem.kernel/1``).
+
+Reading is built for many shards and many workers:
+
+* every worker process opens its own h5py handles lazily (a handle never crosses a ``fork``);
+* :class:`ChunkBatchSampler` forms batches from whole, shuffled blocks of consecutive samples, and
+  :meth:`KernelDataset.__getitems__` reads each block with one slice per dataset;
+* train/val/test splits are made by *structure* (``source_id``), so validation measures
+  generalisation to crystals the network has not seen; they are reproducible from the seed.
+
+Every read error names the shard file and the sample index.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from datagen import store
+
+__all__ = [
+    "KERNEL_FIELDS",
+    "ChunkBatchSampler",
+    "KernelDataset",
+    "KernelShards",
+    "ShardReadError",
+    "collate_batched",
+    "find_shards",
+    "split_by_structure",
+]
+
+# datasets read for every sample; per-sample scalars become (B,) tensors
+KERNEL_FIELDS = ("cbed", "wave", "probe", "step_A", "energy_eV", "semiangle_mrad", "gmax_invA")
+_FINITE_CHECKED = ("cbed", "wave", "probe")
+
+
+class ShardReadError(RuntimeError):
+    """A shard or one of its samples cannot be used; the message names the file and the index."""
+
+
+def find_shards(location: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Shard files at ``location``: a folder (its ``shard-*.h5``), a glob, a file, or a list of those."""
+    if isinstance(location, str | os.PathLike):
+        location = [location]
+    found: list[Path] = []
+    for item in location:
+        path = Path(item)
+        if path.is_dir():
+            found.extend(sorted(path.glob("shard-*.h5")))
+        elif any(ch in str(item) for ch in "*?["):
+            found.extend(Path(p) for p in sorted(glob.glob(str(item))))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ShardReadError(f"{path}: no such shard file or folder")
+    if not found:
+        raise ShardReadError(f"{', '.join(map(str, location))}: no kernel shards (shard-*.h5) found")
+    return found
+
+
+@dataclass(frozen=True)
+class KernelShards:
+    """Index of many shards: which global sample lives in which file, and its structure id."""
+
+    paths: tuple[Path, ...]
+    offsets: np.ndarray  # (num_shards + 1,) global index of each shard's first sample
+    source_ids: np.ndarray  # (num_samples,) str
+    chunk: int  # samples per HDF5 chunk of `cbed` (block size for chunk-aligned reads)
+    kernel_px: int
+
+    @classmethod
+    def open(cls, location: str | os.PathLike | Sequence[str | os.PathLike]) -> KernelShards:
+        paths = find_shards(location)
+        counts, ids, chunks, sizes = [], [], [], set()
+        for path in paths:
+            with store.open_checked(path, store.KERNEL) as handle:
+                counts.append(handle["cbed"].shape[0])
+                ids.append(np.asarray([_as_str(s) for s in handle["source_id"][:]], dtype=object))
+                # contiguous storage reads any run in one slice: use blocks of 16 samples then
+                chunks.append(handle["cbed"].chunks[0] if handle["cbed"].chunks else 16)
+                sizes.add(handle["cbed"].shape[-1])
+        if len(sizes) > 1:
+            raise ShardReadError(f"shards disagree on the CBED size ({sorted(sizes)} px): {paths[0].parent}")
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return cls(tuple(paths), offsets, np.concatenate(ids), max(chunks), sizes.pop())
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard number, index within the shard) of global sample indices."""
+        index = np.asarray(index, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"sample index out of range 0..{len(self) - 1}")
+        shard = np.searchsorted(self.offsets, index, side="right") - 1
+        return shard, index - self.offsets[shard]
+
+
+def _as_str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def split_by_structure(
+    source_ids: Sequence[str] | np.ndarray,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Global sample indices of the ``train``, ``val`` and ``test`` splits, whole structures per split.
+
+    Distinct ``source_id`` values are shuffled with ``seed`` and dealt out by the structure fractions;
+    every split with a positive fraction gets at least one structure.
+    """
+    fractions = np.asarray(fractions, dtype=np.float64)
+    if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1.0):
+        raise ValueError(
+            f"split fractions must be three non-negative numbers summing to 1, got {list(fractions)}"
+        )
+    ids = np.asarray(source_ids, dtype=object)
+    unique = np.array(sorted(set(ids.tolist())), dtype=object)
+    needed = int(np.count_nonzero(fractions))
+    if unique.size < needed:
+        raise ValueError(
+            f"split by structure needs at least {needed} distinct structures, the shards hold {unique.size}; "
+            "generate data from more structures or set a split fraction to 0"
+        )
+    order = np.random.default_rng(seed).permutation(unique.size)
+    counts = np.floor(fractions * unique.size).astype(int)
+    counts[fractions > 0] = np.maximum(counts[fractions > 0], 1)
+    counts[0] = unique.size - counts[1:].sum() if fractions[0] > 0 else counts[0]
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    splits = {}
+    for name, start, stop in zip(("train", "val", "test"), bounds[:-1], bounds[1:], strict=True):
+        members = set(unique[order[start:stop]].tolist())
+        splits[name] = np.flatnonzero([s in members for s in ids]).astype(np.int64)
+    return splits
+
+
+class KernelDataset(Dataset):
+    """Samples of kernel shards as dicts of tensors (one sample, or a batch through ``__getitems__``).
+
+    Keys: ``cbed`` (9, K, K) float32, ``wave`` and ``probe`` (K, K) complex64, ``step_A``, ``energy_eV``,
+    ``semiangle_mrad``, ``gmax_invA`` float32 scalars and ``index`` (the global sample index, which seeds
+    deterministic validation noise).
+    """
+
+    def __init__(self, shards: KernelShards, indices: np.ndarray | None = None) -> None:
+        self.shards = shards
+        self.indices = np.arange(len(shards), dtype=np.int64) if indices is None else np.asarray(indices)
+        self._handles: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def _handle(self, shard: int) -> h5py.File:
+        if self._pid != os.getpid():  # forked into a worker: never reuse the parent's handles
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            path = self.shards.paths[shard]
+            try:
+                self._handles[shard] = h5py.File(path, "r")
+            except OSError as err:
+                raise ShardReadError(f"{path}: cannot open shard: {err}") from None
+        return self._handles[shard]
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        batch = self.__getitems__([position])
+        return {key: value[0] for key, value in batch.items()}
+
+    def __getitems__(self, positions: Sequence[int]) -> dict[str, torch.Tensor]:
+        global_index = self.indices[np.asarray(positions, dtype=np.int64)]
+        shard, local = self.shards.locate(global_index)
+        out: dict[str, np.ndarray] = {}
+        for s in np.unique(shard):
+            rows = np.flatnonzero(shard == s)
+            for key, values in self._read_runs(int(s), local[rows]).items():
+                if key not in out:
+                    out[key] = np.empty((global_index.size, *values.shape[1:]), dtype=values.dtype)
+                out[key][rows] = values
+        batch = {key: torch.from_numpy(value) for key, value in out.items()}
+        batch["index"] = torch.from_numpy(global_index)
+        return batch
+
+    def _read_runs(self, shard: int, local: np.ndarray) -> dict[str, np.ndarray]:
+        """Read the samples ``local`` of one shard with one slice per run of consecutive indices."""
+        path = self.shards.paths[shard]
+        handle = self._handle(shard)
+        order = np.argsort(local, kind="stable")
+        sorted_local = local[order]
+        breaks = np.flatnonzero(np.diff(sorted_local) != 1) + 1
+        runs = np.split(sorted_local, breaks)
+        result: dict[str, np.ndarray] = {}
+        for key in KERNEL_FIELDS:
+            try:
+                dataset = handle[key]
+                parts = [dataset[run[0] : run[-1] + 1] for run in runs]
+            except KeyError:
+                raise ShardReadError(f"{path}: missing dataset {key!r}") from None
+            except (OSError, ValueError) as err:
+                raise ShardReadError(
+                    f"{path}: cannot read {key!r} for samples {sorted_local[0]}..{sorted_local[-1]}: {err}"
+                ) from None
+            values = np.concatenate(parts)
+            restored = np.empty_like(values)
+            restored[order] = values
+            if key in _FINITE_CHECKED:
+                finite = np.isfinite(restored.reshape(len(restored), -1)).all(axis=1)
+                if not finite.all():
+                    bad = int(local[np.flatnonzero(~finite)[0]])
+                    raise ShardReadError(f"{path}: sample {bad} has NaN or inf values in {key!r}")
+            result[key] = restored.astype(np.float32) if restored.dtype.kind == "f" else restored
+        return result
+
+
+def collate_batched(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Collate function for batches that :meth:`KernelDataset.__getitems__` already assembled."""
+    return batch
+
+
+class ChunkBatchSampler(Sampler[list[int]]):
+    """Batches made of whole blocks of consecutive samples, shuffled per epoch (chunk-aligned reads).
+
+    Yields *positions* into a :class:`KernelDataset` whose ``indices`` are sorted. Blocks are
+    ``block_size`` consecutive samples of one shard; with ``shuffle`` the block order (and the order
+    of samples in the epoch) is drawn from ``(seed, epoch)``. For distributed training every replica
+    takes every ``num_replicas``-th batch.
+    """
+
+    def __init__(
+        self,
+        dataset: KernelDataset,
+        batch_size: int,
+        block_size: int | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        num_replicas: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if np.any(np.diff(dataset.indices) < 0):
+            raise ValueError("ChunkBatchSampler needs a dataset with sorted indices")
+        self.batch_size = int(batch_size)
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
+        self.rank, self.num_replicas = int(rank), int(num_replicas)
+        self.epoch = 0
+        block = int(block_size or max(1, dataset.shards.chunk))
+        shard, local = dataset.shards.locate(dataset.indices)
+        # a new block starts at each shard change, at each gap, and every `block` samples
+        key = shard * (len(dataset.shards) + 1) + local // block
+        starts = np.flatnonzero(np.concatenate([[True], np.diff(key) != 0]))
+        self._blocks = np.split(np.arange(dataset.indices.size), starts[1:])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _batches(self) -> list[np.ndarray]:
+        order = np.arange(len(self._blocks))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
+        positions = np.concatenate([self._blocks[i] for i in order]) if order.size else np.empty(0, int)
+        batches = [positions[i : i + self.batch_size] for i in range(0, positions.size, self.batch_size)]
+        if self.drop_last and batches and batches[-1].size < self.batch_size:
+            batches.pop()
+        return batches[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._batches():
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return len(self._batches())
