@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from physics.constants import (
     ELEMENTARY_CHARGE_C,
@@ -130,9 +131,14 @@ def rayleigh_radius_A(semiangle_mrad: float, energy_eV: float) -> float:
     return 0.61 * wavelength(energy_eV) / math.sin(float(semiangle_mrad) * 1e-3)
 
 
-def _parse_aberrations(aberrations: Mapping[str, float] | None) -> dict[tuple[int, int], tuple[float, float]]:
-    """Map ``{"C12": 20.0, "phi12": 0.3, ...}`` to ``{(1, 2): (20.0, 0.3)}``, rejecting unknown names."""
-    parsed: dict[tuple[int, int], list[float]] = {}
+def _parse_aberrations(
+    aberrations: Mapping[str, ArrayLike] | None,
+) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """Map ``{"C12": 20.0, "phi12": 0.3, ...}`` to ``{(1, 2): (20.0, 0.3)}``, rejecting unknown names.
+
+    Values may be scalars or 1D arrays of per-sample values (a batch); they are returned as float64 arrays.
+    """
+    parsed: dict[tuple[int, int], list[np.ndarray]] = {}
     for name, value in (aberrations or {}).items():
         match = _ABERRATION_NAME.match(name)
         if match is None or (int(match[2]), int(match[3])) not in POLAR_ABERRATIONS:
@@ -141,8 +147,11 @@ def _parse_aberrations(aberrations: Mapping[str, float] | None) -> dict[tuple[in
         kind, order = match[1], (int(match[2]), int(match[3]))
         if kind == "phi" and order[1] == 0:
             raise ValueError(f"aberration {name!r}: C{order[0]}0 is rotationally symmetric, it has no angle")
-        entry = parsed.setdefault(order, [0.0, 0.0])
-        entry[0 if kind == "C" else 1] = float(value)
+        array = np.asarray(value, dtype=np.float64)
+        if array.ndim > 1 or not np.all(np.isfinite(array)):
+            raise ValueError(f"aberration {name!r} must be a finite number or a 1D array of numbers")
+        entry = parsed.setdefault(order, [np.zeros(()), np.zeros(())])
+        entry[0 if kind == "C" else 1] = array
     return {order: (c, phi) for order, (c, phi) in parsed.items()}
 
 
@@ -150,22 +159,26 @@ def aberration_phase(
     k_invA: np.ndarray,
     phi_rad: np.ndarray,
     energy_eV: float,
-    aberrations: Mapping[str, float] | None = None,
+    aberrations: Mapping[str, ArrayLike] | None = None,
 ) -> np.ndarray:
     """Aberration function ``chi`` (rad) at spatial frequency ``|k|`` (1/A) and azimuth ``phi`` (rad).
 
     ``aberrations`` holds polar coefficients ``C10, C12, C21, C23, C30, ...`` in Angstrom and angles
-    ``phi12, phi21, phi23, ...`` in radians (missing entries are zero).
+    ``phi12, phi21, phi23, ...`` in radians (missing entries are zero). A coefficient given as an array
+    of B values gives a batch: the result then has shape ``(B, *k.shape)``.
     """
     lam = wavelength(energy_eV)
     alpha = lam * np.asarray(k_invA, dtype=np.float64)
     phi = np.asarray(phi_rad, dtype=np.float64)
-    chi = np.zeros(np.broadcast_shapes(alpha.shape, phi.shape))
+    grid_shape = np.broadcast_shapes(alpha.shape, phi.shape)
+    trailing = (1,) * len(grid_shape)
+    chi = np.zeros(grid_shape)
     for (n, m), (coefficient, angle) in _parse_aberrations(aberrations).items():
-        if coefficient == 0.0:
+        if not np.any(coefficient):
             continue
-        angular = 1.0 if m == 0 else np.cos(m * (phi - angle))
-        chi = chi + coefficient * alpha ** (n + 1) * angular / (n + 1)
+        c = coefficient.reshape(coefficient.shape + trailing)
+        angular = 1.0 if m == 0 else np.cos(m * (phi - angle.reshape(angle.shape + trailing)))
+        chi = chi + c * alpha ** (n + 1) * angular / (n + 1)
     return 2.0 * np.pi / lam * chi
 
 
@@ -211,11 +224,11 @@ def probe(
     *,
     sampling_A: float | Sequence[float] | None = None,
     gmax_invA: float | None = None,
-    defocus_A: float = 0.0,
-    Cs_A: float = 0.0,
-    aberrations: Mapping[str, float] | None = None,
+    defocus_A: ArrayLike = 0.0,
+    Cs_A: ArrayLike = 0.0,
+    aberrations: Mapping[str, ArrayLike] | None = None,
     soft_aperture: bool = False,
-    position_A: Sequence[float] | None = None,
+    position_A: ArrayLike | None = None,
     space: Literal["real", "reciprocal"] = "real",
     dtype: np.dtype | type = np.complex64,
 ) -> np.ndarray:
@@ -239,13 +252,16 @@ def probe(
     position_A
         Probe centre in Angstrom from pixel (0, 0) (sub-pixel positions are exact Fourier shifts);
         default the grid centre ``(N // 2) * sampling`` (the centre pixel for even N).
+
+    Batches: ``defocus_A``, ``Cs_A``, the ``aberrations`` values and ``position_A`` (shape ``(B, 2)``) may
+    carry per-sample values; the result then has shape ``(B, N, N)``, each probe normalised on its own.
     space
         ``"real"``: ``psi(r)``; ``"reciprocal"``: ``A(k) exp(-i chi)`` times the position ramp, centred.
     """
     grid = _probe_grid(gpts, sampling_A, gmax_invA)
     coefficients = dict(aberrations or {})
-    for name, value in (("C10", -float(defocus_A)), ("C30", float(Cs_A))):
-        if value != 0.0:
+    for name, value in (("C10", -np.asarray(defocus_A, float)), ("C30", np.asarray(Cs_A, float))):
+        if np.any(value != 0.0):
             if name in coefficients:
                 raise ValueError(f"probe: {name} given twice (keyword and aberrations)")
             coefficients[name] = value
@@ -270,9 +286,9 @@ def probe(
         position_A = tuple((n // 2) * d for n, d in zip(grid.gpts, grid.sampling_A, strict=True))
     shift_px = np.asarray(position_A, dtype=np.float64) / np.asarray(grid.sampling_A)
     wave_k = wave_k * phase_ramp(grid.gpts, shift_px)
-    wave_k = wave_k / np.sqrt(np.sum(np.abs(wave_k) ** 2))
+    wave_k = wave_k / np.sqrt(np.sum(np.abs(wave_k) ** 2, axis=(-2, -1), keepdims=True))
     if space == "reciprocal":
-        return np.fft.fftshift(wave_k).astype(dtype)
+        return np.fft.fftshift(wave_k, axes=(-2, -1)).astype(dtype)
     if space != "real":
         raise ValueError(f"probe: space must be 'real' or 'reciprocal', got {space!r}")
     return np.fft.ifft2(wave_k, norm="ortho").astype(dtype)

@@ -314,3 +314,22 @@ def test_transmission_function_agrees_with_abtem_potential():
     ours = transmission_function(built.array[0], 80e3)
     assert np.angle(ours).max() > 0.3  # a real, non-trivial phase
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_batched_probe_equals_individual_probes():
+    defoci = np.array([0.0, 40.0, -25.0])
+    c12 = np.array([0.0, 15.0, 30.0])
+    phi12 = np.array([0.0, 0.5, -1.0])
+    positions = np.array([[3.2, 3.2], [2.9, 3.5], [3.3, 3.0]])
+    batch = probe(
+        200e3, 20.0, 64, sampling_A=0.1, defocus_A=defoci, Cs_A=1e4,
+        aberrations={"C12": c12, "phi12": phi12}, position_A=positions,
+    )  # fmt: skip
+    assert batch.shape == (3, 64, 64)
+    for i in range(3):
+        single = probe(
+            200e3, 20.0, 64, sampling_A=0.1, defocus_A=defoci[i], Cs_A=1e4,
+            aberrations={"C12": c12[i], "phi12": phi12[i]}, position_A=positions[i],
+        )  # fmt: skip
+        np.testing.assert_allclose(batch[i], single, atol=1e-6)
+    np.testing.assert_allclose(np.sum(np.abs(batch) ** 2, axis=(1, 2)), 1.0, rtol=1e-5)
