@@ -1,0 +1,480 @@
+"""AIRPI noise augmentation and pre-processing as batch-wise torch operations (paper 002, REFERENCE.md 2).
+
+All functions take and return tensors on the batch's device (no NumPy round trips) and draw random numbers
+from an explicit generator: one ``torch.Generator`` for the whole batch (training) or one generator per
+sample (validation/test, :func:`per_sample_generators`, seeded by the dataset index so that a sample's
+noise does not depend on the batch it is in). :class:`AirpiAugmentation` composes them and is meant to be
+called from a DataModule's ``on_after_batch_transfer``, i.e. on the GPU when training on one.
+
+Conventions (kernel shards, ARCHITECTURE.md contract 1)
+------------------------------------------------------
+* ``cbed`` (B, 9, K, K) float: noise-free CBED intensities (fraction of incident electrons per pixel) of
+  the 3x3 kernel, row-major (index 4 = centre, 1/3/5/7 = neighbours along x or y, 0/2/6/8 = diagonal
+  neighbours), diffraction plane centred: zero frequency at pixel ``(K // 2, K // 2)`` (``fftshift``
+  order), axes ``[kx, ky]``.
+* ``probe`` and ``wave`` (B, K, K) complex: real-space probe and exit wave, pixel ``1 / (2 gmax)``; the
+  probe is normalised to ``sum |psi|^2 = 1``.
+* ``step_A`` (B,): scan step in Angstrom. Doses are in electrons per CBED.
+
+Pipeline of :class:`AirpiAugmentation` (each step optional, probabilities per sample):
+``no-specimen replacement (3 %) -> centre shift + rotation -> Poisson dose -> Gaussian readout noise ->
+scintillator/PMT noise -> dead/hot pixels -> x^0.1 -> zeta step weights -> standardisation -> probe
+amplitude and phase channels`` giving the ``(B, 11, K, K)`` float32 network input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from physics import fourier_shift
+from training.distortions import (
+    Generators,
+    PMTParameters,
+    make_generator,
+    per_sample_generators,
+    pmt_noise,
+    poisson,
+    rand,
+    randn,
+    sample_seed,
+    uniform_range,
+)
+
+__all__ = [
+    "AirpiAugmentation",
+    "PMTParameters",
+    "airpi_input",
+    "apply_dose",
+    "compress_intensity",
+    "dead_hot_pixels",
+    "draw_no_specimen",
+    "gaussian_readout_noise",
+    "make_generator",
+    "per_sample_generators",
+    "preprocess",
+    "probe_channels",
+    "probe_intensity",
+    "replace_no_specimen",
+    "rotate_patterns",
+    "sample_seed",
+    "shift_patterns",
+    "standardise",
+    "zeta_weights",
+]
+
+CENTRE, EDGES, CORNERS = (4,), (1, 3, 5, 7), (0, 2, 6, 8)
+"""Row-major positions in the 3x3 kernel: centre, x/y neighbours (weight zeta_xy), diagonals (zeta_d)."""
+
+
+def _bview(t: Tensor, ndim: int) -> Tensor:
+    return t.reshape(t.shape[0], *([1] * (ndim - 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# "No specimen" replacement
+# ----------------------------------------------------------------------------------------------------------
+
+
+def probe_intensity(probe: Tensor) -> Tensor:
+    """Centred diffraction intensity ``|FFT(psi_in)|^2`` of real-space probes (B, K, K), real dtype.
+
+    Orthonormal FFT, so the total equals ``sum |psi_in|^2`` (1 for a normalised probe); zero frequency at
+    ``(K // 2, K // 2)`` as in the CBEDs. This is what the detector records without a specimen.
+    """
+    spectrum = torch.fft.fftshift(torch.fft.fft2(probe, norm="ortho"), dim=(-2, -1))
+    return spectrum.real**2 + spectrum.imag**2
+
+
+def draw_no_specimen(
+    generator: Generators, batch: int, prob: float = 0.03, device: torch.device | str | None = None
+) -> Tensor:
+    """``(batch,)`` bool mask, each ``True`` with probability ``prob`` (paper 002: 3 %)."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"prob must be a probability, got {prob}")
+    return rand(generator, batch, device=device, dtype=torch.float64) < prob
+
+
+def replace_no_specimen(cbed: Tensor, wave: Tensor, probe: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Replace, where ``mask`` (B,), all 9 CBEDs by the probe intensity and the label by the probe.
+
+    The probe intensity is scaled to each sample's own total CBED intensity so that the dose
+    normalisation that follows sees the same electron budget.
+    """
+    if not bool(mask.any()):
+        return cbed, wave
+    intensity = probe_intensity(probe).to(cbed.dtype)  # (B, K, K)
+    total = cbed.sum(dim=(-2, -1), keepdim=True)  # (B, 9, 1, 1)
+    scale = total / intensity.sum(dim=(-2, -1), keepdim=True)[:, None].clamp_min(1e-30)
+    empty = intensity[:, None] * scale
+    m = mask.to(torch.bool)
+    cbed = torch.where(_bview(m, cbed.ndim), empty, cbed)
+    wave = torch.where(_bview(m, wave.ndim), probe.to(wave.dtype), wave)
+    return cbed, wave
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Experimental misalignment: centre shifts and rotations of the diffraction patterns
+# ----------------------------------------------------------------------------------------------------------
+
+
+def shift_patterns(cbed: Tensor, shift_px: Tensor, *, clamp_negative: bool = True) -> Tensor:
+    """Shift all patterns of each sample by ``shift_px`` (B, 2) = ``(sx, sy)`` pixels (sub-pixel).
+
+    Uses :func:`physics.fourier_shift` (band-limited, periodic): the centre of mass moves by
+    ``+shift_px`` along ``[kx, ky]``. ``cbed`` is (B, C, K, K) or (B, K, K). The Fourier interpolation of
+    sharp disc edges rings slightly; negative values are clamped to zero by default.
+    """
+    shift = shift_px.to(cbed.device)
+    if cbed.ndim == 4:
+        shift = shift[:, None, :]
+    out = fourier_shift(cbed, shift)
+    return out.clamp_min(0) if clamp_negative else out
+
+
+def rotate_patterns(cbed: Tensor, angle_deg: Tensor, *, preserve_intensity: bool = True) -> Tensor:
+    """Rotate all patterns of each sample by ``angle_deg`` (B,) about the centre pixel ``(K//2, K//2)``.
+
+    Positive angles rotate content counter-clockwise in the ``(kx, ky)`` plane (``kx`` = axis -2,
+    ``ky`` = axis -1): content at ``k`` moves to ``R(angle) k``. Bilinear interpolation (zeros outside);
+    with ``preserve_intensity`` each pattern is rescaled to its original total intensity.
+    ``cbed`` is (B, C, K, K) or (B, K, K).
+    """
+    squeeze = cbed.ndim == 3
+    x = cbed[:, None] if squeeze else cbed
+    h, w = x.shape[-2:]
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    theta = torch.deg2rad(angle_deg.to(x.device, dtype))
+    cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+    cx, cy = float(h // 2), float(w // 2)
+    gx = torch.arange(h, device=x.device, dtype=dtype)[:, None] - cx  # output pixel, relative to centre
+    gy = torch.arange(w, device=x.device, dtype=dtype)[None, :] - cy
+    src_x = cx + cos * gx + sin * gy  # R(-angle) applied to the output position
+    src_y = cy - sin * gx + cos * gy
+    grid = torch.stack([2.0 * src_y / (w - 1) - 1.0, 2.0 * src_x / (h - 1) - 1.0], dim=-1)
+    out = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    if preserve_intensity:
+        before = x.sum(dim=(-2, -1), keepdim=True).to(dtype)
+        after = out.sum(dim=(-2, -1), keepdim=True)
+        out = out * torch.where(after > 0, before / after.clamp_min(torch.finfo(dtype).tiny), 1.0)
+    out = out.to(cbed.dtype)
+    return out[:, 0] if squeeze else out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dose and detector noise
+# ----------------------------------------------------------------------------------------------------------
+
+
+def apply_dose(cbed: Tensor, dose_e: Tensor | float, generator: Generators) -> Tensor:
+    """Electron counts ``Poisson(D * I / sum(I))`` per pattern (REFERENCE.md 1, paper 002).
+
+    ``cbed`` (B, C, K, K) (or (B, K, K)) noise-free intensities; ``dose_e`` total electrons per CBED,
+    scalar or (B,) (the same dose for all patterns of a sample, as in a scan). Returns float counts of
+    ``cbed``'s dtype; exact Poisson for any rate (``torch.poisson``).
+    """
+    dose = torch.as_tensor(dose_e, dtype=torch.float64, device=cbed.device)
+    if dose.ndim == 0:
+        dose = dose.expand(cbed.shape[0])
+    total = cbed.double().sum(dim=(-2, -1), keepdim=True).clamp_min(1e-300)
+    rate = (cbed.double() * _bview(dose, cbed.ndim) / total).to(cbed.dtype)
+    return poisson(rate, generator)
+
+
+def gaussian_readout_noise(counts: Tensor, std_e: Tensor | float, generator: Generators) -> Tensor:
+    """Add ``N(0, std_e)`` (electrons; scalar or (B,)) to every pixel: detector readout noise."""
+    std = torch.as_tensor(std_e, dtype=counts.dtype, device=counts.device)
+    std = std.expand(counts.shape[0]) if std.ndim == 0 else std
+    noise = randn(generator, counts.shape[0], counts.shape[1:], device=counts.device, dtype=counts.dtype)
+    return counts + noise * _bview(std, counts.ndim)
+
+
+def dead_hot_pixels(
+    counts: Tensor,
+    dead_fraction: Tensor | float,
+    hot_fraction: Tensor | float,
+    hot_level: Tensor | float,
+    generator: Generators,
+) -> Tensor:
+    """Detector defects: dead pixels read 0, hot pixels read ``hot_level`` x the pattern's maximum.
+
+    ``counts`` (B, C, K, K); the defect map (fractions scalar or (B,)) is one per sample and shared by its
+    C patterns (the same detector records the whole kernel).
+    """
+    b, k1, k2 = counts.shape[0], counts.shape[-2], counts.shape[-1]
+    dev, dt = counts.device, counts.dtype
+
+    def per_sample(v: Tensor | float) -> Tensor:
+        t = torch.as_tensor(v, dtype=torch.float64, device=dev)
+        return t.expand(b) if t.ndim == 0 else t
+
+    u_dead = rand(generator, b, (k1, k2), device=dev, dtype=torch.float64)
+    u_hot = rand(generator, b, (k1, k2), device=dev, dtype=torch.float64)
+    dead = u_dead < per_sample(dead_fraction)[:, None, None]
+    hot = (u_hot < per_sample(hot_fraction)[:, None, None]) & ~dead
+    if counts.ndim == 4:
+        dead, hot = dead[:, None], hot[:, None]
+    peak = counts.amax(dim=(-2, -1), keepdim=True)
+    hot_value = peak * _bview(per_sample(hot_level).to(dt), counts.ndim)
+    out = torch.where(hot, hot_value, counts)
+    return out.masked_fill(dead, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AIRPI pre-processing (paper 002 section "CNN architecture", eq. 10)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compress_intensity(x: Tensor, exponent: float = 0.1) -> Tensor:
+    """Dynamic-range compression ``x -> x^0.1`` (negative values from readout noise clamped to 0)."""
+    return x.clamp_min(0) ** exponent
+
+
+def zeta_weights(
+    step_A: Tensor | float, scale: float = 50.0, *, device: torch.device | str | None = None
+) -> Tensor:
+    """Per-pattern step weights of paper 002 eq. 10 as a (B, 9) tensor (row-major 3x3 kernel).
+
+    Centre (index 4): 1; x/y neighbours (1, 3, 5, 7): ``zeta_xy = 1 / (50 ds)``; diagonal neighbours
+    (0, 2, 6, 8): ``zeta_d = 1 / (50 sqrt(2 ds^2)) = 1 / (50 sqrt(2) ds)``, ``ds`` = scan step in A.
+    """
+    ds = torch.as_tensor(step_A, dtype=torch.float32, device=device)
+    ds = ds.reshape(-1)
+    if bool((ds <= 0).any()):
+        raise ValueError("scan steps must be positive (Angstrom)")
+    weights = torch.ones(ds.shape[0], 9, dtype=torch.float32, device=ds.device)
+    weights[:, list(EDGES)] = (1.0 / (scale * ds))[:, None]
+    weights[:, list(CORNERS)] = (1.0 / (scale * math.sqrt(2.0) * ds))[:, None]
+    return weights
+
+
+def standardise(x: Tensor, dims: Sequence[int] = (1, 2, 3), eps: float = 1e-6) -> Tensor:
+    """``(x - mean) / max(std, eps)`` per sample, mean and (population) std taken over ``dims``.
+
+    AIRPI uses ``dims = (1, 2, 3)``: all 9 patterns of a sample together, so the relative weighting of
+    the patterns by ``zeta`` survives.
+    """
+    dims = tuple(dims)
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.std(dim=dims, keepdim=True, correction=0)
+    return (x - mean) / std.clamp_min(eps)
+
+
+def probe_channels(probe: Tensor) -> Tensor:
+    """(B, 2, K, K) float32: real-space probe amplitude ``|psi_in|`` and phase ``angle(psi_in)`` (rad)."""
+    return torch.stack([probe.abs(), probe.angle()], dim=1).to(torch.float32)
+
+
+def airpi_input(patterns: Tensor, probe: Tensor) -> Tensor:
+    """Concatenate pre-processed patterns (B, 9, K, K) and probe channels: (B, 11, K, K) float32."""
+    return torch.cat([patterns.to(torch.float32), probe_channels(probe)], dim=1)
+
+
+def preprocess(
+    counts: Tensor,
+    step_A: Tensor | float,
+    probe: Tensor,
+    *,
+    exponent: float = 0.1,
+    zeta_scale: float = 50.0,
+    standardise_input: bool = True,
+) -> Tensor:
+    """AIRPI pre-processing of (noisy) kernels: ``x^0.1`` -> ``zeta`` weights -> standardisation -> probe.
+
+    ``counts`` (B, 9, K, K) (any intensity scale: the standardisation removes it), ``step_A`` (B,) scan
+    steps in A, ``probe`` (B, K, K) complex real-space probes. Channels 0-8: the weighted, standardised
+    patterns (row-major kernel); channel 9: ``|psi_in|``; channel 10: phase of ``psi_in`` in rad.
+    Returns (B, 11, K, K) float32.
+    """
+    if counts.ndim != 4 or counts.shape[1] != 9:
+        raise ValueError(f"expected (B, 9, K, K) kernels, got shape {tuple(counts.shape)}")
+    x = compress_intensity(counts.to(torch.float32), exponent)
+    x = x * zeta_weights(step_A, zeta_scale, device=x.device)[:, :, None, None]
+    if standardise_input:
+        x = standardise(x, dims=(1, 2, 3))
+    return airpi_input(x, probe)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The composable augmentation
+# ----------------------------------------------------------------------------------------------------------
+
+
+class AirpiAugmentation(nn.Module):
+    """Noise augmentation + AIRPI pre-processing of kernel batches, on the batch's device.
+
+    Parameters (ranges ``(low, high)`` are drawn uniformly per sample, the dose log-uniformly; every
+    ``*_prob`` is the probability per sample). Defaults reproduce the released AIRPI model: Poisson dose
+    3 .. 3e9 e/CBED and 3 % no-specimen samples; the other distortions are off until configured.
+
+    dose_e_range : electrons per CBED; ``None`` = noise free (infinite dose).
+    no_specimen_prob : probability that the 9 CBEDs become the probe intensity and the label the probe.
+    misalignment_prob, max_shift_px, max_rotation_deg : centre shift uniform in a disc of radius
+        ``max_shift_px`` and rotation uniform in ``+-max_rotation_deg``, the same for the 9 patterns of a
+        sample.
+    readout_prob, readout_std_e_range : Gaussian readout noise (electrons).
+    pmt_prob, pmt : scintillator/PMT response (:class:`PMTParameters`, thesis eq. 2.11-2.13).
+    defect_prob, dead_fraction_range, hot_fraction_range, hot_level_range : dead and hot pixels;
+        hot pixels read ``hot_level`` x the pattern's maximum.
+    exponent, zeta_scale, standardise_input : pre-processing (paper 002: 0.1, 50, standardised).
+    seed : seed of the training generator (one per device, created on first use; give every DDP rank a
+        different seed). eval_seed : base seed of the per-index validation/test noise.
+    """
+
+    def __init__(
+        self,
+        dose_e_range: tuple[float, float] | None = (3.0, 3e9),
+        no_specimen_prob: float = 0.03,
+        misalignment_prob: float = 0.0,
+        max_shift_px: float = 1.0,
+        max_rotation_deg: float = 2.0,
+        readout_prob: float = 0.0,
+        readout_std_e_range: tuple[float, float] = (0.0, 0.5),
+        pmt_prob: float = 0.0,
+        pmt: PMTParameters | None = None,
+        defect_prob: float = 0.0,
+        dead_fraction_range: tuple[float, float] = (0.0, 2e-3),
+        hot_fraction_range: tuple[float, float] = (0.0, 1e-3),
+        hot_level_range: tuple[float, float] = (0.5, 5.0),
+        exponent: float = 0.1,
+        zeta_scale: float = 50.0,
+        standardise_input: bool = True,
+        seed: int = 0,
+        eval_seed: int = 1234,
+    ) -> None:
+        super().__init__()
+        for name, p in (
+            ("no_specimen_prob", no_specimen_prob),
+            ("misalignment_prob", misalignment_prob),
+            ("readout_prob", readout_prob),
+            ("pmt_prob", pmt_prob),
+            ("defect_prob", defect_prob),
+        ):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability, got {p}")
+        if dose_e_range is not None and not 0 < dose_e_range[0] <= dose_e_range[1]:
+            raise ValueError(f"dose_e_range must be positive and ordered, got {dose_e_range}")
+        self.dose_e_range = None if dose_e_range is None else (float(dose_e_range[0]), float(dose_e_range[1]))
+        self.no_specimen_prob = no_specimen_prob
+        self.misalignment_prob = misalignment_prob
+        self.max_shift_px = max_shift_px
+        self.max_rotation_deg = max_rotation_deg
+        self.readout_prob = readout_prob
+        self.readout_std_e_range = tuple(readout_std_e_range)
+        self.pmt_prob = pmt_prob
+        self.pmt = pmt if pmt is not None else PMTParameters()
+        self.defect_prob = defect_prob
+        self.dead_fraction_range = tuple(dead_fraction_range)
+        self.hot_fraction_range = tuple(hot_fraction_range)
+        self.hot_level_range = tuple(hot_level_range)
+        self.exponent = exponent
+        self.zeta_scale = zeta_scale
+        self.standardise_input = standardise_input
+        self.seed = int(seed)
+        self.eval_seed = int(eval_seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = make_generator(self.seed, device)
+        return self._generators[key]
+
+    def augment(
+        self, cbed: Tensor, probe: Tensor, wave: Tensor, step_A: Tensor, generator: Generators
+    ) -> dict[str, Tensor]:
+        """Apply the pipeline with an explicit generator (one, or one per sample).
+
+        Returns ``input`` (B, 11, K, K) float32, ``wave`` (B, K, K) label (the probe for no-specimen
+        samples), ``cbed`` (B, 9, K, K) the augmented patterns in electron counts (before
+        pre-processing), ``dose_e`` (B,) electrons per CBED (``inf`` when noise free) and
+        ``no_specimen`` (B,) bool. Random numbers are drawn in a fixed order, so one seed (or one
+        per-sample seed) reproduces the result exactly.
+        """
+        if cbed.ndim != 4 or cbed.shape[1] != 9:
+            raise ValueError(f"expected cbed of shape (B, 9, K, K), got {tuple(cbed.shape)}")
+        b, dev = cbed.shape[0], cbed.device
+        x = cbed if cbed.is_floating_point() else cbed.float()
+        step = torch.as_tensor(step_A, device=dev).reshape(-1).expand(b)
+
+        empty = draw_no_specimen(generator, b, self.no_specimen_prob, device=dev)
+        x, wave = replace_no_specimen(x, wave, probe, empty)
+
+        if self.misalignment_prob > 0:
+            on = rand(generator, b, device=dev, dtype=torch.float64) < self.misalignment_prob
+            u = rand(generator, b, (3,), device=dev, dtype=torch.float64)
+            radius = self.max_shift_px * torch.sqrt(u[:, 0]) * on
+            direction = 2.0 * math.pi * u[:, 1]
+            shift = torch.stack([radius * torch.cos(direction), radius * torch.sin(direction)], dim=1)
+            angle = self.max_rotation_deg * (2.0 * u[:, 2] - 1.0) * on
+            x = shift_patterns(x, shift.to(x.dtype))
+            x = rotate_patterns(x, angle.to(x.dtype))
+
+        if self.dose_e_range is not None:
+            dose = uniform_range(generator, b, *self.dose_e_range, log=True, device=dev, dtype=torch.float64)
+            x = apply_dose(x, dose, generator)
+        else:
+            dose = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
+
+        if self.readout_prob > 0:
+            on = rand(generator, b, device=dev, dtype=torch.float64) < self.readout_prob
+            std = uniform_range(generator, b, *self.readout_std_e_range, device=dev) * on
+            x = gaussian_readout_noise(x, std, generator)
+
+        if self.pmt_prob > 0:
+            on = rand(generator, b, device=dev, dtype=torch.float64) < self.pmt_prob
+            x = torch.where(_bview(on, x.ndim), pmt_noise(x, self.pmt, generator), x)
+
+        if self.defect_prob > 0:
+            on = rand(generator, b, device=dev, dtype=torch.float64) < self.defect_prob
+            dead = uniform_range(generator, b, *self.dead_fraction_range, device=dev, dtype=torch.float64)
+            hot = uniform_range(generator, b, *self.hot_fraction_range, device=dev, dtype=torch.float64)
+            level = uniform_range(generator, b, *self.hot_level_range, device=dev)
+            x = dead_hot_pixels(x, dead * on, hot * on, level, generator)
+
+        inputs = preprocess(
+            x,
+            step,
+            probe,
+            exponent=self.exponent,
+            zeta_scale=self.zeta_scale,
+            standardise_input=self.standardise_input,
+        )
+        return {
+            "input": inputs,
+            "wave": wave,
+            "cbed": x,
+            "dose_e": dose.to(torch.float32),
+            "no_specimen": empty,
+        }
+
+    def forward(
+        self,
+        batch: Mapping[str, Tensor],
+        *,
+        generator: Generators | None = None,
+        deterministic: bool | None = None,
+    ) -> dict[str, Tensor]:
+        """Augment a kernel batch dict (keys ``cbed``, ``probe``, ``wave``, ``step_A``, optional ``index``).
+
+        ``deterministic`` (default: ``not self.training``) seeds every sample's noise by its dataset
+        ``index`` and ``eval_seed`` (validation/test); otherwise ``generator`` or the module's own
+        training generator is used. Returns a new dict: the input keys, with ``cbed`` and ``wave``
+        replaced by their augmented versions, plus ``input``, ``dose_e`` and ``no_specimen``.
+        """
+        cbed = batch["cbed"]
+        if deterministic is None:
+            deterministic = not self.training
+        if deterministic:
+            if "index" not in batch:
+                raise KeyError("deterministic augmentation needs the samples' dataset 'index' in the batch")
+            generator = per_sample_generators(batch["index"], self.eval_seed, cbed.device)
+        elif generator is None:
+            generator = self._generator_for(cbed.device)
+        out = dict(batch)
+        out.update(self.augment(cbed, batch["probe"], batch["wave"], batch["step_A"], generator))
+        return out
