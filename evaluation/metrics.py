@@ -1,0 +1,96 @@
+"""Image similarity metrics: Pearson cross-correlation xc, PSNR and SSIM.
+
+All take 2D images indexed ``[x, y]``; with ``register=True`` the test image is first registered onto the
+reference (sub-pixel) and both are cropped to their common field, with the same code the FRC uses
+(:mod:`evaluation.align`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from evaluation.align import align
+
+__all__ = ["psnr", "ssim", "xc"]
+
+
+def _pair(reference: np.ndarray, test: np.ndarray, register: bool) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(reference, dtype=np.float64)
+    b = np.asarray(test, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("images contain NaN or inf")
+    if register:
+        if a.ndim != 2:
+            raise ValueError("register=True needs 2D images")
+        a, b, _ = align(a, b)
+    return a, b
+
+
+def xc(reference: np.ndarray, test: np.ndarray, register: bool = False) -> float:
+    """Pearson cross-correlation (paper 002 eq. 14): ``sum (a - <a>)(b - <b>) / sqrt(sum.. sum..)``.
+
+    1 for images equal up to an offset and a positive scale, -1 for a negated image, in [-1, 1].
+    """
+    a, b = _pair(reference, test, register)
+    a = a - a.mean()
+    b = b - b.mean()
+    denominator = np.sqrt(np.sum(a * a) * np.sum(b * b))
+    if denominator == 0:
+        raise ValueError("xc: an image is constant, the correlation is undefined")
+    return float(np.sum(a * b) / denominator)
+
+
+def psnr(
+    reference: np.ndarray, test: np.ndarray, data_range: float | None = None, register: bool = False
+) -> float:
+    """Peak signal-to-noise ratio in dB: ``10 log10(R^2 / MSE)``, ``R`` = ``data_range`` (default the
+    reference's max - min). Infinite for identical images."""
+    a, b = _pair(reference, test, register)
+    value_range = float(np.ptp(a)) if data_range is None else float(data_range)
+    if not value_range > 0:
+        raise ValueError("psnr: data_range must be positive (the reference is constant)")
+    mse = float(np.mean((a - b) ** 2))
+    if mse == 0:
+        return float("inf")
+    return float(10.0 * np.log10(value_range**2 / mse))
+
+
+def ssim(
+    reference: np.ndarray,
+    test: np.ndarray,
+    data_range: float | None = None,
+    sigma_px: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    register: bool = False,
+    full: bool = False,
+) -> float | tuple[float, np.ndarray]:
+    """Structural similarity (Wang, Bovik, Sheikh & Simoncelli 2004) with a Gaussian window.
+
+    Local means, variances and covariance are Gaussian-weighted (``sigma_px``, truncated at 3.5 sigma);
+    ``C1 = (k1 R)^2``, ``C2 = (k2 R)^2`` with ``R = data_range`` (default the reference's max - min). The
+    mean SSIM is taken over pixels at least 3.5 sigma from the border (where the window is whole). With
+    ``full=True`` the SSIM map is returned too.
+    """
+    a, b = _pair(reference, test, register)
+    value_range = float(np.ptp(a)) if data_range is None else float(data_range)
+    if not value_range > 0:
+        raise ValueError("ssim: data_range must be positive (the reference is constant)")
+    c1 = (k1 * value_range) ** 2
+    c2 = (k2 * value_range) ** 2
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        return gaussian_filter(x, sigma_px, mode="reflect", truncate=3.5)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    margin = int(np.ceil(3.5 * sigma_px))
+    inner = ssim_map[margin:-margin, margin:-margin] if min(a.shape) > 2 * margin + 1 else ssim_map
+    value = float(inner.mean())
+    return (value, ssim_map) if full else value

@@ -1,0 +1,124 @@
+"""Shared pieces of the conventional references: the result type, chunked reading, detector geometry.
+
+Conventions: scans are indexed ``[Rx, Ry, Kx, Ky]``; probe position ``(Rx, Ry)`` sits at
+``(Rx * step_x, Ry * step_y)`` Angstrom in scan coordinates (first position at the origin). Detector pixel
+``(Kx, Ky)`` has spatial frequency ``((Kx, Ky) - centre) * k_pixel_invA`` in the detector frame; a detector
+vector ``v_det`` (after the optional transpose, which swaps its components) is the scan-frame vector
+``R(scan_rotation_deg) v_det`` with ``R`` the counter-clockwise rotation from +x towards +y.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+__all__ = [
+    "Reconstruction",
+    "check_scan_array",
+    "detector_frequencies",
+    "iter_scan_rows",
+    "mean_pattern",
+    "pair",
+    "rotate_vectors",
+]
+
+
+@dataclass
+class Reconstruction:
+    """A reconstructed image with its placement in scan coordinates.
+
+    ``phase`` (rad, or arbitrary units for virtual detectors) is indexed ``[x, y]``; pixel ``(i, j)`` sits at
+    ``origin_A + (i, j) * pixel_size_A`` in scan coordinates.
+    """
+
+    phase: np.ndarray
+    pixel_size_A: tuple[float, float]
+    origin_A: tuple[float, float]
+    method: str
+    amplitude: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
+    """A positive scalar or pair as a pair of floats."""
+    values = np.broadcast_to(np.asarray(value, dtype=np.float64), (2,)) if np.ndim(value) == 0 else value
+    result = tuple(float(v) for v in values)
+    if len(result) != 2 or not all(np.isfinite(result)) or min(result) <= 0:
+        raise ValueError(f"{name} must be a positive number or pair, got {value!r}")
+    return result  # type: ignore[return-value]
+
+
+def check_scan_array(data: Any, minimum_scan: int = 3) -> tuple[int, int, int, int]:
+    """Shape check of a 4D scan ``(Rx, Ry, Kx, Ky)``; returns the shape."""
+    shape = tuple(int(n) for n in getattr(data, "shape", ()))
+    if len(shape) != 4:
+        raise ValueError(f"a 4D-STEM scan must have 4 dimensions (Rx, Ry, Kx, Ky), got shape {shape}")
+    if min(shape[:2]) < minimum_scan:
+        raise ValueError(
+            f"the scan is {shape[0]}x{shape[1]} positions; at least {minimum_scan}x{minimum_scan}"
+        )
+    if min(shape[2:]) < 4:
+        raise ValueError(f"diffraction patterns of {shape[2]}x{shape[3]} pixels are too small")
+    return shape  # type: ignore[return-value]
+
+
+def iter_scan_rows(
+    data: Any, rows_per_chunk: int | None = None, desc: str | None = None, progress: bool = True
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """Yield ``(row_slice, float32 array)`` blocks of whole scan rows (works for h5py / memmap data)."""
+    rx, ry, kx, ky = data.shape
+    if rows_per_chunk is None:
+        rows_per_chunk = max(1, int(2**26 // max(1, ry * kx * ky * 4)))  # about 64 MB per block
+    starts = range(0, rx, rows_per_chunk)
+    for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
+        block = slice(start, min(rx, start + rows_per_chunk))
+        yield block, np.asarray(data[block], dtype=np.float32)
+
+
+def mean_pattern(data: Any, progress: bool = True) -> np.ndarray:
+    """Position-averaged diffraction pattern (float64)."""
+    total = np.zeros(data.shape[2:], dtype=np.float64)
+    for _, block in iter_scan_rows(data, desc="mean CBED", progress=progress):
+        total += block.sum(axis=(0, 1), dtype=np.float64)
+    return total / (data.shape[0] * data.shape[1])
+
+
+def pattern_centre(pattern: np.ndarray) -> np.ndarray:
+    """Centre of mass (pixels) of a pattern, e.g. the bright-field disc of the mean CBED."""
+    total = pattern.sum()
+    if not total > 0:
+        raise ValueError("the diffraction patterns hold no counts")
+    kx = np.arange(pattern.shape[0])
+    ky = np.arange(pattern.shape[1])
+    return np.array([(pattern.sum(1) * kx).sum() / total, (pattern.sum(0) * ky).sum() / total])
+
+
+def rotation_matrix(angle_deg: float) -> np.ndarray:
+    angle = np.deg2rad(angle_deg)
+    return np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+
+
+def rotate_vectors(vectors: np.ndarray, angle_deg: float, transpose: bool = False) -> np.ndarray:
+    """Detector-frame vectors ``(..., 2)`` to the scan frame: optional component swap, then ``R(angle)``."""
+    v = np.asarray(vectors)
+    if transpose:
+        v = v[..., ::-1]
+    return v @ rotation_matrix(angle_deg).T
+
+
+def detector_frequencies(
+    shape: tuple[int, int],
+    k_pixel_invA: tuple[float, float],
+    centre_px: np.ndarray,
+    scan_rotation_deg: float = 0.0,
+    transpose: bool = False,
+) -> np.ndarray:
+    """Scan-frame spatial frequencies (1/A) of every detector pixel, shape ``(Kx, Ky, 2)``."""
+    kx = (np.arange(shape[0]) - centre_px[0]) * k_pixel_invA[0]
+    ky = (np.arange(shape[1]) - centre_px[1]) * k_pixel_invA[1]
+    k_det = np.stack(np.meshgrid(kx, ky, indexing="ij"), axis=-1)
+    return rotate_vectors(k_det, scan_rotation_deg, transpose)

@@ -1,0 +1,168 @@
+"""Extended ptychographical iterative engine (ePIE, Maiden & Rodenburg 2009) with probe update.
+
+For each probe position (random order each iteration): exit wave ``psi = P O_n``; its Fourier modulus is
+replaced by the measured ``sqrt(I)``; then ``O_n += alpha conj(P) (psi' - psi) / max |P|^2`` and
+``P += beta conj(O_n) (psi' - psi) / max |O_n|^2`` (``O_n`` before its update). The Fourier error of an
+iteration is ``sum_n sum_k (|Psi_n| - sqrt(I_n))^2 / sum_n sum_k I_n``, accumulated as the positions are
+visited.
+
+Geometry: the object pixel is the real-space pixel of the detector, ``1 / (K k_pixel_invA)``; patterns are
+put on the scan frame (transpose, rotation) and centred (integer shift of the bright-field disc to pixel
+``K // 2``, the zero frequency of the probe grid) before the iterations; sub-pixel scan positions are
+handled by Fourier-shifting the probe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from tqdm.auto import trange
+
+from evaluation.references._common import (
+    Reconstruction,
+    check_scan_array,
+    iter_scan_rows,
+    mean_pattern,
+    pair,
+    pattern_centre,
+)
+from physics import fourier_shift, probe
+
+__all__ = ["epie"]
+
+
+def _prepare_patterns(data: Any, scan_rotation_deg: float, transpose: bool, progress: bool) -> np.ndarray:
+    """Measured Fourier amplitudes ``sqrt(I)`` in FFT order on the scan frame, float32 (Rx, Ry, Kx, Ky)."""
+    rx, ry, kx, ky = data.shape
+    if transpose and kx != ky:
+        raise ValueError("epie: a transposed detector needs square patterns")
+    centre = pattern_centre(mean_pattern(data, progress=progress))
+    shift = np.rint(np.array([kx // 2, ky // 2]) - centre).astype(int)
+    amplitudes = np.empty((rx, ry, kx, ky), dtype=np.float32)
+    for rows, block in iter_scan_rows(data, desc="ePIE read", progress=progress):
+        block = np.roll(block, tuple(shift), axis=(2, 3))
+        if transpose:
+            block = np.swapaxes(block, 2, 3)
+        if scan_rotation_deg:
+            block = np.clip(
+                ndimage.rotate(block, scan_rotation_deg, axes=(2, 3), reshape=False, order=1), 0, None
+            )
+        amplitudes[rows] = np.sqrt(np.fft.ifftshift(block, axes=(2, 3)))
+    return amplitudes
+
+
+def epie(
+    data: Any,
+    energy_eV: float,
+    semiangle_mrad: float,
+    scan_step_A: float | Sequence[float],
+    k_pixel_invA: float | Sequence[float],
+    iterations: int = 30,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    probe_update_start: int = 1,
+    scan_rotation_deg: float = 0.0,
+    transpose: bool = False,
+    defocus_A: float = 0.0,
+    Cs_A: float = 0.0,
+    aberrations: dict[str, float] | None = None,
+    initial_probe: np.ndarray | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Reconstruction:
+    """ePIE reconstruction; returns the object phase (rad) and amplitude over the scanned field.
+
+    Parameters
+    ----------
+    iterations, alpha, beta
+        Number of passes over all positions and the object / probe step sizes (1 and 1 in the paper).
+    probe_update_start
+        First iteration (0-based) in which the probe is updated; before it only the object is.
+    defocus_A, Cs_A, aberrations, initial_probe
+        Initial probe: ``initial_probe`` (real space, complex, ``(Kx, Ky)``, centred) if given, otherwise
+        :func:`physics.probe` with these aberrations; it is scaled to the mean pattern intensity.
+
+    The result is on the object grid (pixel ``1 / (K k_pixel)``), cropped to the scanned field, pixel
+    (0, 0) at the first probe position (``origin_A = (0, 0)``); the phase has the phase of the mean
+    transmission removed. ``info["fourier_error"]`` lists the error of every iteration and
+    ``info["probe"]`` holds the final probe.
+    """
+    rx, ry, kx, ky = check_scan_array(data)
+    step = pair(scan_step_A, "scan_step_A")
+    k_pixel = pair(k_pixel_invA, "k_pixel_invA")
+    pixel_A = (1.0 / (kx * k_pixel[0]), 1.0 / (ky * k_pixel[1]))
+    amplitudes = _prepare_patterns(data, scan_rotation_deg, transpose, progress)
+    intensity_total = float(np.sum(amplitudes.astype(np.float64) ** 2))
+    if not intensity_total > 0:
+        raise ValueError("epie: the patterns hold no counts")
+    mean_counts = intensity_total / (rx * ry)
+    if initial_probe is None:
+        p = probe(
+            energy_eV,
+            semiangle_mrad,
+            (kx, ky),
+            sampling_A=pixel_A,
+            defocus_A=defocus_A,
+            Cs_A=Cs_A,
+            aberrations=aberrations,
+            dtype=np.complex128,
+        )
+    else:
+        p = np.asarray(initial_probe, dtype=np.complex128)
+        if p.shape != (kx, ky):
+            raise ValueError(f"epie: initial_probe has shape {p.shape}, patterns are {(kx, ky)}")
+    p = p * np.sqrt(mean_counts / np.sum(np.abs(p) ** 2))  # orthonormal FFT: sum |Psi|^2 = sum |psi|^2
+    positions_px = np.stack(
+        np.meshgrid(
+            np.arange(rx) * step[0] / pixel_A[0], np.arange(ry) * step[1] / pixel_A[1], indexing="ij"
+        ),
+        axis=-1,
+    ).reshape(-1, 2)
+    corner = np.floor(positions_px).astype(int)
+    fraction = positions_px - corner
+    subpixel = bool(np.any(fraction > 1e-3))
+    pad = 1
+    size = (corner[:, 0].max() + kx + 2 * pad, corner[:, 1].max() + ky + 2 * pad)
+    obj = np.ones(size, dtype=np.complex128)
+    flat_amplitudes = amplitudes.reshape(rx * ry, kx, ky)
+    rng = np.random.default_rng(seed)
+    errors: list[float] = []
+    for iteration in trange(iterations, desc="ePIE", disable=not progress, leave=False):
+        error = 0.0
+        update_probe = iteration >= probe_update_start and beta > 0
+        for n in rng.permutation(rx * ry):
+            x0, y0 = corner[n] + pad
+            view = (slice(x0, x0 + kx), slice(y0, y0 + ky))
+            p_n = fourier_shift(p, fraction[n]) if subpixel else p
+            o_n = obj[view].copy()
+            exit_wave = p_n * o_n
+            spectrum = np.fft.fft2(exit_wave, norm="ortho")
+            modulus = np.abs(spectrum)
+            measured = flat_amplitudes[n]
+            error += float(np.sum((modulus - measured) ** 2))
+            corrected = measured * np.exp(1j * np.angle(spectrum))
+            difference = np.fft.ifft2(corrected, norm="ortho") - exit_wave
+            obj[view] = o_n + alpha * np.conj(p_n) * difference / np.max(np.abs(p_n) ** 2)
+            if update_probe:
+                step_p = beta * np.conj(o_n) * difference / np.max(np.abs(o_n) ** 2)
+                p = p + (fourier_shift(step_p, -fraction[n]) if subpixel else step_p)
+        errors.append(error / intensity_total)
+    # the scanned field: pixel (0, 0) at the first probe position, i.e. the window centre of corner 0
+    x_start, y_start = pad + kx // 2, pad + ky // 2
+    field = obj[
+        x_start : x_start + int(np.ceil(positions_px[:, 0].max())) + 1,
+        y_start : y_start + int(np.ceil(positions_px[:, 1].max())) + 1,
+    ]
+    mean_transmission = field.mean()
+    field = field * np.exp(-1j * np.angle(mean_transmission))
+    return Reconstruction(
+        phase=np.angle(field).astype(np.float32),
+        amplitude=np.abs(field).astype(np.float32),
+        pixel_size_A=pixel_A,
+        origin_A=(0.0, 0.0),
+        method="epie",
+        info={"fourier_error": errors, "probe": p.astype(np.complex64), "iterations": int(iterations)},
+    )
