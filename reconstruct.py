@@ -1,4 +1,4 @@
-"""`python reconstruct.py`: reconstruction (config: conf/reconstruct.yaml)."""
+"""`python reconstruct.py input=SCAN method=...`: reconstruction (config: conf/reconstruct.yaml)."""
 
 import sys
 
@@ -8,7 +8,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="reconstruct")
 def main(cfg: DictConfig) -> None:
-    sys.exit("deepstem: reconstruction is not available yet (issue #7 is open); nothing was run.")
+    from evaluation.cli import reconstruct_main
+
+    sys.exit(reconstruct_main(cfg))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,225 @@
+"""``python reconstruct.py input=SCAN method=...``: one scan in, one ``deepstem.recon/1`` file + PNG out.
+
+Exit codes: 0 done; 1 bad input or a failed reconstruction (one line on stderr, nothing written under
+the output names); 2 a method that is not available.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from datagen import store
+from evaluation.io import Scan4D, ScanError, load_4dstem
+from evaluation.references import (
+    Reconstruction,
+    detector_angles_mrad,
+    epie,
+    icom,
+    ricom,
+    ssb,
+    virtual_detector,
+)
+from physics import wavelength
+
+__all__ = [
+    "CONVENTIONAL_METHODS",
+    "NETWORK_METHODS",
+    "reconstruct_main",
+    "run_method",
+    "write_reconstruction",
+]
+
+CONVENTIONAL_METHODS = ("epie", "ssb", "icom", "ricom", "vadf")
+NETWORK_METHODS = ("airpi", "chang_unet", "ptychonn")
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def _params(cfg: DictConfig, method: str) -> dict[str, Any]:
+    section = cfg.get(method)
+    return dict(OmegaConf.to_container(section, resolve=True)) if section is not None else {}
+
+
+def run_method(scan: Scan4D, method: str, params: dict[str, Any], progress: bool = True) -> Reconstruction:
+    """Run one conventional method on ``scan`` with the parameters of its config section."""
+    common = {
+        "scan_step_A": scan.scan_step_A,
+        "k_pixel_invA": scan.k_pixel_invA,
+        "scan_rotation_deg": scan.scan_rotation_deg,
+        "transpose": scan.scan_transpose,
+        "progress": progress,
+    }
+    optics = {"energy_eV": scan.energy_eV, "semiangle_mrad": scan.semiangle_mrad}
+    aberrations = {"defocus_A": scan.defocus_A, "Cs_A": scan.Cs_A}
+    if method == "ssb":
+        return ssb(scan.data, **optics, **common, **aberrations, **params)
+    if method == "epie":
+        return epie(scan.data, **optics, **common, **aberrations, **params)
+    if method == "icom":
+        return icom(scan.data, **common, **params)
+    if method == "ricom":
+        band = params.pop("band_pass_invA", None)
+        return ricom(scan.data, **common, band_pass_invA=tuple(band) if band else None, **params)
+    if method == "vadf":
+        kx, ky = scan.shape[2:]
+        edge_mrad = (
+            1e3 * wavelength(scan.energy_eV) * min(kx * scan.k_pixel_invA[0], ky * scan.k_pixel_invA[1]) / 2
+        )
+        inner, outer = detector_angles_mrad(params.get("detector", "adf"), scan.semiangle_mrad, edge_mrad)
+        inner = params["inner_mrad"] if params.get("inner_mrad") is not None else inner
+        outer = params["outer_mrad"] if params.get("outer_mrad") is not None else outer
+        result = virtual_detector(
+            scan.data,
+            scan.k_pixel_invA,
+            scan.energy_eV,
+            inner,
+            outer,
+            scan_step_A=scan.scan_step_A,
+            progress=progress,
+        )
+        result.info["detector"] = params.get("detector", "adf")
+        return result
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CONVENTIONAL_METHODS)}")
+
+
+def _save_png(path: Path, result: Reconstruction, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = np.asarray(result.phase)
+    # pixel (i, j) is centred on origin + (i, j) * pixel
+    x0 = result.origin_A[0] - 0.5 * result.pixel_size_A[0]
+    y0 = result.origin_A[1] - 0.5 * result.pixel_size_A[1]
+    extent = (
+        x0,
+        x0 + image.shape[0] * result.pixel_size_A[0],
+        y0,
+        y0 + image.shape[1] * result.pixel_size_A[1],
+    )
+    figure, axes = plt.subplots(figsize=(5, 4.3), dpi=120)
+    shown = axes.imshow(image.T, origin="lower", extent=extent, cmap="gray")
+    axes.set_xlabel("x (Å)")
+    axes.set_ylabel("y (Å)")
+    axes.set_title(title, fontsize=9)
+    figure.colorbar(shown, ax=axes, label="counts" if result.method == "vadf" else "phase (rad)")
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    plt.close(figure)
+
+
+def write_reconstruction(
+    output: Path,
+    result: Reconstruction,
+    patterns_per_s: float,
+    input_path: Path | None = None,
+    config: Any = None,
+    overwrite: bool = True,
+) -> tuple[Path, Path]:
+    """Write ``deepstem.recon/1`` to ``output`` and a PNG beside it, both atomically (all or nothing)."""
+    png = output.with_suffix(".png")
+    if not overwrite:
+        for existing in (output, png):
+            if existing.exists():
+                raise FileExistsError(f"{existing}: exists (set overwrite=true to replace it)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary_png = png.with_name(f".{png.name}.tmp-{os.getpid()}")
+    datasets: dict[str, Any] = {"phase": np.asarray(result.phase, dtype=np.float32)}
+    if result.amplitude is not None:
+        datasets["amplitude"] = np.asarray(result.amplitude, dtype=np.float32)
+    if "fourier_error" in result.info:
+        datasets["fourier_error"] = np.asarray(result.info["fourier_error"], dtype=np.float64)
+    if "probe" in result.info:
+        datasets["probe"] = np.asarray(result.info["probe"])
+    attrs: dict[str, Any] = {
+        "pixel_size_A": np.asarray(result.pixel_size_A, dtype=np.float64),
+        "origin_A": np.asarray(result.origin_A, dtype=np.float64),
+        "method": result.method,
+        "patterns_per_s": float(patterns_per_s),
+    }
+    if input_path is not None:
+        attrs["input"] = str(input_path)
+    for key, value in result.info.items():
+        if isinstance(value, (int, float, str, bool)):
+            attrs[f"info_{key}"] = value
+    try:
+        _save_png(temporary_png, result, f"{result.method}: {input_path.name if input_path else ''}")
+        store.write(output, store.RECON, datasets, attrs=attrs, config=config, overwrite=True)
+        os.replace(temporary_png, png)
+    finally:
+        if temporary_png.exists():
+            temporary_png.unlink()
+    return output, png
+
+
+def _error(message: str) -> int:
+    first_line = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
+    print(f"deepstem: error: {first_line}", file=sys.stderr)
+    return 1
+
+
+def reconstruct_main(cfg: DictConfig) -> int:
+    """The body of ``reconstruct.py``; returns the exit code."""
+    method = str(cfg.method)
+    if method in NETWORK_METHODS:
+        print(
+            f"deepstem: error: method {method!r} (network reconstruction from a checkpoint) is not available "
+            f"yet; available now: {', '.join(CONVENTIONAL_METHODS)}",
+            file=sys.stderr,
+        )
+        return 2
+    if method not in CONVENTIONAL_METHODS:
+        return _error(
+            f"unknown method {method!r}; choose one of {', '.join(CONVENTIONAL_METHODS + NETWORK_METHODS)}"
+        )
+    if OmegaConf.is_missing(cfg, "input") or not cfg.input:
+        return _error("no input: give input=SCAN (deepstem .h5, EMD 1.0, .mib, Velox .emd or .npy + YAML)")
+    from hydra.utils import to_absolute_path
+
+    input_path = Path(to_absolute_path(str(cfg.input)))
+    output = (
+        Path(to_absolute_path(str(cfg.output)))
+        if cfg.get("output")
+        else input_path.with_name(f"{input_path.stem}_{method}.h5")
+    )
+    overrides = {k: v for k, v in dict(cfg.get("calibration_override") or {}).items() if v is not None}
+    calibration = to_absolute_path(str(cfg.calibration)) if cfg.get("calibration") else None
+    progress = bool(cfg.get("progress", True))
+    scan = None
+    try:
+        scan = load_4dstem(input_path, calibration, progress=progress, **overrides)
+        start = time.perf_counter()
+        result = run_method(scan, method, _params(cfg, method), progress=progress)
+        elapsed = time.perf_counter() - start
+        num_patterns = scan.num_positions
+        patterns_per_s = num_patterns / max(elapsed, 1e-9)
+        if not np.all(np.isfinite(result.phase)):
+            return _error(f"{method} produced NaN or inf; nothing written")
+        h5, png = write_reconstruction(
+            output,
+            result,
+            patterns_per_s,
+            input_path=input_path,
+            config=cfg,
+            overwrite=bool(cfg.get("overwrite", True)),
+        )
+    except (ScanError, store.StoreError, ValueError, OSError) as err:
+        return _error(str(err))
+    finally:
+        if scan is not None:
+            scan.close()
+    print(
+        f"{method}: {num_patterns} patterns in {elapsed:.3f} s = {patterns_per_s:.0f} patterns/s; "
+        f"wrote {h5} and {png}"
+    )
+    return 0
