@@ -1,0 +1,343 @@
+"""`python datagen.py`: compute one shard of a kernel dataset (resumable), then update the dataset index.
+
+``run(cfg)`` is the whole command; ``datagen.py`` only hands it Hydra's config and turns
+:class:`~datagen.parameters.ConfigError` into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datagen.parameters import ConfigError, DrawnSample, ParameterSpace, sample_rng
+from datagen.provenance import config_yaml
+from datagen.shards import PartialShard, assemble_shard, shard_name, shard_range, write_index
+
+__all__ = ["KernelSampleMaker", "RunSummary", "SampleFailed", "run"]
+
+log = logging.getLogger("deepstem.datagen")
+
+
+class SampleFailed(RuntimeError):
+    """No sample could be made for an index (every draw rejected, or the simulation failed)."""
+
+
+@dataclass
+class RunSummary:
+    """What one `python datagen.py` run did (also logged as its closing summary)."""
+
+    shard: str
+    written: int = 0
+    resumed: int = 0
+    skipped_existing: bool = False
+    failed: dict[int, str] = field(default_factory=dict)
+    rejected: Counter = field(default_factory=Counter)
+    wall_s: float = 0.0
+
+    def lines(self) -> list[str]:
+        rate = self.written / self.wall_s if self.wall_s > 0 else 0.0
+        if self.skipped_existing:
+            out = [f"{self.shard}: already complete, skipped (overwrite=true recomputes it)"]
+        else:
+            out = [
+                f"{self.shard}: {self.written} samples computed, {self.resumed} resumed from checkpoints, "
+                f"{len(self.failed)} failed, wall time {self.wall_s:.1f} s ({rate:.3g} samples/s)"
+            ]
+        if self.rejected:
+            reasons = "; ".join(f"{n} x {reason}" for reason, n in self.rejected.most_common())
+            out.append(f"rejected draws (redrawn): {reasons}")
+        for index, reason in sorted(self.failed.items()):
+            out.append(f"failed sample {index}: {reason}")
+        return out
+
+
+def _structures(cfg: Mapping[str, Any]) -> list:
+    source_cfg = cfg.get("source")
+    if source_cfg is None:
+        raise ConfigError(
+            "source", "no structure source configured (expected the `source` group, e.g. source=bundled)"
+        )
+    from datagen.sources import load_structures
+
+    try:
+        records = load_structures(source_cfg)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("source", message) from None
+    if not records:
+        raise ConfigError("source", "the structure source yielded no structures (check its filters)")
+    return list(records)
+
+
+class KernelSampleMaker:
+    """Makes the sample of a global index: draws, builds the specimen, simulates. One per process."""
+
+    def __init__(
+        self,
+        simulation_cfg: Mapping[str, Any],
+        structures: Sequence[Any],
+        seed: int,
+        device: str = "cpu",
+        scheduler: str = "threads",
+        build_specimen: Callable[..., Any] | None = None,
+    ) -> None:
+        from datagen.kernel import KernelSimulator
+
+        self.space = ParameterSpace(simulation_cfg)
+        specimen = dict(simulation_cfg.get("specimen") or {})
+        self.lateral_size_A = float(specimen.get("lateral_size_A", 10.0))
+        self.max_strain = float(specimen.get("max_strain", 0.02))
+        self.vacuum_A = float(specimen.get("vacuum_A", 2.0))
+        self.max_attempts = int(simulation_cfg.get("max_attempts", 20))
+        if self.max_attempts < 1:
+            raise ConfigError("simulation.max_attempts", f"must be >= 1, got {self.max_attempts}")
+        if not self.lateral_size_A > 0:
+            raise ConfigError(
+                "simulation.specimen.lateral_size_A", f"must be positive, got {self.lateral_size_A}"
+            )
+        self.structures = list(structures)
+        self.seed = int(seed)
+        self.simulator = KernelSimulator(self.space.settings, device=device, scheduler=scheduler)
+        if build_specimen is None:
+            from datagen.specimen import build_specimen
+        self._build_specimen = build_specimen
+
+    def _specimen(self, drawn: DrawnSample) -> Any:
+        record = self.structures[drawn.structure_index]
+        return self._build_specimen(
+            record.atoms,
+            zone_axis=drawn.zone_axis,
+            rotation_deg=drawn.rotation_deg,
+            thickness_A=drawn.thickness_A,
+            lateral_size_A=self.lateral_size_A,
+            max_strain=self.max_strain,
+            vacuum_A=self.vacuum_A,
+        )
+
+    def __call__(self, index: int, rejected: Counter | None = None) -> dict[str, Any]:
+        """The record of sample ``index`` (raises :class:`SampleFailed`)."""
+        rng = sample_rng(self.seed, index)
+        try:
+            from datagen.specimen import SpecimenRejected
+        except ImportError:  # pragma: no cover - until datagen.specimen lands
+            SpecimenRejected = ValueError
+        last_reason = "no attempt"
+        for _ in range(self.max_attempts):
+            drawn = self.space.draw(rng, len(self.structures))
+            try:
+                specimen = self._specimen(drawn)
+            except SpecimenRejected as err:
+                last_reason = _reason(err)
+                if rejected is not None:
+                    rejected[last_reason] += 1
+                continue
+            return self.simulate(index, drawn, specimen)
+        raise SampleFailed(f"all {self.max_attempts} draws rejected (last: {last_reason})")
+
+    def simulate(self, index: int, drawn: DrawnSample, specimen: Any) -> dict[str, Any]:
+        atoms = specimen.atoms
+        cell = np.asarray(atoms.cell.array)
+        centre = (drawn.position_fraction[0] * cell[0, 0], drawn.position_fraction[1] * cell[1, 1])
+        result = self.simulator.simulate(atoms, drawn.kernel, centre)
+        record = self.structures[drawn.structure_index]
+        k = drawn.kernel
+        return {
+            "cbed": result.cbed,
+            "wave": result.wave,
+            "probe": result.probe,
+            "energy_eV": k.energy_eV,
+            "semiangle_mrad": k.semiangle_mrad,
+            "gmax_invA": k.gmax_invA,
+            "step_A": k.step_A,
+            "Cs_A": k.Cs_A,
+            "defocus_A": k.defocus_A,
+            "thickness_A": float(getattr(specimen, "thickness_A", drawn.thickness_A)),
+            "rotation_deg": drawn.rotation_deg,
+            "zone_axis": np.asarray(drawn.zone_axis, dtype=np.int32),
+            "num_phonons": k.num_phonons,
+            "seed": k.phonon_seed,
+            "sample_index": int(index),
+            "source_id": record.source_id,
+            "formula": record.formula,
+        }
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    # group by the kind of rejection, not by the exact numbers
+    return "".join(c if not c.isdigit() else "#" for c in text)[:120]
+
+
+def _fingerprint(cfg: Mapping[str, Any]) -> str:
+    relevant = {key: cfg.get(key) for key in ("seed", "simulation", "source")}
+    relevant["num_samples"] = cfg.get("simulation", {}).get("num_samples")
+    return config_yaml(relevant)
+
+
+def _validate_root(cfg: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    def integer(name: str, value: Any) -> int:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(name, f"must be an integer, got {value!r}") from None
+        if number != value and str(number) != str(value):
+            raise ConfigError(name, f"must be an integer, got {value!r}")
+        return number
+
+    seed = integer("seed", cfg.get("seed"))
+    num_shards = integer("num_shards", cfg.get("num_shards"))
+    shard_index = integer("shard_index", cfg.get("shard_index"))
+    num_samples = integer("simulation.num_samples", (cfg.get("simulation") or {}).get("num_samples"))
+    if num_shards < 1:
+        raise ConfigError("num_shards", f"must be >= 1, got {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise ConfigError(
+            "shard_index", f"must be in 0..{num_shards - 1} (num_shards={num_shards}), got {shard_index}"
+        )
+    if num_samples < 0:
+        raise ConfigError("simulation.num_samples", f"must be >= 0, got {num_samples}")
+    if seed < 0:
+        raise ConfigError("seed", f"must be >= 0, got {seed}")
+    if cfg.get("device", "cpu") not in ("cpu", "gpu"):
+        raise ConfigError("device", f"must be 'cpu' or 'gpu', got {cfg.get('device')!r}")
+    checkpoint = integer("checkpoint_every", cfg.get("checkpoint_every", 8))
+    if checkpoint < 1:
+        raise ConfigError("checkpoint_every", f"must be >= 1, got {checkpoint}")
+    return seed, num_shards, shard_index, num_samples
+
+
+def _container(cfg: Any) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def run(cfg: Any, maker: KernelSampleMaker | None = None) -> RunSummary:
+    """Compute (or resume, or skip) shard ``shard_index`` of ``num_shards``; returns the summary.
+
+    ``maker`` may be given to reuse a warm simulator (tests, benchmarks); by default one is built from
+    ``cfg``. Configuration errors raise :class:`ConfigError` before anything is written.
+    """
+    started = time.perf_counter()
+    container = _container(cfg)
+    seed, num_shards, shard_index, num_samples = _validate_root(container)
+    simulation = container.get("simulation") or {}
+    ParameterSpace(simulation)  # check the distributions before anything else happens
+    out_dir = Path(str(container.get("out_dir", "data/kernel"))).expanduser()
+    indices = shard_range(num_samples, shard_index, num_shards)
+    name = shard_name(shard_index, num_shards)
+    summary = RunSummary(shard=name)
+    final = out_dir / name
+    overwrite = bool(container.get("overwrite", False))
+    partial = PartialShard(out_dir, shard_index, num_shards, _fingerprint(container))
+    if final.exists() and not overwrite:
+        partial.remove()  # a stale checkpoint of a shard that was finished
+        summary.skipped_existing = True
+        summary.wall_s = time.perf_counter() - started
+        _log_summary(summary)
+        write_index(out_dir)
+        return summary
+    if overwrite:
+        partial.remove()
+    structures = maker.structures if maker is not None else _structures(container)
+    if maker is None:
+        maker = KernelSampleMaker(
+            simulation,
+            structures,
+            seed,
+            device=str(container.get("device", "cpu")),
+            scheduler=str(container.get("scheduler", "threads")),
+        )
+    try:
+        partial.open()
+    except ValueError as err:
+        raise ConfigError("out_dir", str(err)) from None
+    done = partial.done() & set(indices)
+    summary.resumed = len(done)
+    todo = [i for i in indices if i not in done]
+    log.info(
+        "%s: samples %d..%d of %d (%d to compute, %d checkpointed) -> %s",
+        name,
+        indices.start,
+        indices.stop - 1,
+        num_samples,
+        len(todo),
+        len(done),
+        out_dir,
+    )
+    checkpoint_every = int(container.get("checkpoint_every", 8))
+    pending: list[dict[str, Any]] = []
+    progress = _progress(
+        total=len(indices), initial=len(done), description=name, enabled=container.get("progress", True)
+    )
+    try:
+        for index in todo:
+            try:
+                pending.append(maker(index, summary.rejected))
+                summary.written += 1
+            except Exception as err:  # a failing sample must not lose the shard's finished samples
+                reason = f"{type(err).__name__}: {_reason(err)}"
+                summary.failed[index] = reason
+                log.error("sample %d (seed %d, index %d) failed: %s", index, seed, index, reason)
+            progress.update(1)
+            if len(pending) >= checkpoint_every:
+                partial.save(pending)
+                pending = []
+    finally:
+        if pending:
+            partial.save(pending)
+        progress.close()
+    attrs = {
+        "global_seed": seed,
+        "shard_index": shard_index,
+        "num_shards": num_shards,
+        "first_index": indices.start,
+        "stop_index": indices.stop,
+        "failed_indices": json_dumps(sorted(summary.failed)),
+        "rejected": json_dumps(dict(summary.rejected)),
+        "seed_rule": "sample i: numpy.random.default_rng([global_seed, i]); `seed` = abTEM phonon seed",
+    }
+    assemble_shard(partial, cfg, attrs, indices, overwrite=overwrite)
+    write_index(out_dir)
+    summary.wall_s = time.perf_counter() - started
+    _log_summary(summary)
+    return summary
+
+
+def json_dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def _progress(total: int, initial: int, description: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=description,
+        unit="sample",
+        disable=not enabled,
+        smoothing=0.1,
+        dynamic_ncols=True,
+    )
+
+
+def _log_summary(summary: RunSummary) -> None:
+    for line in summary.lines():
+        log.info(line)
