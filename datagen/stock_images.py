@@ -1,0 +1,308 @@
+"""Training data of the Chang U-Net (paper 001): phase objects made from ordinary images.
+
+Geometry (all in config, see ``conf/simulation/stock_images.yaml``)::
+
+    detector: diffraction_px x diffraction_px pixels covering -k_det .. +k_det,
+              k_det = collection_ratio * alpha / lambda       (1/Angstrom)
+    simulation grid: sim_px = diffraction_px * bin_factor pixels of dx = 1 / (2 k_det), so that its FFT
+                     spans exactly the detector; bin_factor x bin_factor blocks of the FFT are summed
+                     into one detector pixel
+    label window: the central diffraction_px x diffraction_px pixels of the sim grid (same dx), centred on
+                  the probe; the illuminated area is the disc about the probe centre that holds the
+                  fraction `illuminated_fraction` of the probe intensity in the window (a filled disc,
+                  also for defocused probes whose centre is dark)
+
+Forward model (paper 001 eq. 1): ``I(k) = |F[P(r) exp(i phi(r))]|^2``, a fraction of the incident electrons
+per detector pixel (sums to 1 up to what leaves the detector); Poisson noise and the square root that
+forms the network input are applied by the data loader, so one stored set serves every dose. The label is
+``phi`` on the label window, zero outside the illuminated area, with its mean over the illuminated area
+removed (a constant phase is invisible in the diffraction pattern; stitching restores offsets).
+
+The probe has the 7 aberration parameters of paper 001 (C10; C12, C21, C23 as magnitude and angle) drawn
+per sample, and uses :func:`physics.probe` (the one probe implementation). Everything after the probe runs
+batch-wise in torch on the device of the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from physics import Grid, probe, wavelength
+
+__all__ = ["ABERRATION_KEYS", "ChangForwardModel", "StockImageBank", "procedural_textures"]
+
+ABERRATION_KEYS = ("C10", "C12", "phi12", "C21", "phi21", "C23", "phi23")
+# photographs scikit-image ships inside its wheel (no download at run time)
+SKIMAGE_PHOTOGRAPHS = (
+    "astronaut", "brick", "camera", "cat", "cell", "clock", "coffee", "coins", "grass", "gravel", "horse",
+    "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "page", "retina", "rocket",
+    "shepp_logan_phantom", "text", "colorwheel", "logo",
+)  # fmt: skip
+
+
+def _to_gray(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim == 3:
+        image = image[..., :3].mean(axis=-1)
+    span = image.max() - image.min()
+    return (image - image.min()) / span if span > 0 else np.zeros_like(image)
+
+
+def procedural_textures(count: int, size_px: int, seed: int) -> np.ndarray:
+    """``count`` grey-level textures in [0, 1]: band-limited noise at several correlation lengths,
+    random Gaussian blobs ("atoms") and Voronoi cells. Deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    f = np.fft.fftfreq(size_px)
+    f2 = f[:, None] ** 2 + f[None, :] ** 2
+    yy, xx = np.mgrid[0:size_px, 0:size_px]
+    textures = []
+    for i in range(count):
+        kind = i % 3
+        if kind == 0:  # Gaussian-filtered noise, correlation length 1 .. 30 px
+            corr = np.exp(rng.uniform(0, math.log(30)))
+            noise = np.fft.ifft2(
+                np.fft.fft2(rng.normal(size=(size_px, size_px))) * np.exp(-2 * (np.pi * corr) ** 2 * f2)
+            )
+            image = noise.real
+        elif kind == 1:  # random blobs of random widths and weights
+            image = np.zeros((size_px, size_px))
+            for _ in range(rng.integers(20, 200)):
+                cx, cy = rng.uniform(0, size_px, 2)
+                width = rng.uniform(1.5, 12)
+                image += rng.uniform(0.2, 1) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width**2))
+        else:  # Voronoi cells with random grey levels
+            seeds = rng.uniform(0, size_px, (rng.integers(10, 80), 2))
+            levels = rng.uniform(0, 1, len(seeds))
+            distance = (xx[..., None] - seeds[:, 0]) ** 2 + (yy[..., None] - seeds[:, 1]) ** 2
+            image = levels[np.argmin(distance, axis=-1)]
+        textures.append(_to_gray(image))
+    return np.stack(textures).astype(np.float32)
+
+
+@dataclass
+class StockImageBank:
+    """Grey-level source images in [0, 1] resampled to ``size_px`` squares: one tensor (M, 1, S, S)."""
+
+    images: torch.Tensor
+    names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        photographs: Sequence[str] = SKIMAGE_PHOTOGRAPHS,
+        faces: int = 50,
+        textures: int = 60,
+        size_px: int = 256,
+        seed: int = 0,
+    ) -> StockImageBank:
+        """Photographs and faces that scikit-image ships, plus ``textures`` procedural textures."""
+        import skimage.data
+
+        images, names = [], []
+        for name in photographs:
+            loader = getattr(skimage.data, name, None)
+            if loader is None:
+                raise ValueError(f"stock images: scikit-image has no bundled image {name!r}")
+            images.append(_resize(_to_gray(loader()), size_px))
+            names.append(name)
+        if faces:
+            for i, face in enumerate(skimage.data.lfw_subset()[:faces]):
+                images.append(_resize(_to_gray(face), size_px))
+                names.append(f"lfw_{i}")
+        if textures:
+            images.extend(torch.from_numpy(procedural_textures(textures, size_px, seed)))
+            names.extend(f"texture_{i}" for i in range(textures))
+        if not images:
+            raise ValueError("stock images: the image bank is empty (no photographs, faces or textures)")
+        return cls(torch.stack(images)[:, None], names)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def _resize(image: np.ndarray, size_px: int) -> torch.Tensor:
+    tensor = torch.from_numpy(image.astype(np.float32))[None, None]
+    return F.interpolate(
+        tensor, size=(size_px, size_px), mode="bilinear", antialias=True, align_corners=False
+    )[0, 0]
+
+
+class ChangForwardModel(torch.nn.Module):
+    """Draws (diffraction intensity, phase patch, mask) triples batch-wise; see the module docstring.
+
+    Parameters (units in the names): ``energy_eV``, ``semiangle_mrad``; ``diffraction_px`` (32) and
+    ``bin_factor`` (2); ``collection_ratio`` (detector half-width / aperture radius); aberration ranges as
+    ``(low, high)`` in Angstrom (``C10_A``: by default -200 .. -80 A, i.e. 80-200 A defocus, a
+    ptychography-style probe illuminating a few Angstrom; magnitudes ``C12_A``, ``C21_A``, ``C23_A``;
+    angles uniform); ``phase_max_rad`` range of the object's phase span; ``crop_fraction``
+    range of the source image width a crop covers; ``illuminated_fraction`` of the probe intensity inside
+    the label mask.
+    """
+
+    def __init__(
+        self,
+        energy_eV: float = 300e3,
+        semiangle_mrad: float = 17.1,
+        diffraction_px: int = 32,
+        bin_factor: int = 2,
+        collection_ratio: float = 2.0,
+        C10_A: Sequence[float] = (-200.0, -80.0),
+        C12_A: Sequence[float] = (0.0, 20.0),
+        C21_A: Sequence[float] = (0.0, 300.0),
+        C23_A: Sequence[float] = (0.0, 300.0),
+        Cs_A: float = 0.0,
+        phase_max_rad: Sequence[float] = (0.1, math.pi),
+        crop_fraction: Sequence[float] = (0.1, 0.6),
+        illuminated_fraction: float = 0.9,
+        bank: StockImageBank | None = None,
+    ) -> None:
+        super().__init__()
+        if collection_ratio <= 1.0:
+            raise ValueError(
+                f"collection_ratio must exceed 1 (the detector must hold the disc), got {collection_ratio}"
+            )
+        if diffraction_px < 4 or bin_factor < 1:
+            raise ValueError(
+                f"diffraction_px >= 4 and bin_factor >= 1 required, got {diffraction_px}, {bin_factor}"
+            )
+        for name, bounds in (("C10_A", C10_A), ("C12_A", C12_A), ("C21_A", C21_A), ("C23_A", C23_A),
+                             ("phase_max_rad", phase_max_rad), ("crop_fraction", crop_fraction)):  # fmt: skip
+            if len(bounds) != 2 or bounds[0] > bounds[1]:
+                raise ValueError(f"{name} must be a range (low, high) with low <= high, got {list(bounds)}")
+        if not (0 < crop_fraction[0] and crop_fraction[1] <= 1):
+            raise ValueError(f"crop_fraction must lie in (0, 1], got {list(crop_fraction)}")
+        self.energy_eV, self.semiangle_mrad = float(energy_eV), float(semiangle_mrad)
+        self.diffraction_px, self.bin_factor = int(diffraction_px), int(bin_factor)
+        self.sim_px = self.diffraction_px * self.bin_factor
+        self.k_detector_invA = collection_ratio * self.semiangle_mrad * 1e-3 / wavelength(self.energy_eV)
+        self.grid = Grid.from_gmax(self.k_detector_invA, self.sim_px)
+        self.ranges = {"C10": C10_A, "C12": C12_A, "C21": C21_A, "C23": C23_A}
+        self.Cs_A = float(Cs_A)
+        self.phase_max_rad, self.crop_fraction = tuple(phase_max_rad), tuple(crop_fraction)
+        if not 0 < illuminated_fraction <= 1:
+            raise ValueError(f"illuminated_fraction must lie in (0, 1], got {illuminated_fraction}")
+        self.illuminated_fraction = float(illuminated_fraction)
+        offsets = torch.arange(self.diffraction_px) - self.diffraction_px // 2
+        radius = torch.hypot(offsets[:, None].double(), offsets[None, :].double())
+        self.register_buffer("_window_radius_px", radius, persistent=False)
+        self.bank = bank if bank is not None else StockImageBank.build()
+        self.register_buffer("images", self.bank.images, persistent=False)
+
+    @property
+    def pixel_size_A(self) -> float:
+        """Real-space pixel of the simulation grid and of the label patch."""
+        return self.grid.sampling_A[0]
+
+    def draw_aberrations(self, batch: int, generator: torch.Generator) -> dict[str, np.ndarray]:
+        """Per-sample polar aberrations (Angstrom, rad) drawn uniformly from the configured ranges."""
+        u = torch.rand(batch, 7, generator=generator, dtype=torch.float64).numpy()
+        low_high = [self.ranges[k] for k in ("C10", "C12", "C21", "C23")]
+        values = {
+            "C10": low_high[0][0] + u[:, 0] * (low_high[0][1] - low_high[0][0]),
+            "C12": low_high[1][0] + u[:, 1] * (low_high[1][1] - low_high[1][0]),
+            "phi12": u[:, 2] * 2 * np.pi,
+            "C21": low_high[2][0] + u[:, 3] * (low_high[2][1] - low_high[2][0]),
+            "phi21": u[:, 4] * 2 * np.pi,
+            "C23": low_high[3][0] + u[:, 5] * (low_high[3][1] - low_high[3][0]),
+            "phi23": u[:, 6] * 2 * np.pi,
+        }
+        return values
+
+    def probes(self, aberrations: dict[str, np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Probes (B, sim_px, sim_px) complex64 on the simulation grid, centred at pixel sim_px // 2."""
+        waves = probe(
+            self.energy_eV,
+            self.semiangle_mrad,
+            self.sim_px,
+            sampling_A=self.pixel_size_A,
+            Cs_A=self.Cs_A,
+            aberrations=aberrations,
+        )
+        return torch.from_numpy(waves).to(device)
+
+    def phase_objects(
+        self, batch: int, generator: torch.Generator, device: torch.device | str
+    ) -> torch.Tensor:
+        """Random crops of the image bank as phases (B, sim_px, sim_px) in [0, phase_max] radians.
+
+        Each crop has a random source image, width fraction, rotation, flip, position, contrast (gamma),
+        optional inversion and phase span.
+        """
+        u = torch.rand(batch, 9, generator=generator, dtype=torch.float64)
+        index = (u[:, 0] * len(self.bank)).long().clamp(max=len(self.bank) - 1)
+        width = self.crop_fraction[0] + u[:, 1] * (self.crop_fraction[1] - self.crop_fraction[0])
+        angle = u[:, 2] * 2 * math.pi
+        flip = torch.where(u[:, 3] < 0.5, -1.0, 1.0).double()
+        # keep the rotated crop inside the source: its half-diagonal is width / sqrt(2) * sqrt(2)
+        room = (1 - width * math.sqrt(2)).clamp(min=0)
+        shift_x, shift_y = (u[:, 4] * 2 - 1) * room, (u[:, 5] * 2 - 1) * room
+        gamma = torch.exp((u[:, 6] * 2 - 1) * math.log(2.0))
+        invert = u[:, 7] < 0.5
+        span = self.phase_max_rad[0] + u[:, 8] * (self.phase_max_rad[1] - self.phase_max_rad[0])
+        cos, sin = torch.cos(angle) * width, torch.sin(angle) * width
+        theta = torch.stack(
+            [torch.stack([cos * flip, -sin, shift_x], -1), torch.stack([sin * flip, cos, shift_y], -1)], 1
+        ).float()
+        grid = F.affine_grid(theta.to(device), (batch, 1, self.sim_px, self.sim_px), align_corners=False)
+        crops = F.grid_sample(
+            self.images.to(device)[index.to(device)],
+            grid,
+            mode="bilinear",
+            padding_mode="reflection",
+            align_corners=False,
+        )[:, 0]
+        low = crops.amin(dim=(-2, -1), keepdim=True)
+        high = crops.amax(dim=(-2, -1), keepdim=True)
+        crops = (crops - low) / (high - low).clamp(min=1e-6)
+        crops = crops ** gamma.to(device, crops.dtype)[:, None, None]
+        crops = torch.where(invert.to(device)[:, None, None], 1 - crops, crops)
+        return crops * span.to(device, crops.dtype)[:, None, None]
+
+    def diffraction(self, probes: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+        """``|F[P exp(i phi)]|^2`` binned to (B, diffraction_px, diffraction_px), zero frequency centred."""
+        exit_wave = probes * torch.polar(torch.ones_like(phase), phase)
+        intensity = torch.fft.fftshift(torch.fft.fft2(exit_wave, norm="ortho").abs() ** 2, dim=(-2, -1))
+        b = self.bin_factor
+        n = self.diffraction_px
+        return intensity.reshape(-1, n, b, n, b).sum(dim=(2, 4))
+
+    def label_window(self, array: torch.Tensor) -> torch.Tensor:
+        """The central diffraction_px x diffraction_px pixels of a sim-grid array (the label patch)."""
+        start = self.sim_px // 2 - self.diffraction_px // 2
+        return array[..., start : start + self.diffraction_px, start : start + self.diffraction_px]
+
+    def illuminated_mask(self, probes: torch.Tensor) -> torch.Tensor:
+        """(B, n, n) bool: the smallest disc about the window centre holding ``illuminated_fraction`` of
+        the probe intensity in the label window."""
+        intensity = self.label_window(probes.abs() ** 2).flatten(1).double()
+        radius = self._window_radius_px.to(intensity.device).flatten()
+        order = torch.argsort(radius)
+        enclosed = torch.cumsum(intensity[:, order], dim=1) / intensity.sum(dim=1, keepdim=True)
+        first = torch.searchsorted(enclosed, torch.full_like(enclosed[:, :1], self.illuminated_fraction))
+        disc_radius = radius[order][first.clamp(max=radius.numel() - 1)]
+        mask = radius[None, :] <= disc_radius
+        return mask.reshape(-1, self.diffraction_px, self.diffraction_px)
+
+    def forward(self, batch: int, generator: torch.Generator, device: torch.device | str = "cpu") -> dict:
+        """A batch: ``diffraction``, ``phase``, ``mask`` (B, n, n) and ``aberrations`` (B, 7)."""
+        aberrations = self.draw_aberrations(batch, generator)
+        probes = self.probes(aberrations, device)
+        phase = self.phase_objects(batch, generator, device)
+        diffraction = self.diffraction(probes, phase)
+        mask = self.illuminated_mask(probes)
+        patch = self.label_window(phase)
+        mean = (patch * mask).sum(dim=(-2, -1), keepdim=True) / mask.sum(dim=(-2, -1), keepdim=True)
+        label = torch.where(mask, patch - mean, torch.zeros_like(patch))
+        table = torch.from_numpy(np.stack([aberrations[k] for k in ABERRATION_KEYS], axis=-1)).float()
+        return {
+            "diffraction": diffraction.float(),
+            "phase": label.float(),
+            "mask": mask,
+            "aberrations": table,
+        }

@@ -1,0 +1,98 @@
+"""Chang U-Net forward model: geometry, analytic diffraction of a phase grating, labels, reproducibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import j0, j1
+
+from datagen.stock_images import ChangForwardModel, StockImageBank, procedural_textures
+from physics import wavelength
+
+
+@pytest.fixture(scope="module")
+def small_bank():
+    return StockImageBank.build(photographs=("camera", "coins"), faces=3, textures=3, size_px=64)
+
+
+def test_bank_holds_photographs_faces_and_textures(small_bank):
+    assert len(small_bank) == 8
+    assert small_bank.images.shape == (8, 1, 64, 64)
+    assert float(small_bank.images.min()) >= 0 and float(small_bank.images.max()) <= 1
+    assert small_bank.names[:2] == ["camera", "coins"]
+    textures = procedural_textures(6, 32, seed=1)
+    np.testing.assert_array_equal(textures, procedural_textures(6, 32, seed=1))
+    assert textures.std(axis=(1, 2)).min() > 0.05
+
+
+def test_vacuum_gives_the_aperture_disc_whatever_the_aberrations(small_bank):
+    model = ChangForwardModel(phase_max_rad=(0.0, 0.0), collection_ratio=2.0, bank=small_bank)
+    out = model(4, torch.Generator().manual_seed(0))
+    d = out["diffraction"].numpy()
+    assert d.shape == (4, 32, 32)
+    np.testing.assert_allclose(d.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    # disc radius: alpha / lambda over a detector pixel of 2 k_det / 32, i.e. 32 / (2 * 2) = 8 px
+    assert model.k_detector_invA == pytest.approx(2 * 17.1e-3 / wavelength(300e3))
+    r = np.hypot(*np.meshgrid(np.arange(32) - 16, np.arange(32) - 16, indexing="ij"))
+    assert d[:, r > 9].max() < 1e-10
+    inside = d[:, r < 7]
+    np.testing.assert_allclose(inside, inside.mean(), rtol=1e-3)  # uniform disc: aberrations only alter phase
+    assert out["aberrations"][:, 0].abs().max() > 1  # and they were drawn
+
+
+def test_phase_grating_diffracts_into_bessel_orders(small_bank):
+    """exp(i a cos(2 pi g x)) = sum_n i^n J_n(a) exp(i n 2 pi g x): disc n carries J_n(a)^2."""
+    model = ChangForwardModel(collection_ratio=4.0, bank=small_bank)
+    a, g_px = 0.3, 20  # grating amplitude (rad) and period: 20 reciprocal sim pixels
+    x = np.arange(model.sim_px)
+    phase = torch.from_numpy(
+        np.tile(a * np.cos(2 * np.pi * g_px * x / model.sim_px)[:, None], (1, model.sim_px))
+    )
+    no_aberrations = {k: np.zeros(1) for k in ("C10", "C12", "C21", "C23")}
+    probes = model.probes(no_aberrations)
+    d = model.diffraction(probes, phase[None].float())[0].numpy()
+    centre, shift, radius = 16, g_px // 2, 4.5  # binned pixels: disc radius 8 sim px -> 4 binned px
+    r0 = np.hypot(*np.meshgrid(np.arange(32) - centre, np.arange(32) - centre, indexing="ij"))
+    r_plus = np.hypot(*np.meshgrid(np.arange(32) - centre - shift, np.arange(32) - centre, indexing="ij"))
+    r_minus = np.hypot(*np.meshgrid(np.arange(32) - centre + shift, np.arange(32) - centre, indexing="ij"))
+    assert d[r0 < radius].sum() == pytest.approx(j0(a) ** 2, rel=2e-3)
+    assert d[r_plus < radius].sum() == pytest.approx(j1(a) ** 2, rel=2e-2)
+    assert d[r_minus < radius].sum() == pytest.approx(j1(a) ** 2, rel=2e-2)
+
+
+def test_labels_are_zero_mean_phase_inside_the_illuminated_area(small_bank):
+    model = ChangForwardModel(bank=small_bank, illuminated_fraction=0.9)
+    out = model(6, torch.Generator().manual_seed(3))
+    phase, mask = out["phase"], out["mask"]
+    assert phase.shape == mask.shape == (6, 32, 32) and mask.dtype == torch.bool
+    assert torch.all(phase[~mask] == 0)
+    means = (phase * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
+    assert means.abs().max() < 1e-5
+    assert mask[:, 16, 16].all() and not mask[:, 0, 0].any()  # a filled disc centred on the probe
+    probes = model.probes(model.draw_aberrations(6, torch.Generator().manual_seed(3)))
+    window = model.label_window(probes.abs() ** 2)
+    inside = (window * model.illuminated_mask(probes)).sum(dim=(1, 2)) / window.sum(dim=(1, 2))
+    assert inside.min() >= 0.9 and inside.max() < 0.97
+    spans = torch.stack([phase[i][mask[i]].max() - phase[i][mask[i]].min() for i in range(6)])
+    assert spans.min() > 0 and spans.max() <= np.pi + 1e-5
+
+
+def test_same_seed_same_batch_other_seed_other_batch(small_bank):
+    model = ChangForwardModel(bank=small_bank)
+    first = model(3, torch.Generator().manual_seed(7))
+    again = model(3, torch.Generator().manual_seed(7))
+    other = model(3, torch.Generator().manual_seed(8))
+    for key in ("diffraction", "phase", "aberrations"):
+        assert torch.equal(first[key], again[key])
+        assert not torch.equal(first[key], other[key])
+    assert first["diffraction"].sum(dim=(1, 2)).max() <= 1 + 1e-5
+
+
+def test_bad_geometry_is_rejected_with_the_parameter_named(small_bank):
+    with pytest.raises(ValueError, match="collection_ratio"):
+        ChangForwardModel(collection_ratio=0.8, bank=small_bank)
+    with pytest.raises(ValueError, match="C12_A"):
+        ChangForwardModel(C12_A=(5.0, 1.0), bank=small_bank)
+    with pytest.raises(ValueError, match="crop_fraction"):
+        ChangForwardModel(crop_fraction=(0.0, 0.5), bank=small_bank)
