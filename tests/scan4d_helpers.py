@@ -93,8 +93,8 @@ def simulate_scan(
         cbed = np.abs(np.fft.fftshift(np.fft.fft2(exit_waves, norm="ortho"), axes=(-2, -1))) ** 2
         data[i] = cbed
     if scan_rotation_deg:
-        # ndimage.rotate turns content from axis 0 towards axis 1 for a positive angle in [x, y] indexing?
-        # No: it rotates in the plane (1, 0); rotating by -angle here maps v_det = R(-theta) v_scan.
+        # rotating the pattern content by -theta (ndimage's sense) gives v_scan = R(theta) v_det, the
+        # convention of evaluation.references (checked by test_scan_rotation_is_recovered)
         data = ndimage.rotate(data, -scan_rotation_deg, axes=(2, 3), reshape=False, order=1)
         data = np.clip(data, 0, None).astype(np.float32)
     if dose_per_cbed is not None:
