@@ -1,0 +1,462 @@
+"""LightningModules of the four networks: loss, optimiser, scheduler and logging around a plain network.
+
+Each module builds its network from a plain ``net`` mapping of constructor arguments (so checkpoints
+reload with ``load_from_checkpoint`` and Hydra configs stay flat YAML) and its loss from a ``loss``
+mapping. Switches shared by all: ``compile`` (wrap the network in ``torch.compile`` for the forward
+passes; the state dict keeps the plain network's keys) and ``channels_last`` (network weights and
+inputs in channels-last memory format). Mixed precision (bf16/16-mixed) is the Trainer's ``precision``.
+
+Batch contract (dict keys; (B, 1, H, W) and (B, H, W) are both accepted for single-channel images):
+
+* :class:`AIRPILightning`: ``inputs`` float (B, 11, H, W) (channel convention in :mod:`models.airpi`);
+  ``wave`` the real-space exit-wave label, complex (B, H, W) or float (B, 2, H, W) = (amplitude,
+  phase); optional ``probe`` likewise (default: built from input channels 9 and 10).
+* :class:`ChangLightning`: ``diffraction`` float (B, 1, 32, 32), the square root of the diffraction
+  intensity; ``phase`` float (B, 1, 32, 32), radians; optional ``mask`` (B, 1, 32, 32), 1 inside the
+  illuminated area (default: all pixels).
+* :class:`PtychoNNLightning`: ``diffraction`` float (B, 1, 64, 64); ``amplitude`` and ``phase`` float
+  (B, 1, 64, 64).
+* :class:`CGRDNLightning`: ``distorted`` and ``clean`` float (B, 1, H, W), H and W even (256 in the
+  thesis).
+
+Logged metrics (stable names): ``train/loss``, ``val/loss`` for all; per-term losses under
+``train/loss_<term>`` and ``val/loss_<term>``; AIRPI ``val/xc_object_phase``; Chang ``val/xc_phase``;
+PtychoNN ``val/xc_amplitude``, ``val/xc_phase``; CGRDN ``train/loss_d``, ``val/psnr``,
+``val/psnr_input`` (the distorted input against the clean image, the baseline).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from models.airpi import PROBE_AMPLITUDE_CHANNEL, PROBE_PHASE_CHANNEL, AIRPINet, output_to_wave
+from models.cgrdn import CGRDN, PatchDiscriminator
+from models.chang_unet import ChangUNet
+from models.losses import (
+    AIRPILoss,
+    CGRDNGeneratorLoss,
+    PtychoNNLoss,
+    illuminated_mask,
+    masked_l1,
+    object_phase,
+    pearson_xc,
+    psnr,
+    relativistic_discriminator_loss,
+)
+from models.ptychonn import PtychoNN
+
+__all__ = ["AIRPILightning", "CGRDNLightning", "ChangLightning", "PtychoNNLightning"]
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (or anything mapping/sequence-like) -> plain dicts/lists for hparams."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _image(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) -> (B, 1, H, W); (B, C, H, W) unchanged."""
+    return x.unsqueeze(1) if x.dim() == 3 else x
+
+
+def as_complex(x: torch.Tensor) -> torch.Tensor:
+    """Complex (B, H, W) unchanged; float (B, 2, H, W) (amplitude, phase) -> complex (B, H, W)."""
+    if x.is_complex():
+        return x
+    if x.dim() != 4 or x.shape[1] != 2:
+        raise ValueError(
+            f"expected a complex (B, H, W) or an amplitude/phase (B, 2, H, W) tensor, got {tuple(x.shape)}"
+        )
+    return torch.polar(x[:, 0].float(), x[:, 1].float())
+
+
+class _NetModule(L.LightningModule):
+    """Shared plumbing: the ``compile`` and ``channels_last`` switches around ``self.net``."""
+
+    net: nn.Module
+
+    def _init_switches(self, compile: bool, channels_last: bool) -> None:
+        self.use_compile = bool(compile)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        # Not an attribute nn.Module tracks: the state dict keeps the plain network's keys.
+        object.__setattr__(self, "_compiled_net", torch.compile(self.net) if self.use_compile else None)
+
+    def run_net(self, x: torch.Tensor) -> Any:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        net = self._compiled_net if self._compiled_net is not None else self.net
+        return net(x)
+
+    def _log_terms(self, stage: str, terms: Mapping[str, torch.Tensor], batch_size: int) -> None:
+        for name, value in terms.items():
+            self.log(f"{stage}/loss_{name}", value.detach(), batch_size=batch_size)
+
+
+class AIRPILightning(_NetModule):
+    """AIRPI training (paper 002): multi-term loss, Adam 5e-4, reduce-on-plateau x0.5 after 3 epochs.
+
+    Parameters
+    ----------
+    net
+        :class:`models.airpi.AIRPINet` arguments.
+    loss
+        :class:`models.losses.AIRPILoss` arguments (weights).
+    lr, betas
+        Adam settings (5e-4; momentum 0.9 = ``betas[0]``).
+    plateau_factor, plateau_patience, monitor
+        ``ReduceLROnPlateau`` on ``monitor`` (``val/loss``), factor 0.5, patience 3 epochs.
+    fine_tune
+        The second stage of 002: the object-phase term gets ``loss.fine_tune_object_weight`` (10).
+    """
+
+    def __init__(
+        self,
+        net: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
+        lr: float = 5e-4,
+        betas: Sequence[float] = (0.9, 0.999),
+        plateau_factor: float = 0.5,
+        plateau_patience: int = 3,
+        monitor: str = "val/loss",
+        fine_tune: bool = False,
+        compile: bool = False,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        net, loss = _plain(net or {}), _plain(loss or {})
+        self.save_hyperparameters(
+            {
+                "net": net,
+                "loss": loss,
+                "lr": lr,
+                "betas": list(betas),
+                "plateau_factor": plateau_factor,
+                "plateau_patience": plateau_patience,
+                "monitor": monitor,
+                "fine_tune": fine_tune,
+                "compile": compile,
+                "channels_last": channels_last,
+            }
+        )
+        self.net = AIRPINet(**net)
+        self.loss = AIRPILoss(**{**loss, "fine_tune": fine_tune})
+        self._init_switches(compile, channels_last)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, 11, H, W) -> (B, 2, H, W) compressed amplitude and phase (see :class:`AIRPINet`)."""
+        return self.run_net(inputs)
+
+    def predict_wave(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Complex real-space exit wave (B, H, W)."""
+        return output_to_wave(self(inputs), self.net.amplitude_exponent)
+
+    @staticmethod
+    def _probe(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if "probe" in batch and batch["probe"] is not None:
+            return as_complex(batch["probe"])
+        inputs = batch["inputs"]
+        return torch.polar(inputs[:, PROBE_AMPLITUDE_CHANNEL].float(), inputs[:, PROBE_PHASE_CHANNEL].float())
+
+    def _step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
+        out = self(batch["inputs"])
+        wave_pred = output_to_wave(out, self.net.amplitude_exponent)
+        wave_true = as_complex(batch["wave"])
+        probe = self._probe(batch)
+        total, terms = self.loss(wave_pred, wave_true, probe, out[:, 1].float())
+        bs = out.shape[0]
+        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=bs)
+        self._log_terms(stage, terms, bs)
+        if stage == "val":
+            mask = illuminated_mask(probe, self.loss.mask_threshold)
+            xc = pearson_xc(
+                object_phase(wave_pred, probe), object_phase(wave_true.to(wave_pred.dtype), probe), mask
+            )
+            self.log("val/xc_object_phase", xc.mean(), prog_bar=True, batch_size=bs)
+        return total
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.predict_wave(batch["inputs"])
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=self.hparams.plateau_factor, patience=self.hparams.plateau_patience
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor, "interval": "epoch"},
+        }
+
+
+class ChangLightning(_NetModule):
+    """Chang U-Net training (paper 001): L1 inside the illuminated area, SGD with lr 1e-4.
+
+    Parameters
+    ----------
+    net
+        :class:`models.chang_unet.ChangUNet` arguments.
+    lr, momentum
+        SGD settings (1e-4; plain SGD, momentum 0, as the paper states "stochastic gradient descent").
+    """
+
+    def __init__(
+        self,
+        net: Mapping[str, Any] | None = None,
+        lr: float = 1e-4,
+        momentum: float = 0.0,
+        compile: bool = False,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        net = _plain(net or {})
+        self.save_hyperparameters(
+            {"net": net, "lr": lr, "momentum": momentum, "compile": compile, "channels_last": channels_last}
+        )
+        self.net = ChangUNet(**net)
+        self._init_switches(compile, channels_last)
+
+    def forward(self, diffraction: torch.Tensor) -> torch.Tensor:
+        """sqrt(intensity) (B, 1, H, W) -> phase (B, 1, H, W)."""
+        return self.run_net(_image(diffraction))
+
+    def _step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
+        pred = self(batch["diffraction"])
+        target = _image(batch["phase"])
+        mask = batch.get("mask")
+        mask = None if mask is None else _image(mask)
+        loss = masked_l1(pred, target, mask)
+        bs = pred.shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs)
+        if stage == "val":
+            self.log("val/xc_phase", pearson_xc(pred, target, mask).mean(), batch_size=bs)
+        return loss
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch["diffraction"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+
+
+class PtychoNNLightning(_NetModule):
+    """PtychoNN training (paper 004): L1 on amplitude and phase, Adam, cyclic lr (triangular2, lr/10..lr).
+
+    Parameters
+    ----------
+    net, loss
+        :class:`models.ptychonn.PtychoNN` and :class:`models.losses.PtychoNNLoss` arguments.
+    lr
+        Adam learning rate and the top of the cycle (1e-3); the bottom is ``lr / 10``.
+    half_cycle_epochs
+        Epochs from the bottom to the top of a cycle (6). The step count per epoch comes from the
+        Trainer (``estimated_stepping_batches / max_epochs``) or, without one, ``steps_per_epoch``.
+    """
+
+    def __init__(
+        self,
+        net: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
+        lr: float = 1e-3,
+        half_cycle_epochs: float = 6.0,
+        steps_per_epoch: int | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        net, loss = _plain(net or {}), _plain(loss or {})
+        self.save_hyperparameters(
+            {
+                "net": net,
+                "loss": loss,
+                "lr": lr,
+                "half_cycle_epochs": half_cycle_epochs,
+                "steps_per_epoch": steps_per_epoch,
+                "compile": compile,
+                "channels_last": channels_last,
+            }
+        )
+        self.net = PtychoNN(**net)
+        self.loss = PtychoNNLoss(**loss)
+        self._init_switches(compile, channels_last)
+
+    def forward(self, diffraction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Diffraction (B, 1, H, W) -> (amplitude, phase), each (B, 1, H, W)."""
+        return self.run_net(_image(diffraction))
+
+    def _step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
+        amplitude, phase = self(batch["diffraction"])
+        amplitude_true, phase_true = _image(batch["amplitude"]), _image(batch["phase"])
+        total, terms = self.loss(amplitude, phase, amplitude_true, phase_true)
+        bs = amplitude.shape[0]
+        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=bs)
+        self._log_terms(stage, terms, bs)
+        if stage == "val":
+            self.log("val/xc_amplitude", pearson_xc(amplitude, amplitude_true).mean(), batch_size=bs)
+            self.log("val/xc_phase", pearson_xc(phase, phase_true).mean(), batch_size=bs)
+        return total
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def predict_step(
+        self, batch: Mapping[str, torch.Tensor], batch_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(batch["diffraction"])
+
+    def _steps_per_epoch(self) -> int:
+        if self.hparams.steps_per_epoch:
+            return int(self.hparams.steps_per_epoch)
+        trainer = self._trainer
+        if trainer is not None and trainer.max_epochs and trainer.max_epochs > 0:
+            try:
+                return max(1, int(trainer.estimated_stepping_batches) // int(trainer.max_epochs))
+            except (RuntimeError, ValueError, TypeError):
+                return 1
+        return 1
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        step_size_up = max(1, math.ceil(self.hparams.half_cycle_epochs * self._steps_per_epoch()))
+        scheduler = torch.optim.lr_scheduler.CyclicLR(
+            optimizer,
+            base_lr=self.hparams.lr / 10,
+            max_lr=self.hparams.lr,
+            step_size_up=step_size_up,
+            mode="triangular2",
+            cycle_momentum=False,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class CGRDNLightning(_NetModule):
+    """CGRDN GAN training (thesis ch.2): generator loss eq. 2.41-2.42, relativistic D loss eq. 2.43.
+
+    Manual optimisation, one discriminator then one generator update per batch (the discriminator is
+    skipped entirely when ``loss.w_adversarial == 0``: then it is plain supervised restoration).
+
+    Parameters
+    ----------
+    net, discriminator, loss
+        :class:`models.cgrdn.CGRDN`, :class:`models.cgrdn.PatchDiscriminator` and
+        :class:`models.losses.CGRDNGeneratorLoss` arguments.
+    lr_g, lr_d, betas
+        Adam settings of the two optimisers (1e-4 each, betas (0.9, 0.999); the thesis does not state
+        them, these are this project's defaults).
+    """
+
+    def __init__(
+        self,
+        net: Mapping[str, Any] | None = None,
+        discriminator: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
+        lr_g: float = 1e-4,
+        lr_d: float = 1e-4,
+        betas: Sequence[float] = (0.9, 0.999),
+        compile: bool = False,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        net, discriminator, loss = _plain(net or {}), _plain(discriminator or {}), _plain(loss or {})
+        self.save_hyperparameters(
+            {
+                "net": net,
+                "discriminator": discriminator,
+                "loss": loss,
+                "lr_g": lr_g,
+                "lr_d": lr_d,
+                "betas": list(betas),
+                "compile": compile,
+                "channels_last": channels_last,
+            }
+        )
+        self.automatic_optimization = False
+        self.net = CGRDN(**net)
+        in_channels = 2 * int(net.get("in_channels", 1))
+        self.discriminator = PatchDiscriminator(**{"in_channels": in_channels, **discriminator})
+        if channels_last:
+            self.discriminator.to(memory_format=torch.channels_last)
+        self.loss = CGRDNGeneratorLoss(**loss)
+        self._init_switches(compile, channels_last)
+
+    def forward(self, distorted: torch.Tensor) -> torch.Tensor:
+        """Distorted (B, 1, H, W) -> restored (B, 1, H, W)."""
+        return self.run_net(_image(distorted))
+
+    def _critic(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x, y = (t.contiguous(memory_format=torch.channels_last) for t in (x, y))
+        return self.discriminator(x, y)
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = _image(batch["distorted"]), _image(batch["clean"])
+        opt_g, opt_d = self.optimizers()
+        bs = x.shape[0]
+        adversarial = self.loss.w_adversarial > 0
+        if adversarial:
+            with torch.no_grad():
+                y_fake = self(x)
+            loss_d = relativistic_discriminator_loss(self._critic(x, y), self._critic(x, y_fake))
+            opt_d.zero_grad()
+            self.manual_backward(loss_d)
+            opt_d.step()
+            self.log("train/loss_d", loss_d.detach(), prog_bar=True, batch_size=bs)
+        y_g = self(x)
+        if adversarial:
+            self.discriminator.requires_grad_(False)
+            loss_g, terms = self.loss(y_g, y, self._critic(x, y), self._critic(x, y_g))
+            self.discriminator.requires_grad_(True)
+        else:
+            loss_g, terms = self.loss(y_g, y)
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.log("train/loss", loss_g.detach(), prog_bar=True, batch_size=bs)
+        self._log_terms("train", terms, bs)
+        return loss_g.detach()
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = _image(batch["distorted"]), _image(batch["clean"])
+        y_g = self(x)
+        loss, terms = self.loss.pixel_loss(y_g, y)
+        bs = x.shape[0]
+        self.log("val/loss", loss, prog_bar=True, batch_size=bs)
+        self._log_terms("val", terms, bs)
+        self.log("val/psnr", psnr(y_g, y).mean(), prog_bar=True, batch_size=bs)
+        self.log("val/psnr_input", psnr(x, y).mean(), batch_size=bs)
+        return loss
+
+    def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch["distorted"])
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        betas = tuple(self.hparams.betas)
+        return [
+            torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr_g, betas=betas),
+            torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.lr_d, betas=betas),
+        ]
