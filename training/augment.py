@@ -17,8 +17,8 @@ Conventions (kernel shards, ARCHITECTURE.md contract 1)
 * ``step_A`` (B,): scan step in Angstrom. Doses are in electrons per CBED.
 
 Pipeline of :class:`AirpiAugmentation` (each step optional, probabilities per sample):
-``no-specimen replacement (3 %) -> centre shift + rotation -> Poisson dose -> Gaussian readout noise ->
-scintillator/PMT noise -> dead/hot pixels -> x^0.1 -> zeta step weights -> standardisation -> probe
+``no-specimen replacement (3 %) -> centre shift + rotation -> Poisson dose -> scintillator/PMT response
+-> Gaussian readout noise -> dead/hot pixels -> x^0.1 -> zeta step weights -> standardisation -> probe
 amplitude and phase channels`` giving the ``(B, 11, K, K)`` float32 network input.
 """
 
@@ -420,14 +420,14 @@ class AirpiAugmentation(nn.Module):
         else:
             dose = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
 
+        if self.pmt_prob > 0:
+            on = rand(generator, b, device=dev, dtype=torch.float64) < self.pmt_prob
+            x = torch.where(_bview(on, x.ndim), pmt_noise(x, self.pmt, generator), x)
+
         if self.readout_prob > 0:
             on = rand(generator, b, device=dev, dtype=torch.float64) < self.readout_prob
             std = uniform_range(generator, b, *self.readout_std_e_range, device=dev) * on
             x = gaussian_readout_noise(x, std, generator)
-
-        if self.pmt_prob > 0:
-            on = rand(generator, b, device=dev, dtype=torch.float64) < self.pmt_prob
-            x = torch.where(_bview(on, x.ndim), pmt_noise(x, self.pmt, generator), x)
 
         if self.defect_prob > 0:
             on = rand(generator, b, device=dev, dtype=torch.float64) < self.defect_prob

@@ -1,0 +1,324 @@
+"""Statistical tests of the AIRPI augmentation and pre-processing (training.augment, paper 002)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from physics import probe as make_probe
+from training.augment import (
+    AirpiAugmentation,
+    PMTParameters,
+    apply_dose,
+    compress_intensity,
+    dead_hot_pixels,
+    draw_no_specimen,
+    gaussian_readout_noise,
+    make_generator,
+    preprocess,
+    probe_intensity,
+    replace_no_specimen,
+    rotate_patterns,
+    shift_patterns,
+    standardise,
+    zeta_weights,
+)
+from training.distortions import uniform_range
+
+K = 64
+
+
+def _blob(k: int, centre: tuple[float, float], sigma: float = 2.5) -> torch.Tensor:
+    x = torch.arange(k, dtype=torch.float64)[:, None]
+    y = torch.arange(k, dtype=torch.float64)[None, :]
+    return torch.exp(-((x - centre[0]) ** 2 + (y - centre[1]) ** 2) / (2 * sigma**2))
+
+
+def _com(pattern: torch.Tensor) -> torch.Tensor:
+    """Centre of mass ``(x, y)`` in pixels over the last two axes."""
+    k1, k2 = pattern.shape[-2:]
+    x = torch.arange(k1, dtype=torch.float64)[:, None]
+    y = torch.arange(k2, dtype=torch.float64)[None, :]
+    p = pattern.double()
+    total = p.sum(dim=(-2, -1))
+    return torch.stack([(p * x).sum(dim=(-2, -1)) / total, (p * y).sum(dim=(-2, -1)) / total], dim=-1)
+
+
+def _kernel_batch(b: int, k: int = K, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A synthetic kernel batch with the shard layout: CBED discs, probe, wave, step, index."""
+    gen = make_generator(seed)
+    pr = torch.from_numpy(make_probe(200e3, 20.0, k, sampling_A=6.4 / k, Cs_A=1e4, dtype=np.complex64))
+    probe_b = pr.expand(b, k, k).clone()
+    disc = probe_intensity(probe_b)
+    cbed = disc[:, None] * (0.5 + torch.rand(b, 9, 1, 1, generator=gen)) + 1e-4 * torch.rand(
+        b, 9, k, k, generator=gen
+    )
+    cbed = (cbed / cbed.sum(dim=(-2, -1), keepdim=True)).float()
+    wave = probe_b * torch.exp(1j * 0.1 * torch.rand(b, k, k, generator=gen))
+    return {
+        "cbed": cbed,
+        "probe": probe_b,
+        "wave": wave.to(torch.complex64),
+        "step_A": 0.02 + 0.3 * torch.rand(b, generator=gen),
+        "index": torch.arange(b) + 100,
+    }
+
+
+# -------------------------------------------------------------------------------- dose
+
+
+@pytest.mark.parametrize("dose_e", [3.0, 300.0, 3e5, 1e9, 3e9])
+def test_poisson_dose_total_counts_mean_and_variance(dose_e: float) -> None:
+    """The total count of a CBED is Poisson(D): mean D and variance D, from tiny to huge doses."""
+    n, k = 12000, 8
+    gen = make_generator(1)
+    cbed = torch.rand(n // 9 + 1, 9, k, k, generator=make_generator(2))[: n // 9]
+    counts = apply_dose(cbed, dose_e, gen).double()
+    assert torch.all(counts == counts.round()) and torch.all(counts >= 0)
+    totals = counts.sum(dim=(-2, -1)).flatten()
+    m = totals.numel()
+    assert abs(float(totals.mean()) - dose_e) < 5 * math.sqrt(dose_e / m)
+    # standard error of the sample variance of Poisson(D): sqrt((mu4 - D^2) / m), mu4 = D (1 + 3 D)
+    se_var = math.sqrt((dose_e * (1 + 3 * dose_e) - dose_e**2) / m)
+    assert abs(float(totals.var()) - dose_e) < 5 * se_var
+
+
+@pytest.mark.parametrize("dose_e", [1e4, 1e9])
+def test_poisson_dose_per_pixel_follows_intensity(dose_e: float) -> None:
+    b, k = 40, 32
+    cbed = 0.1 + torch.rand(b, 9, k, k, generator=make_generator(3))
+    rate = dose_e * cbed.double() / cbed.double().sum(dim=(-2, -1), keepdim=True)
+    counts = apply_dose(cbed, torch.full((b,), dose_e), make_generator(4)).double()
+    z = (counts - rate) / rate.sqrt()
+    n = z.numel()
+    assert abs(float(z.mean())) < 5 / math.sqrt(n)
+    assert abs(float(z.var()) - 1.0) < 5 * math.sqrt(2.0 / n)
+
+
+def test_dose_is_log_uniform_in_the_configured_range() -> None:
+    lo, hi = 3.0, 3e9
+    dose = uniform_range(make_generator(5), 20000, lo, hi, log=True, dtype=torch.float64)
+    assert float(dose.min()) >= lo and float(dose.max()) <= hi
+    u = (torch.log(dose) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    assert stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
+    # the module reports the doses it used, inside the range
+    aug = AirpiAugmentation(no_specimen_prob=0.0)
+    out = aug.augment(**_args(_kernel_batch(16, k=16)), generator=make_generator(6))
+    assert torch.all((out["dose_e"] >= lo * 0.999) & (out["dose_e"] <= hi * 1.001))
+    totals = out["cbed"].double().sum(dim=(-2, -1))
+    assert torch.all(
+        (totals - out["dose_e"].double()[:, None]).abs() < 6 * out["dose_e"].double()[:, None].sqrt() + 1
+    )
+
+
+def _args(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: batch[key] for key in ("cbed", "probe", "wave", "step_A")}
+
+
+# -------------------------------------------------------------------------------- reproducibility
+
+
+def test_seeds_reproduce_exactly_and_differ_across_seeds() -> None:
+    batch = _kernel_batch(6, k=32)
+    aug = AirpiAugmentation(misalignment_prob=0.5, readout_prob=0.5, pmt_prob=0.5, defect_prob=0.5)
+    a = aug.augment(**_args(batch), generator=make_generator(7))
+    b = aug.augment(**_args(batch), generator=make_generator(7))
+    c = aug.augment(**_args(batch), generator=make_generator(8))
+    for key in ("input", "wave", "cbed", "dose_e", "no_specimen"):
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.allclose(a["input"], c["input"])
+    # the module's own training generator: same seed, same stream
+    x = AirpiAugmentation(seed=3)(batch)
+    y = AirpiAugmentation(seed=3)(batch)
+    z = AirpiAugmentation(seed=4)(batch)
+    assert torch.equal(x["input"], y["input"]) and not torch.allclose(x["input"], z["input"])
+
+
+def test_validation_noise_depends_only_on_sample_index() -> None:
+    batch = _kernel_batch(5, k=32)
+    aug = AirpiAugmentation(misalignment_prob=0.5, pmt_prob=0.5, defect_prob=0.5).eval()
+
+    def subset(rows: list[int]) -> dict[str, torch.Tensor]:
+        return {key: value[rows] for key, value in batch.items()}
+
+    full = aug(batch)  # eval mode: deterministic, seeded by batch["index"]
+    again = aug(batch)
+    assert torch.equal(full["input"], again["input"])
+    part = aug(subset([3, 0]))  # other batch composition and order
+    assert torch.equal(part["input"][0], full["input"][3])
+    assert torch.equal(part["input"][1], full["input"][0])
+    assert torch.equal(part["dose_e"], full["dose_e"][[3, 0]])
+    # different indices give different noise for the same pattern
+    other = dict(subset([3, 0]), index=torch.tensor([1, 2]))
+    assert not torch.allclose(aug(other)["input"], part["input"])
+    # training mode is not index-seeded
+    aug.train()
+    assert not torch.equal(aug(batch)["input"], full["input"])
+
+
+# -------------------------------------------------------------------------------- pre-processing
+
+
+def test_zeta_weights_match_eq_10() -> None:
+    step = torch.tensor([0.02, 0.1, 0.33])
+    w = zeta_weights(step)
+    assert w.shape == (3, 9)
+    for i, ds in enumerate(step.tolist()):
+        zeta_xy, zeta_d = 1 / (50 * ds), 1 / (math.sqrt(2 * ds**2) * 50)
+        expected = [zeta_d, zeta_xy, zeta_d, zeta_xy, 1.0, zeta_xy, zeta_d, zeta_xy, zeta_d]
+        assert torch.allclose(w[i], torch.tensor(expected), rtol=1e-6)
+    assert float(zeta_weights(0.1)[0, 1]) == pytest.approx(0.2)
+    assert float(zeta_weights(0.1)[0, 0]) == pytest.approx(0.2 / math.sqrt(2))
+    with pytest.raises(ValueError):
+        zeta_weights(torch.tensor([0.1, 0.0]))
+
+
+def test_intensity_compression_and_preprocessing_formulas() -> None:
+    x = torch.tensor([0.0, 1.0, 1024.0, 1e10, -3.0])
+    assert torch.allclose(compress_intensity(x), torch.tensor([0.0, 1.0, 2.0, 10.0, 0.0]))
+    batch = _kernel_batch(3, k=16)
+    counts = 1000 * batch["cbed"]
+    raw = preprocess(counts, batch["step_A"], batch["probe"], standardise_input=False)
+    expected = counts**0.1 * zeta_weights(batch["step_A"])[:, :, None, None]
+    assert torch.allclose(raw[:, :9], expected, rtol=1e-5)
+    std = preprocess(counts, batch["step_A"], batch["probe"])
+    manual = (expected - expected.mean(dim=(1, 2, 3), keepdim=True)) / expected.std(
+        dim=(1, 2, 3), keepdim=True, correction=0
+    )
+    assert torch.allclose(std[:, :9], manual, atol=1e-5)
+    # per sample over the 9 patterns jointly: mean 0, std 1; the centre pattern keeps the larger weight
+    assert torch.allclose(std[:, :9].mean(dim=(1, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(std[:, :9].std(dim=(1, 2, 3), correction=0), torch.ones(3), atol=1e-5)
+    s = standardise(torch.randn(2, 3, 4, 5) * 7 + 2)
+    assert torch.allclose(s.mean(dim=(1, 2, 3)), torch.zeros(2), atol=1e-5)
+
+
+def test_shapes_dtypes_and_probe_channels() -> None:
+    batch = _kernel_batch(4)
+    out = AirpiAugmentation()(batch)
+    assert out["input"].shape == (4, 11, K, K) and out["input"].dtype == torch.float32
+    assert out["wave"].shape == (4, K, K) and out["wave"].dtype == torch.complex64
+    assert out["cbed"].shape == (4, 9, K, K) and out["dose_e"].shape == (4,)
+    assert out["no_specimen"].dtype == torch.bool
+    assert torch.isfinite(out["input"]).all()
+    assert torch.allclose(out["input"][:, 9], batch["probe"].abs())
+    assert torch.allclose(out["input"][:, 10], batch["probe"].angle())
+    assert torch.equal(out["index"], batch["index"])  # other keys pass through
+
+
+def test_noise_free_pipeline_is_pure_preprocessing() -> None:
+    batch = _kernel_batch(3, k=16)
+    aug = AirpiAugmentation(dose_e_range=None, no_specimen_prob=0.0)
+    out = aug.augment(**_args(batch), generator=make_generator(9))
+    assert torch.equal(out["cbed"], batch["cbed"])
+    assert torch.allclose(out["input"], preprocess(batch["cbed"], batch["step_A"], batch["probe"]))
+    assert torch.isinf(out["dose_e"]).all()
+
+
+# -------------------------------------------------------------------------------- no specimen
+
+
+def test_no_specimen_fraction_is_three_percent() -> None:
+    n, p = 200000, 0.03
+    mask = draw_no_specimen(make_generator(10), n, p)
+    assert abs(float(mask.double().mean()) - p) < 5 * math.sqrt(p * (1 - p) / n)
+    # through the module, with the replacement itself checked
+    b, k = 3000, 8
+    batch = _kernel_batch(b, k=k, seed=1)
+    aug = AirpiAugmentation(dose_e_range=None)
+    out = aug.augment(**_args(batch), generator=make_generator(11))
+    empty = out["no_specimen"]
+    assert abs(float(empty.double().mean()) - p) < 5 * math.sqrt(p * (1 - p) / b)
+    assert torch.equal(out["wave"][empty], batch["probe"][empty].to(torch.complex64))
+    assert torch.equal(out["wave"][~empty], batch["wave"][~empty])
+    disc = probe_intensity(batch["probe"][empty])
+    replaced = out["cbed"][empty]
+    for j in range(9):  # every pattern is the probe intensity, scaled to the sample's total
+        ratio = replaced[:, j].sum(dim=(-2, -1)) / disc.sum(dim=(-2, -1))
+        assert torch.allclose(replaced[:, j], disc * ratio[:, None, None], rtol=1e-4, atol=1e-7)
+    assert torch.equal(out["cbed"][~empty], batch["cbed"][~empty])
+
+
+def test_replace_no_specimen_keeps_the_electron_budget() -> None:
+    batch = _kernel_batch(2, k=16)
+    cbed, wave = replace_no_specimen(
+        batch["cbed"], batch["wave"], batch["probe"], torch.tensor([True, False])
+    )
+    assert torch.allclose(cbed.sum(dim=(-2, -1)), batch["cbed"].sum(dim=(-2, -1)))
+    assert torch.equal(wave[0], batch["probe"][0]) and torch.equal(wave[1], batch["wave"][1])
+
+
+# -------------------------------------------------------------------------------- misalignment
+
+
+def test_centre_shift_moves_centre_of_mass_by_requested_subpixel_amount() -> None:
+    blob = _blob(K, (K // 2, K // 2), sigma=3.0).float()
+    cbed = blob.expand(3, 9, K, K).clone()
+    shift = torch.tensor([[0.3, -0.45], [-1.25, 0.7], [0.0, 0.0]])
+    out = shift_patterns(cbed, shift)
+    moved = _com(out) - _com(cbed)
+    assert torch.allclose(moved, shift[:, None, :].double().expand(3, 9, 2), atol=2e-3)
+    assert torch.allclose(out.sum(dim=(-2, -1)), cbed.sum(dim=(-2, -1)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("angle_deg", [90.0, 30.0, -17.0])
+def test_rotation_preserves_intensity_and_rotates_an_asymmetric_pattern(angle_deg: float) -> None:
+    c = K // 2
+    # asymmetric pattern: a strong blob 12 px along +kx and a weaker one 6 px along +ky
+    pattern = _blob(K, (c + 12, c)) + 0.5 * _blob(K, (c, c + 6))
+    cbed = pattern.float().expand(2, 9, K, K).clone()
+    out = rotate_patterns(cbed, torch.tensor([angle_deg, 0.0]))
+    assert torch.allclose(out.sum(dim=(-2, -1)), cbed.sum(dim=(-2, -1)), rtol=1e-5)
+    assert torch.allclose(out[1], cbed[1], atol=1e-6)  # zero angle: identity
+    t = math.radians(angle_deg)
+
+    def rotated(dx: float, dy: float) -> tuple[float, float]:
+        return c + dx * math.cos(t) - dy * math.sin(t), c + dx * math.sin(t) + dy * math.cos(t)
+
+    expected = _blob(K, rotated(12, 0)) + 0.5 * _blob(K, rotated(0, 6))
+    expected = expected / expected.sum() * pattern.sum()
+    assert torch.allclose(out[0, 4].double(), expected, atol=0.05)  # bilinear interpolation, peak 1
+    com = _com(out[0, 4])
+    ex = _com(expected)
+    assert torch.allclose(com, ex, atol=0.01)
+
+
+# -------------------------------------------------------------------------------- detector
+
+
+def test_readout_noise_and_pmt_statistics_in_the_module() -> None:
+    counts = torch.full((4, 9, 32, 32), 5.0)
+    noisy = gaussian_readout_noise(counts, torch.tensor([0.0, 0.5, 1.0, 2.0]), make_generator(12))
+    assert torch.equal(noisy[0], counts[0])
+    for i, s in enumerate([0.5, 1.0, 2.0], start=1):
+        assert float((noisy[i] - 5.0).std()) == pytest.approx(s, rel=0.05)
+    # the PMT model is the one of training.distortions: at a low dose, peaks at integer electron counts
+    batch = _kernel_batch(64, k=16)
+    aug = AirpiAugmentation(dose_e_range=(300.0, 300.0), no_specimen_prob=0.0, pmt_prob=1.0)
+    out = aug.augment(**_args(batch), generator=make_generator(13))["cbed"]
+    assert float((out.round() - out).abs().max()) > 0.0  # not integer any more
+    assert float(out[out.round() == 1].std()) == pytest.approx(PMTParameters().single_electron_std, rel=0.15)
+
+
+def test_dead_and_hot_pixels() -> None:
+    counts = 10 + torch.rand(3, 9, 64, 64, generator=make_generator(14))
+    out = dead_hot_pixels(
+        counts,
+        torch.tensor([0.0, 0.1, 0.02]),
+        torch.tensor([0.0, 0.05, 0.0]),
+        torch.tensor([3.0, 3.0, 3.0]),
+        make_generator(15),
+    )
+    assert torch.equal(out[0], counts[0])
+    n = 64 * 64
+    dead = out[1] == 0
+    hot = out[1] == 3.0 * counts[1].amax(dim=(-2, -1), keepdim=True)
+    assert torch.equal(dead, dead[:1].expand_as(dead))  # the same defect map for the 9 patterns
+    assert abs(float(dead[0].double().mean()) - 0.1) < 5 * math.sqrt(0.1 * 0.9 / n)
+    assert abs(float(hot[0].double().mean()) - 0.05 * 0.9) < 5 * math.sqrt(0.05 / n)
+    assert torch.equal(out[1][~dead & ~hot], counts[1][~dead & ~hot])
+    assert abs(float((out[2] == 0).double().mean()) - 0.02) < 5 * math.sqrt(0.02 / (9 * n))
