@@ -128,14 +128,14 @@ def test_seeds_reproduce_exactly_and_differ_across_seeds() -> None:
     a = aug.augment(**_args(batch), generator=make_generator(7))
     b = aug.augment(**_args(batch), generator=make_generator(7))
     c = aug.augment(**_args(batch), generator=make_generator(8))
-    for key in ("input", "wave", "cbed", "dose_e", "no_specimen"):
+    for key in ("inputs", "wave", "cbed", "dose_e", "no_specimen"):
         assert torch.equal(a[key], b[key]), key
-    assert not torch.allclose(a["input"], c["input"])
+    assert not torch.allclose(a["inputs"], c["inputs"])
     # the module's own training generator: same seed, same stream
     x = AirpiAugmentation(seed=3)(batch)
     y = AirpiAugmentation(seed=3)(batch)
     z = AirpiAugmentation(seed=4)(batch)
-    assert torch.equal(x["input"], y["input"]) and not torch.allclose(x["input"], z["input"])
+    assert torch.equal(x["inputs"], y["inputs"]) and not torch.allclose(x["inputs"], z["inputs"])
 
 
 def test_validation_noise_depends_only_on_sample_index() -> None:
@@ -147,17 +147,17 @@ def test_validation_noise_depends_only_on_sample_index() -> None:
 
     full = aug(batch)  # eval mode: deterministic, seeded by batch["index"]
     again = aug(batch)
-    assert torch.equal(full["input"], again["input"])
+    assert torch.equal(full["inputs"], again["inputs"])
     part = aug(subset([3, 0]))  # other batch composition and order
-    assert torch.equal(part["input"][0], full["input"][3])
-    assert torch.equal(part["input"][1], full["input"][0])
+    assert torch.equal(part["inputs"][0], full["inputs"][3])
+    assert torch.equal(part["inputs"][1], full["inputs"][0])
     assert torch.equal(part["dose_e"], full["dose_e"][[3, 0]])
     # different indices give different noise for the same pattern
     other = dict(subset([3, 0]), index=torch.tensor([1, 2]))
-    assert not torch.allclose(aug(other)["input"], part["input"])
+    assert not torch.allclose(aug(other)["inputs"], part["inputs"])
     # training mode is not index-seeded
     aug.train()
-    assert not torch.equal(aug(batch)["input"], full["input"])
+    assert not torch.equal(aug(batch)["inputs"], full["inputs"])
 
 
 # -------------------------------------------------------------------------------- pre-processing
@@ -200,13 +200,13 @@ def test_intensity_compression_and_preprocessing_formulas() -> None:
 def test_shapes_dtypes_and_probe_channels() -> None:
     batch = _kernel_batch(4)
     out = AirpiAugmentation()(batch)
-    assert out["input"].shape == (4, 11, K, K) and out["input"].dtype == torch.float32
+    assert out["inputs"].shape == (4, 11, K, K) and out["inputs"].dtype == torch.float32
     assert out["wave"].shape == (4, K, K) and out["wave"].dtype == torch.complex64
     assert out["cbed"].shape == (4, 9, K, K) and out["dose_e"].shape == (4,)
     assert out["no_specimen"].dtype == torch.bool
-    assert torch.isfinite(out["input"]).all()
-    assert torch.allclose(out["input"][:, 9], batch["probe"].abs())
-    assert torch.allclose(out["input"][:, 10], batch["probe"].angle())
+    assert torch.isfinite(out["inputs"]).all()
+    assert torch.allclose(out["inputs"][:, 9], batch["probe"].abs())
+    assert torch.allclose(out["inputs"][:, 10], batch["probe"].angle())
     assert torch.equal(out["index"], batch["index"])  # other keys pass through
 
 
@@ -215,7 +215,7 @@ def test_noise_free_pipeline_is_pure_preprocessing() -> None:
     aug = AirpiAugmentation(dose_e_range=None, no_specimen_prob=0.0)
     out = aug.augment(**_args(batch), generator=make_generator(9))
     assert torch.equal(out["cbed"], batch["cbed"])
-    assert torch.allclose(out["input"], preprocess(batch["cbed"], batch["step_A"], batch["probe"]))
+    assert torch.allclose(out["inputs"], preprocess(batch["cbed"], batch["step_A"], batch["probe"]))
     assert torch.isinf(out["dose_e"]).all()
 
 

@@ -389,7 +389,7 @@ class AirpiAugmentation(nn.Module):
     ) -> dict[str, Tensor]:
         """Apply the pipeline with an explicit generator (one, or one per sample).
 
-        Returns ``input`` (B, 11, K, K) float32, ``wave`` (B, K, K) label (the probe for no-specimen
+        Returns ``inputs`` (B, 11, K, K) float32, ``wave`` (B, K, K) label (the probe for no-specimen
         samples), ``cbed`` (B, 9, K, K) the augmented patterns in electron counts (before
         pre-processing), ``dose_e`` (B,) electrons per CBED (``inf`` when noise free) and
         ``no_specimen`` (B,) bool. Random numbers are drawn in a fixed order, so one seed (or one
@@ -445,7 +445,7 @@ class AirpiAugmentation(nn.Module):
             standardise_input=self.standardise_input,
         )
         return {
-            "input": inputs,
+            "inputs": inputs,
             "wave": wave,
             "cbed": x,
             "dose_e": dose.to(torch.float32),
@@ -464,7 +464,7 @@ class AirpiAugmentation(nn.Module):
         ``deterministic`` (default: ``not self.training``) seeds every sample's noise by its dataset
         ``index`` and ``eval_seed`` (validation/test); otherwise ``generator`` or the module's own
         training generator is used. Returns a new dict: the input keys, with ``cbed`` and ``wave``
-        replaced by their augmented versions, plus ``input``, ``dose_e`` and ``no_specimen``.
+        replaced by their augmented versions, plus ``inputs``, ``dose_e`` and ``no_specimen``.
         """
         cbed = batch["cbed"]
         if deterministic is None:
