@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.signal import fftconvolve
 
 from evaluation.references._common import (
     Reconstruction,
@@ -42,6 +41,16 @@ def centre_of_mass(data: Any, k_pixel_invA: float | Sequence[float], progress: b
         com[rows, :, 0] = np.einsum("abij,i->ab", block, ix, dtype=np.float64) / total
         com[rows, :, 1] = np.einsum("abij,j->ab", block, iy, dtype=np.float64) / total
     return com - com.mean(axis=(0, 1))
+
+
+def fftconvolve(image: np.ndarray, kernel: np.ndarray, mode: str = "same") -> np.ndarray:
+    """Linear 2D convolution by FFT (zero padding), cropped to ``image``'s shape and centred ("same")."""
+    if mode != "same":
+        raise ValueError("fftconvolve: only mode='same' is implemented")
+    shape = (image.shape[0] + kernel.shape[0] - 1, image.shape[1] + kernel.shape[1] - 1)
+    full = np.fft.irfft2(np.fft.rfft2(image, shape) * np.fft.rfft2(kernel, shape), shape)
+    x0, y0 = (kernel.shape[0] - 1) // 2, (kernel.shape[1] - 1) // 2
+    return full[x0 : x0 + image.shape[0], y0 : y0 + image.shape[1]]
 
 
 def _curl_divergence(field: np.ndarray, step_A: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:

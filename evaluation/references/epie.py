@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 from tqdm.auto import trange
 
 from evaluation.references._common import (
@@ -47,6 +46,8 @@ def _prepare_patterns(data: Any, scan_rotation_deg: float, transpose: bool, prog
         if transpose:
             block = np.swapaxes(block, 2, 3)
         if scan_rotation_deg:
+            from scipy import ndimage
+
             block = np.clip(
                 ndimage.rotate(block, scan_rotation_deg, axes=(2, 3), reshape=False, order=1), 0, None
             )
