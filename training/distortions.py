@@ -335,8 +335,10 @@ class PMTParameters:
         """``sigma(x)`` of eq. 2.13 for ``x = counts`` detected electrons, in single-electron units.
 
         The response to ``k`` electrons is the sum of ``k`` independent single-electron responses
-        (the cascade rules eq. 2.3-2.4), so its relative variance scales as ``k * single_electron_std^2``;
-        the optional dark noise adds in quadrature.
+        (the cascade rules eq. 2.3-2.4), so its variance is ``k * single_electron_std^2``; the optional
+        dark noise adds in quadrature. (The thesis' wording "m_c must be scaled accordingly" substitutes
+        ``m_c -> k m_c`` in eq. 2.11 but keeps ``delta_c`` fixed, which adds a constant ``delta_c / m_c``
+        even at ``k = 0``; that reading is ``dark_noise_e = photon_count_std / m_c`` here.)
         """
         var = counts.clamp_min(0) * self.single_electron_std**2 + self.dark_noise_e**2
         return var.sqrt()
