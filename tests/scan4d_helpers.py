@@ -66,8 +66,11 @@ def simulate_scan(
     scan_rotation_deg: float = 0.0,
     dose_per_cbed: float | None = None,
     seed: int = 0,
+    noise_seed: int | None = None,
 ) -> SimulatedScan:
     """Noise-free (or Poisson, ``dose_per_cbed`` electrons) scan of :func:`atom_phase`.
+
+    ``seed`` fixes the object, ``noise_seed`` (default ``seed + 1``) the Poisson noise.
 
     ``scan_rotation_deg`` rotates every CBED by that angle about its centre, so the detector axes are
     rotated relative to the scan: a detector vector ``v_det`` corresponds to the scan-frame vector
@@ -98,7 +101,7 @@ def simulate_scan(
         data = ndimage.rotate(data, -scan_rotation_deg, axes=(2, 3), reshape=False, order=1)
         data = np.clip(data, 0, None).astype(np.float32)
     if dose_per_cbed is not None:
-        rng = np.random.default_rng(seed + 1)
+        rng = np.random.default_rng(seed + 1 if noise_seed is None else noise_seed)
         data = rng.poisson(data * dose_per_cbed).astype(np.float32)
     return SimulatedScan(
         data=data,

@@ -122,9 +122,9 @@ def epie(
         ),
         axis=-1,
     ).reshape(-1, 2)
-    corner = np.floor(positions_px).astype(int)
-    fraction = positions_px - corner
-    subpixel = bool(np.any(fraction > 1e-3))
+    corner = np.rint(positions_px).astype(int)
+    fraction = positions_px - corner  # in [-0.5, 0.5]
+    subpixel = bool(np.any(np.abs(fraction) > 1e-3))
     pad = 1
     size = (corner[:, 0].max() + kx + 2 * pad, corner[:, 1].max() + ky + 2 * pad)
     obj = np.ones(size, dtype=np.complex128)
