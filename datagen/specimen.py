@@ -24,7 +24,7 @@ How the cell is made (``build_specimen``):
 2. Slab: the orthogonal cell is tiled over a square larger than the box, rotated by ``rotation_deg`` about
    the box centre, and cut to the box ``[0, L) x [0, L) x [0, t)``, with L = ``lateral_size_A`` and
    t = ``thickness_A``. The thickness is therefore exact (the slab holds every atomic plane whose height lies
-   in [0, t), starting with a plane of the periodic crystal at z = 0), not rounded to whole repeats.
+   in [0, t), the lowest plane of the repeat at z = 0), not rounded to whole repeats.
 3. Vacuum: the atoms are shifted up by ``vacuum_A`` and the cell is ``L x L x (t + 2 vacuum_A)``, so frozen
    phonon displacements (rms ~0.05 A per axis) never wrap through the periodic z boundary.
 
@@ -307,6 +307,8 @@ def build_specimen(
             reason="strain",
         )
     repeat = np.diag(orthogonal.cell[:]).copy()
+    base = orthogonal.positions.copy()
+    base[:, 2] -= base[:, 2].min()  # the lowest atomic plane of the repeat becomes the entrance surface
 
     # tile the periodic crystal over the square that covers the rotated box, then rotate and cut
     centre = size / 2
@@ -317,7 +319,7 @@ def build_specimen(
     ]
     ranges.append(np.arange(-1, math.ceil(thickness / repeat[2]) + 1))
     shifts = np.stack(np.meshgrid(*ranges, indexing="ij"), -1).reshape(-1, 3) * repeat
-    positions = (orthogonal.positions[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
+    positions = (base[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
     numbers = np.tile(orthogonal.numbers, len(shifts))
 
     angle = math.radians(float(rotation_deg))
