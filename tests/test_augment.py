@@ -123,7 +123,7 @@ def _args(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def test_seeds_reproduce_exactly_and_differ_across_seeds() -> None:
-    batch = _kernel_batch(6, k=32)
+    batch = _kernel_batch(6, k=16)
     aug = AirpiAugmentation(misalignment_prob=0.5, readout_prob=0.5, pmt_prob=0.5, defect_prob=0.5)
     a = aug.augment(**_args(batch), generator=make_generator(7))
     b = aug.augment(**_args(batch), generator=make_generator(7))
@@ -139,7 +139,7 @@ def test_seeds_reproduce_exactly_and_differ_across_seeds() -> None:
 
 
 def test_validation_noise_depends_only_on_sample_index() -> None:
-    batch = _kernel_batch(5, k=32)
+    batch = _kernel_batch(5, k=16)
     aug = AirpiAugmentation(misalignment_prob=0.5, pmt_prob=0.5, defect_prob=0.5).eval()
 
     def subset(rows: list[int]) -> dict[str, torch.Tensor]:
@@ -322,3 +322,31 @@ def test_dead_and_hot_pixels() -> None:
     assert abs(float(hot[0].double().mean()) - 0.05 * 0.9) < 5 * math.sqrt(0.05 / n)
     assert torch.equal(out[1][~dead & ~hot], counts[1][~dead & ~hot])
     assert abs(float((out[2] == 0).double().mean()) - 0.02) < 5 * math.sqrt(0.02 / (9 * n))
+
+
+def test_module_misalignment_moves_patterns_within_the_configured_limits() -> None:
+    b = 64
+    blob = _blob(K, (K // 2 + 5, K // 2 - 3), sigma=3.0).float()
+    batch = _kernel_batch(b, k=K)
+    batch["cbed"] = blob.expand(b, 9, K, K).clone()
+    aug = AirpiAugmentation(
+        dose_e_range=None, no_specimen_prob=0.0, misalignment_prob=1.0, max_shift_px=1.0, max_rotation_deg=0.0
+    )
+    out = aug.augment(**_args(batch), generator=make_generator(16))["cbed"]
+    moved = _com(out) - _com(batch["cbed"])  # (B, 9, 2)
+    assert torch.allclose(moved, moved[:, :1].expand_as(moved), atol=1e-4)  # one shift per sample
+    radius = moved[:, 0].norm(dim=-1)
+    assert float(radius.max()) <= 1.0 + 1e-3 and float(radius.min()) >= 0.0
+    # uniform in the unit disc: E[r] = 2/3, and every sample moved
+    assert float(radius.mean()) == pytest.approx(2 / 3, abs=5 * 0.2357 / math.sqrt(b))
+    assert torch.all(radius > 0)
+    # rotation only: the centre of mass turns about the centre pixel by at most max_rotation_deg
+    aug_rot = AirpiAugmentation(
+        dose_e_range=None, no_specimen_prob=0.0, misalignment_prob=1.0, max_shift_px=0.0, max_rotation_deg=5.0
+    )
+    rot = aug_rot.augment(**_args(batch), generator=make_generator(17))["cbed"]
+    c = _com(rot)[:, 4] - K // 2
+    c0 = _com(batch["cbed"])[:, 4] - K // 2
+    angle = torch.rad2deg(torch.atan2(c[:, 1], c[:, 0]) - torch.atan2(c0[:, 1], c0[:, 0]))
+    assert float(angle.abs().max()) <= 5.0 + 0.05 and float(angle.abs().max()) > 2.5
+    assert torch.allclose(c.norm(dim=-1), c0.norm(dim=-1), atol=0.02)
