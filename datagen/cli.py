@@ -62,20 +62,28 @@ def _structures(cfg: Mapping[str, Any]) -> list:
     source_cfg = cfg.get("source")
     if source_cfg is None:
         raise ConfigError(
-            "source", "no structure source configured (expected the `source` group, e.g. source=bundled)"
+            "source", "no structure source configured (use the `source` group, e.g. source=bundled)"
         )
-    from datagen.sources import load_structures
+    from datagen.sources import StructureSourceError, load_structures
 
     try:
         records = load_structures(source_cfg)
     except ConfigError:
         raise
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError("source", message) from None
+    except (ValueError, KeyError, FileNotFoundError, StructureSourceError) as err:
+        raise _as_config_error(err, "source") from None
     if not records:
         raise ConfigError("source", "the structure source yielded no structures (check its filters)")
     return list(records)
+
+
+def _as_config_error(err: BaseException, default_parameter: str) -> ConfigError:
+    """One-line :class:`ConfigError` from another error (``"source.elements: ..."`` keeps its name)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    head, sep, rest = text.partition(": ")
+    if sep and head.replace(".", "").replace("_", "").isalnum() and head.startswith(default_parameter):
+        return ConfigError(head, rest)
+    return ConfigError(default_parameter, text)
 
 
 class KernelSampleMaker:

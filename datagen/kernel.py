@@ -290,6 +290,7 @@ class KernelSimulator:
             semiangle_cutoff=params.semiangle_mrad,
             Cs=params.Cs_A,
             defocus=params.defocus_A,
+            soft=False,  # hard aperture, as physics.probe: the output probe samples the same disc
         )
         positions = kernel_positions_A(centre_A, params.step_A)
         detectors = [abtem.PixelatedDetector(max_angle=None), abtem.WavesDetector(to_cpu=True)]
@@ -328,7 +329,7 @@ class KernelSimulator:
             gmax_invA=params.gmax_invA,
             defocus_A=params.defocus_A,
             Cs_A=params.Cs_A,
-            soft_aperture=True,
+            soft_aperture=False,
             dtype=np.complex64,
         )
 
@@ -361,7 +362,7 @@ class KernelSimulator:
             sampling_A=grid.sampling_A,
             defocus_A=params.defocus_A,
             Cs_A=params.Cs_A,
-            soft_aperture=True,
+            soft_aperture=False,
             space="reciprocal",
             dtype=np.complex128,
         )
