@@ -8,11 +8,41 @@ reference (sub-pixel) and both are cropped to their common field, with the same 
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter, map_coordinates
 
 from evaluation.align import align
 
-__all__ = ["psnr", "ssim", "xc"]
+__all__ = ["psnr", "resample_to_grid", "ssim", "xc"]
+
+
+def resample_to_grid(
+    image: np.ndarray,
+    pixel_size_A: float | tuple[float, float],
+    origin_A: tuple[float, float],
+    shape: tuple[int, int],
+    target_pixel_size_A: float | tuple[float, float],
+    target_origin_A: tuple[float, float] = (0.0, 0.0),
+    periodic: bool = False,
+) -> np.ndarray:
+    """Sample ``image`` (pixel ``(i, j)`` at ``origin_A + (i, j) * pixel_size_A``) on another grid.
+
+    Used to put a ground truth on a reconstruction's grid. When the target is coarser the image is first
+    smoothed by a Gaussian of half a target pixel (sigma) to avoid aliasing; then linear interpolation.
+    Points outside the image are NaN unless ``periodic``.
+    """
+    source = np.asarray(image, dtype=np.float64)
+    pixel = np.broadcast_to(np.asarray(pixel_size_A, dtype=np.float64), (2,))
+    target = np.broadcast_to(np.asarray(target_pixel_size_A, dtype=np.float64), (2,))
+    sigma = np.maximum(0.5 * target / pixel, 0.0)
+    sigma = np.where(target > pixel, sigma, 0.0)
+    if np.any(sigma > 0):
+        source = gaussian_filter(source, sigma, mode="wrap" if periodic else "nearest")
+    x = (target_origin_A[0] + np.arange(shape[0]) * target[0] - origin_A[0]) / pixel[0]
+    y = (target_origin_A[1] + np.arange(shape[1]) * target[1] - origin_A[1]) / pixel[1]
+    coordinates = np.meshgrid(x, y, indexing="ij")
+    return map_coordinates(
+        source, coordinates, order=1, mode="grid-wrap" if periodic else "constant", cval=np.nan
+    )
 
 
 def _pair(reference: np.ndarray, test: np.ndarray, register: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from evaluation.metrics import psnr, ssim, xc
+from evaluation.metrics import psnr, resample_to_grid, ssim, xc
 from physics import fourier_shift
 
 
@@ -72,3 +72,17 @@ def test_ssim_agrees_with_scikit_image(image):
         image, noisy, data_range=np.ptp(image), gaussian_weights=True, sigma=1.5, use_sample_covariance=False
     )
     assert ssim(image, noisy) == pytest.approx(reference, abs=0.01)
+
+
+def test_resample_to_grid_follows_origin_and_pixel():
+    """A slow plane wave on a fine grid, sampled on a coarser, shifted grid, matches the analytic values."""
+    pixel, period = 0.05, 4.0
+    x = -1.0 + np.arange(200) * pixel  # fine grid starts at -1 A
+    fine = np.sin(2 * np.pi * x / period)[:, None] * np.ones((1, 120))
+    coarse = resample_to_grid(fine, pixel, (-1.0, -0.5), (20, 10), 0.3, (0.25, 0.0))
+    expected = np.sin(2 * np.pi * (0.25 + np.arange(20) * 0.3) / period)
+    # Gaussian anti-aliasing (sigma 0.15 A) damps this frequency by exp(-2 pi^2 sigma^2 / period^2) = 0.97
+    damping = np.exp(-2 * np.pi**2 * 0.15**2 / period**2)
+    np.testing.assert_allclose(coarse[:, 3], damping * expected, atol=5e-3)
+    outside = resample_to_grid(fine, pixel, (-1.0, -0.5), (5, 5), 0.3, (100.0, 0.0))
+    assert np.all(np.isnan(outside))
