@@ -102,16 +102,18 @@ class KernelSampleMaker:
 
         self.space = ParameterSpace(simulation_cfg)
         specimen = dict(simulation_cfg.get("specimen") or {})
-        self.lateral_size_A = float(specimen.get("lateral_size_A", 10.0))
+        self.position_jitter_A = float(specimen.get("position_jitter_A", 6.0))
         self.max_strain = float(specimen.get("max_strain", 0.02))
         self.vacuum_A = float(specimen.get("vacuum_A", 2.0))
         self.max_attempts = int(simulation_cfg.get("max_attempts", 20))
         if self.max_attempts < 1:
             raise ConfigError("simulation.max_attempts", f"must be >= 1, got {self.max_attempts}")
-        if not self.lateral_size_A > 0:
+        if self.position_jitter_A < 0:
             raise ConfigError(
-                "simulation.specimen.lateral_size_A", f"must be positive, got {self.lateral_size_A}"
+                "simulation.specimen.position_jitter_A", f"must be >= 0, got {self.position_jitter_A}"
             )
+        if self.max_strain < 0:
+            raise ConfigError("simulation.specimen.max_strain", f"must be >= 0, got {self.max_strain}")
         self.structures = list(structures)
         self.seed = int(seed)
         self.simulator = KernelSimulator(self.space.settings, device=device, scheduler=scheduler)
@@ -120,31 +122,33 @@ class KernelSampleMaker:
         self._build_specimen = build_specimen
 
     def _specimen(self, drawn: DrawnSample) -> Any:
+        """The slab: the atom window of the simulation box plus the position jitter, so no seam is inside."""
+        from datagen.kernel import plan_grid
+
+        grid = plan_grid(drawn.kernel, self.space.settings)
         record = self.structures[drawn.structure_index]
         return self._build_specimen(
             record.atoms,
             zone_axis=drawn.zone_axis,
             rotation_deg=drawn.rotation_deg,
             thickness_A=drawn.thickness_A,
-            lateral_size_A=self.lateral_size_A,
+            lateral_size_A=grid.atom_window_A + self.position_jitter_A + 0.5,
             max_strain=self.max_strain,
             vacuum_A=self.vacuum_A,
         )
 
     def __call__(self, index: int, rejected: Counter | None = None) -> dict[str, Any]:
-        """The record of sample ``index`` (raises :class:`SampleFailed`)."""
+        """The record of sample ``index`` (raises :class:`SampleFailed`); rejected draws are redrawn."""
+        from datagen.specimen import SpecimenRejected
+
         rng = sample_rng(self.seed, index)
-        try:
-            from datagen.specimen import SpecimenRejected
-        except ImportError:  # pragma: no cover - until datagen.specimen lands
-            SpecimenRejected = ValueError
         last_reason = "no attempt"
         for _ in range(self.max_attempts):
             drawn = self.space.draw(rng, len(self.structures))
             try:
                 specimen = self._specimen(drawn)
             except SpecimenRejected as err:
-                last_reason = _reason(err)
+                last_reason = str(getattr(err, "reason", "") or _reason(err))
                 if rejected is not None:
                     rejected[last_reason] += 1
                 continue
@@ -152,10 +156,13 @@ class KernelSampleMaker:
         raise SampleFailed(f"all {self.max_attempts} draws rejected (last: {last_reason})")
 
     def simulate(self, index: int, drawn: DrawnSample, specimen: Any) -> dict[str, Any]:
-        atoms = specimen.atoms
-        cell = np.asarray(atoms.cell.array)
-        centre = (drawn.position_fraction[0] * cell[0, 0], drawn.position_fraction[1] * cell[1, 1])
-        result = self.simulator.simulate(atoms, drawn.kernel, centre)
+        """Simulate a drawn sample; the centre probe sits within the jitter of the slab centre."""
+        cell = np.asarray(specimen.atoms.cell.array)
+        jitter = self.position_jitter_A
+        centre = tuple(
+            0.5 * cell[axis, axis] + (drawn.position_fraction[axis] - 0.5) * jitter for axis in (0, 1)
+        )
+        result = self.simulator.simulate(specimen.atoms, drawn.kernel, centre)
         record = self.structures[drawn.structure_index]
         k = drawn.kernel
         return {
@@ -168,7 +175,7 @@ class KernelSampleMaker:
             "step_A": k.step_A,
             "Cs_A": k.Cs_A,
             "defocus_A": k.defocus_A,
-            "thickness_A": float(getattr(specimen, "thickness_A", drawn.thickness_A)),
+            "thickness_A": float(specimen.thickness_A),
             "rotation_deg": drawn.rotation_deg,
             "zone_axis": np.asarray(drawn.zone_axis, dtype=np.int32),
             "num_phonons": k.num_phonons,

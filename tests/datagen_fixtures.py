@@ -28,8 +28,15 @@ class SimpleSpecimen:
     strain: float = 0.0
 
 
-class Rejected(ValueError):
-    pass
+def _rejected_base():
+    from datagen.specimen import SpecimenRejected
+
+    return SpecimenRejected
+
+
+class Rejected(_rejected_base()):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "thickness")
 
 
 def structures() -> list[Record]:
