@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 
 import h5py
 import numpy as np
@@ -131,15 +131,43 @@ def test_npy_with_yaml_beside_it(scan, tmp_path):
         load_4dstem(tmp_path / "scan.npy", calibration=other)
 
 
-def test_rosettasciio_formats_need_the_package(tmp_path):
+def test_rosettasciio_formats_need_the_package(tmp_path, monkeypatch):
     path = tmp_path / "scan.mib"
     path.write_bytes(b"not a real file")
-    if importlib.util.find_spec("rsciio") is None:
-        with pytest.raises(ScanError, match="pip install rosettasciio"):
-            load_4dstem(path)
-    else:
-        with pytest.raises(ScanError):
-            load_4dstem(path)
+    for module in ("rsciio", "rsciio.quantumdetector"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if RosettaSciIO were not installed
+    with pytest.raises(ScanError, match="pip install rosettasciio"):
+        load_4dstem(path)
+
+
+def test_rosettasciio_blockfile_round_trip(tmp_path):
+    """A .blo written by RosettaSciIO reads lazily; its cm-calibrated detector needs k_pixel_invA given."""
+    pytest.importorskip("rsciio")
+    from rsciio.blockfile import file_writer
+
+    data = (np.random.default_rng(0).random((5, 6, 16, 16)) * 200).astype(np.uint8)
+    axes = [
+        {"name": "y", "size": 5, "scale": 0.05, "offset": 0.0, "units": "nm", "navigate": True},
+        {"name": "x", "size": 6, "scale": 0.05, "offset": 0.0, "units": "nm", "navigate": True},
+        {"name": "ky", "size": 16, "scale": 0.02, "offset": 0.0, "units": "cm", "navigate": False},
+        {"name": "kx", "size": 16, "scale": 0.02, "offset": 0.0, "units": "cm", "navigate": False},
+    ]
+    signal = {
+        "data": data,
+        "axes": axes,
+        "metadata": {"General": {"title": "test"}, "Signal": {"signal_type": "diffraction"}},
+        "original_metadata": {},
+        "attributes": {"_lazy": False},
+    }
+    path = tmp_path / "scan.blo"
+    file_writer(str(path), signal, show_progressbar=False)
+    with pytest.raises(ScanError, match="missing calibration 'energy_eV'"):
+        load_4dstem(path)
+    scan = load_4dstem(path, energy_eV=200e3, semiangle_mrad=21.0, k_pixel_invA=0.05, progress=False)
+    assert scan.source_format == "RosettaSciIO .blo"
+    assert not isinstance(scan.data, np.ndarray)  # lazy (dask)
+    assert scan.scan_step_A == pytest.approx((0.5, 0.5))  # 0.05 nm
+    np.testing.assert_array_equal(np.asarray(scan.data[1:3]), data[1:3])
 
 
 def test_unknown_and_wrong_files(scan, tmp_path):
@@ -160,6 +188,10 @@ def test_unknown_and_wrong_files(scan, tmp_path):
         handle["data"] = np.zeros((4, 4, 4, 4))
     with pytest.raises(ScanError, match="neither a deepstem"):
         load_4dstem(tmp_path / "plain.h5")
+    # an .emd that is not EMD 1.0 goes to RosettaSciIO's Velox reader (or asks for it)
+    (tmp_path / "plain.h5").rename(tmp_path / "plain.emd")
+    with pytest.raises(ScanError, match="RosettaSciIO"):
+        load_4dstem(tmp_path / "plain.emd")
 
 
 def _array_scan(data: np.ndarray) -> Scan4D:
