@@ -135,3 +135,20 @@ def test_failed_run_keeps_an_existing_output(scan, tmp_path):
     result = _run(tmp_path, "input=scan.npy", "method=icom")
     assert result.returncode != 0
     assert (tmp_path / "scan_icom.h5").read_bytes() == b"earlier result"
+
+
+def test_calibration_override_fills_a_missing_value(scan, tmp_path):
+    calibration = _calibration(scan)
+    del calibration["semiangle_mrad"]
+    _write_npy(tmp_path, scan.data[:8, :8], calibration)
+    result = _run(
+        tmp_path,
+        "input=scan.npy",
+        "method=vadf",
+        "vadf.detector=bf",
+        "calibration_override.semiangle_mrad=20",
+    )
+    assert result.returncode == 0, result.stderr
+    with store.open_checked(tmp_path / "scan_vadf.h5", store.RECON) as handle:
+        assert handle.attrs["info_inner_mrad"] == 0.0 and handle.attrs["info_outer_mrad"] == 20.0
+        assert handle["phase"].shape == (8, 8)
