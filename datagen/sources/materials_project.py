@@ -40,6 +40,7 @@ import logging
 import os
 import sys
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -225,11 +226,13 @@ def _to_entry(doc: Any, cell: str, symprec: float) -> dict[str, Any] | None:
     if cell != "as_is":
         from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-        analyzer = SpacegroupAnalyzer(structure, symprec=symprec)
-        if cell == "conventional":
-            structure = analyzer.get_conventional_standard_structure()
-        else:
-            structure = analyzer.get_primitive_standard_structure()
+        with warnings.catch_warnings():  # spglib 2.x notices about its error handling
+            warnings.simplefilter("ignore", DeprecationWarning)
+            analyzer = SpacegroupAnalyzer(structure, symprec=symprec)
+            if cell == "conventional":
+                structure = analyzer.get_conventional_standard_structure()
+            else:
+                structure = analyzer.get_primitive_standard_structure()
     symmetry = get("symmetry")
     if isinstance(symmetry, Mapping):
         spacegroup = symmetry.get("number")
