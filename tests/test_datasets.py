@@ -13,7 +13,7 @@ from datagen.store import StoreError
 from training.datasets import (
     ChunkBatchSampler,
     KernelDataset,
-    KernelShards,
+    ShardIndex,
     ShardReadError,
     collate_batched,
     split_by_structure,
@@ -66,7 +66,7 @@ def shard_dir(tmp_path):
 
 
 def test_samples_and_batches_carry_the_right_values(shard_dir):
-    shards = KernelShards.open(shard_dir)
+    shards = ShardIndex.open(shard_dir)
     assert len(shards) == 52 and shards.kernel_px == K and shards.chunk == 4
     dataset = KernelDataset(shards)
     sample = dataset[23]
@@ -83,7 +83,7 @@ def test_samples_and_batches_carry_the_right_values(shard_dir):
 
 
 def test_split_by_structure_is_disjoint_complete_and_reproducible(shard_dir):
-    ids = KernelShards.open(shard_dir).source_ids
+    ids = ShardIndex.open(shard_dir).source_ids
     splits = split_by_structure(ids, (0.6, 0.2, 0.2), seed=3)
     sets = {name: set(ids[idx]) for name, idx in splits.items()}
     assert all(sets.values())
@@ -106,7 +106,7 @@ def test_split_by_structure_is_disjoint_complete_and_reproducible(shard_dir):
 
 
 def test_chunk_batches_cover_each_sample_once_and_read_few_runs(shard_dir):
-    dataset = KernelDataset(KernelShards.open(shard_dir))
+    dataset = KernelDataset(ShardIndex.open(shard_dir))
     sampler = ChunkBatchSampler(dataset, batch_size=8, shuffle=True, seed=1)
     batches = list(sampler)
     flat = np.concatenate(batches)
@@ -123,7 +123,7 @@ def test_chunk_batches_cover_each_sample_once_and_read_few_runs(shard_dir):
 
 
 def test_dataloader_with_workers_delivers_every_sample_once(shard_dir):
-    dataset = KernelDataset(KernelShards.open(shard_dir), indices=np.arange(3, 50))
+    dataset = KernelDataset(ShardIndex.open(shard_dir), indices=np.arange(3, 50))
     dataset[0]  # a handle opened in the parent must not be reused by the workers
     loader = DataLoader(
         dataset,
@@ -143,7 +143,7 @@ def test_nan_sample_is_named_with_file_and_index(shard_dir):
     path = shard_dir / "shard-00001-of-00003.h5"
     with h5py.File(path, "a") as f:
         f["cbed"][7, 2, 3, 3] = np.nan
-    dataset = KernelDataset(KernelShards.open(shard_dir))
+    dataset = KernelDataset(ShardIndex.open(shard_dir))
     with pytest.raises(
         ShardReadError, match=r"shard-00001-of-00003\.h5: sample 7 has NaN or inf values in 'cbed'"
     ):
@@ -158,12 +158,12 @@ def test_missing_dataset_and_truncated_shard_are_named(shard_dir):
     with h5py.File(path, "a") as f:
         del f["probe"]
     with pytest.raises(StoreError, match=r"shard-00002-of-00003\.h5: missing dataset\(s\) 'probe'"):
-        KernelShards.open(shard_dir)
+        ShardIndex.open(shard_dir)
     path.unlink()
     write_shard(path, 40, 12, ["mp-6"], chunk=None)
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 3])
     with pytest.raises(StoreError, match=r"shard-00002-of-00003\.h5: truncated"):
-        KernelShards.open(shard_dir)
+        ShardIndex.open(shard_dir)
     with pytest.raises(ShardReadError, match="no such shard file or folder"):
-        KernelShards.open(shard_dir / "empty-folder-that-does-not-exist")
+        ShardIndex.open(shard_dir / "empty-folder-that-does-not-exist")

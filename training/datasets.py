@@ -1,10 +1,10 @@
-"""Datasets over deepstem's HDF5 kernel shards (schema ``deepstem.kernel/1``).
+"""Datasets over deepstem's HDF5 shards: kernels (``deepstem.kernel/1``) and images (``deepstem.image/1``).
 
 Reading is built for many shards and many workers:
 
 * every worker process opens its own h5py handles lazily (a handle never crosses a ``fork``);
 * :class:`ChunkBatchSampler` forms batches from whole, shuffled blocks of consecutive samples, and
-  :meth:`KernelDataset.__getitems__` reads each block with one slice per dataset;
+  :meth:`ShardDataset.__getitems__` reads each block with one slice per dataset;
 * train/val/test splits are made by *structure* (``source_id``), so validation measures
   generalisation to crystals the network has not seen; they are reproducible from the seed.
 
@@ -28,10 +28,13 @@ from torch.utils.data import Dataset, Sampler
 from datagen import store
 
 __all__ = [
+    "IMAGE_FIELDS",
     "KERNEL_FIELDS",
     "ChunkBatchSampler",
+    "ImageDataset",
     "KernelDataset",
-    "KernelShards",
+    "ShardDataset",
+    "ShardIndex",
     "ShardReadError",
     "collate_batched",
     "find_shards",
@@ -40,14 +43,17 @@ __all__ = [
 
 # datasets read for every sample; per-sample scalars become (B,) tensors
 KERNEL_FIELDS = ("cbed", "wave", "probe", "step_A", "energy_eV", "semiangle_mrad", "gmax_invA")
-_FINITE_CHECKED = ("cbed", "wave", "probe")
+IMAGE_FIELDS = ("image", "pixel_size_A")
+_FINITE_CHECKED = ("cbed", "wave", "probe", "image")
 
 
 class ShardReadError(RuntimeError):
     """A shard or one of its samples cannot be used; the message names the file and the index."""
 
 
-def find_shards(location: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+def find_shards(
+    location: str | os.PathLike | Sequence[str | os.PathLike], pattern: str = "shard-*.h5"
+) -> list[Path]:
     """Shard files at ``location``: a folder (its ``shard-*.h5``), a glob, a file, or a list of those."""
     if isinstance(location, str | os.PathLike):
         location = [location]
@@ -55,7 +61,7 @@ def find_shards(location: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     for item in location:
         path = Path(item)
         if path.is_dir():
-            found.extend(sorted(path.glob("shard-*.h5")))
+            found.extend(sorted(path.glob(pattern)))
         elif any(ch in str(item) for ch in "*?["):
             found.extend(Path(p) for p in sorted(glob.glob(str(item))))
         elif path.is_file():
@@ -63,35 +69,55 @@ def find_shards(location: str | os.PathLike | Sequence[str | os.PathLike]) -> li
         else:
             raise ShardReadError(f"{path}: no such shard file or folder")
     if not found:
-        raise ShardReadError(f"{', '.join(map(str, location))}: no kernel shards (shard-*.h5) found")
+        raise ShardReadError(f"{', '.join(map(str, location))}: no shards ({pattern}) found")
     return found
 
 
 @dataclass(frozen=True)
-class KernelShards:
-    """Index of many shards: which global sample lives in which file, and its structure id."""
+class ShardIndex:
+    """Index of many shards of one schema: which global sample lives in which file, and its group id.
+
+    The group id (``source_id`` of kernel shards: the structure) is what splits keep together; shards
+    without one give every sample its own group.
+    """
 
     paths: tuple[Path, ...]
     offsets: np.ndarray  # (num_shards + 1,) global index of each shard's first sample
     source_ids: np.ndarray  # (num_samples,) str
-    chunk: int  # samples per HDF5 chunk of `cbed` (block size for chunk-aligned reads)
-    kernel_px: int
+    chunk: int  # samples per HDF5 chunk of the main dataset (block size for chunk-aligned reads)
+    sample_shape: tuple[int, ...]
+    schema: store.Schema
 
     @classmethod
-    def open(cls, location: str | os.PathLike | Sequence[str | os.PathLike]) -> KernelShards:
+    def open(
+        cls,
+        location: str | os.PathLike | Sequence[str | os.PathLike],
+        schema: store.Schema = store.KERNEL,
+    ) -> ShardIndex:
         paths = find_shards(location)
-        counts, ids, chunks, sizes = [], [], [], set()
+        main = schema.datasets[0]
+        counts, ids, chunks, shapes = [], [], [], set()
         for path in paths:
-            with store.open_checked(path, store.KERNEL) as handle:
-                counts.append(handle["cbed"].shape[0])
-                ids.append(np.asarray([_as_str(s) for s in handle["source_id"][:]], dtype=object))
+            with store.open_checked(path, schema) as handle:
+                n = handle[main].shape[0]
+                counts.append(n)
+                if "source_id" in handle:
+                    ids.append(np.asarray([_as_str(s) for s in handle["source_id"][:]], dtype=object))
+                else:
+                    ids.append(np.asarray([f"{path.name}:{i}" for i in range(n)], dtype=object))
                 # contiguous storage reads any run in one slice: use blocks of 16 samples then
-                chunks.append(handle["cbed"].chunks[0] if handle["cbed"].chunks else 16)
-                sizes.add(handle["cbed"].shape[-1])
-        if len(sizes) > 1:
-            raise ShardReadError(f"shards disagree on the CBED size ({sorted(sizes)} px): {paths[0].parent}")
+                chunks.append(handle[main].chunks[0] if handle[main].chunks else 16)
+                shapes.add(tuple(handle[main].shape[1:]))
+        if len(shapes) > 1:
+            raise ShardReadError(
+                f"shards disagree on the {main!r} shape ({sorted(shapes)}): {paths[0].parent}"
+            )
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return cls(tuple(paths), offsets, np.concatenate(ids), max(chunks), sizes.pop())
+        return cls(tuple(paths), offsets, np.concatenate(ids), max(chunks), shapes.pop(), schema)
+
+    @property
+    def kernel_px(self) -> int:
+        return self.sample_shape[-1]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -144,16 +170,23 @@ def split_by_structure(
     return splits
 
 
-class KernelDataset(Dataset):
-    """Samples of kernel shards as dicts of tensors (one sample, or a batch through ``__getitems__``).
+class ShardDataset(Dataset):
+    """Samples of shards as dicts of tensors (one sample, or a batch through ``__getitems__``).
 
-    Keys: ``cbed`` (9, K, K) float32, ``wave`` and ``probe`` (K, K) complex64, ``step_A``, ``energy_eV``,
-    ``semiangle_mrad``, ``gmax_invA`` float32 scalars and ``index`` (the global sample index, which seeds
-    deterministic validation noise).
+    Kernel shards (:data:`KERNEL_FIELDS`): ``cbed`` (9, K, K) float32, ``wave`` and ``probe`` (K, K)
+    complex64, ``step_A``, ``energy_eV``, ``semiangle_mrad``, ``gmax_invA`` float32 scalars. Image
+    shards (:data:`IMAGE_FIELDS`): ``image`` (H, W) float32 and ``pixel_size_A``. Always ``index``: the
+    global sample index, which seeds deterministic validation noise.
     """
 
-    def __init__(self, shards: KernelShards, indices: np.ndarray | None = None) -> None:
+    fields: tuple[str, ...] = KERNEL_FIELDS
+
+    def __init__(
+        self, shards: ShardIndex, indices: np.ndarray | None = None, fields: Sequence[str] | None = None
+    ) -> None:
         self.shards = shards
+        if fields is not None:
+            self.fields = tuple(fields)
         self.indices = np.arange(len(shards), dtype=np.int64) if indices is None else np.asarray(indices)
         self._handles: dict[int, h5py.File] = {}
         self._pid = os.getpid()
@@ -204,7 +237,7 @@ class KernelDataset(Dataset):
         breaks = np.flatnonzero(np.diff(sorted_local) != 1) + 1
         runs = np.split(sorted_local, breaks)
         result: dict[str, np.ndarray] = {}
-        for key in KERNEL_FIELDS:
+        for key in self.fields:
             try:
                 dataset = handle[key]
                 parts = [dataset[run[0] : run[-1] + 1] for run in runs]
@@ -226,6 +259,18 @@ class KernelDataset(Dataset):
         return result
 
 
+class KernelDataset(ShardDataset):
+    """:class:`ShardDataset` over kernel shards (``deepstem.kernel/1``)."""
+
+    fields = KERNEL_FIELDS
+
+
+class ImageDataset(ShardDataset):
+    """:class:`ShardDataset` over clean-image shards (``deepstem.image/1``) for restoration training."""
+
+    fields = IMAGE_FIELDS
+
+
 def collate_batched(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Collate function for batches that :meth:`KernelDataset.__getitems__` already assembled."""
     return batch
@@ -234,7 +279,7 @@ def collate_batched(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class ChunkBatchSampler(Sampler[list[int]]):
     """Batches made of whole blocks of consecutive samples, shuffled per epoch (chunk-aligned reads).
 
-    Yields *positions* into a :class:`KernelDataset` whose ``indices`` are sorted. Blocks are
+    Yields *positions* into a :class:`ShardDataset` whose ``indices`` are sorted. Blocks are
     ``block_size`` consecutive samples of one shard; with ``shuffle`` the block order (and the order
     of samples in the epoch) is drawn from ``(seed, epoch)``. For distributed training every replica
     takes every ``num_replicas``-th batch.
@@ -242,7 +287,7 @@ class ChunkBatchSampler(Sampler[list[int]]):
 
     def __init__(
         self,
-        dataset: KernelDataset,
+        dataset: ShardDataset,
         batch_size: int,
         block_size: int | None = None,
         shuffle: bool = True,

@@ -1,0 +1,115 @@
+"""DataModules: splits, augmentation on the batch, deterministic evaluation noise, physics of the views."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from datagen import store
+from physics import probe as make_probe
+from tests.test_datasets import write_shard
+from training.datamodules import HaadfDataModule, MultisliceDataModule, StockImagesDataModule, ptychonn_view
+
+
+class _FakeTrainer:
+    def __init__(self, training: bool) -> None:
+        self.training, self.sanity_checking, self.global_rank, self.world_size = training, False, 0, 1
+
+
+@pytest.fixture
+def kernel_dir(tmp_path):
+    for i in range(3):
+        write_shard(tmp_path / f"shard-{i:05d}-of-00003.h5", 20 * i, 20, [f"mp-{i}{j}" for j in range(3)])
+    return tmp_path
+
+
+def test_multislice_airpi_batches_are_augmented_and_split_by_structure(kernel_dir):
+    dm = MultisliceDataModule(
+        kernel_dir, batch_size=8, split=(0.6, 0.2, 0.2), augmentation={"dose_e_range": [1e3, 1e4]}
+    )
+    dm.setup()
+    ids = {name: set(dm.index.source_ids[ds.indices]) for name, ds in dm.datasets.items()}
+    assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"])
+    raw = next(iter(dm.train_dataloader()))
+    dm.trainer = _FakeTrainer(training=True)
+    first = dm.on_after_batch_transfer(dict(raw), 0)
+    second = dm.on_after_batch_transfer(dict(raw), 0)
+    assert first["inputs"].shape == (8, 11, 8, 8) and first["inputs"].dtype == torch.float32
+    assert not torch.equal(first["cbed"], second["cbed"])  # fresh training noise per draw
+    counts = first["cbed"][~first["no_specimen"]]
+    assert torch.all(counts == counts.round()) and counts.sum(dim=(-2, -1)).min() > 500  # Poisson counts
+    dm.trainer = _FakeTrainer(training=False)
+    val = next(iter(dm.val_dataloader()))
+    a, b = dm.on_after_batch_transfer(dict(val), 0), dm.on_after_batch_transfer(dict(val), 0)
+    assert torch.equal(a["inputs"], b["inputs"])  # evaluation noise is seeded by the sample index
+
+
+def test_ptychonn_view_recovers_the_phase_object():
+    n = 32
+    probe = torch.from_numpy(make_probe(200e3, 20.0, n, sampling_A=0.15, defocus_A=20.0))[None]
+    x = torch.arange(n, dtype=torch.float32)
+    phase = 0.4 * torch.sin(2 * torch.pi * x / 8)[:, None] * torch.cos(2 * torch.pi * x / 11)[None, :]
+    wave = probe * torch.polar(0.9 * torch.ones_like(phase), phase)
+    cbed = torch.rand(1, 9, n, n)
+    view = ptychonn_view({"wave": wave, "probe": probe, "index": torch.tensor([0])}, cbed)
+    mask = view["mask"][0, 0]
+    assert mask.sum() > 10
+    torch.testing.assert_close(view["phase"][0, 0][mask], phase[mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        view["amplitude"][0, 0][mask], torch.full_like(phase[mask], 0.9), atol=1e-4, rtol=0
+    )
+    assert torch.all(view["amplitude"][0, 0][~mask] == 1) and torch.all(view["phase"][0, 0][~mask] == 0)
+    assert view["diffraction"].shape == (1, 1, n, n) and view["diffraction"].max() == 1
+
+
+def test_multislice_ptychonn_view_from_shards(kernel_dir):
+    dm = MultisliceDataModule(kernel_dir, view="ptychonn", batch_size=4, split=(0.6, 0.2, 0.2))
+    batch = dm.on_after_batch_transfer(dict(next(iter(dm.val_dataloader()))), 0)
+    assert set(batch) >= {"diffraction", "amplitude", "phase"}
+    assert batch["diffraction"].shape == (4, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"data\.view"):
+        MultisliceDataModule(kernel_dir, view="chang")
+
+
+def test_stock_images_module_draws_fresh_training_and_fixed_validation_batches():
+    dm = StockImagesDataModule(
+        batch_size=4, train_samples=8, val_samples=4, dose_e_range=(1e3, 1e4),
+        image_bank={"photographs": ["camera"], "faces": 2, "textures": 2, "size_px": 64},
+    )  # fmt: skip
+    val = next(iter(dm.val_dataloader()))
+    a, b = dm.on_after_batch_transfer(val, 0), dm.on_after_batch_transfer(val, 0)
+    assert a["diffraction"].shape == a["phase"].shape == a["mask"].shape == (4, 1, 32, 32)
+    assert torch.equal(a["diffraction"], b["diffraction"]) and torch.equal(a["phase"], b["phase"])
+    torch.testing.assert_close(
+        (a["diffraction"] ** 2).sum(dim=(-2, -1)), torch.ones(4, 1)
+    )  # sqrt(counts/total)
+    dm.trainer = _FakeTrainer(training=True)
+    train = next(iter(dm.train_dataloader()))
+    c, d = dm.on_after_batch_transfer(train, 0), dm.on_after_batch_transfer(train, 0)
+    assert not torch.equal(c["phase"], d["phase"])
+    with pytest.raises(ValueError, match="dose_e_range"):
+        StockImagesDataModule(dose_e_range=(10.0, 1.0))
+
+
+def test_haadf_module_pairs_distorted_and_clean_images(tmp_path):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32]
+    for shard in range(2):
+        images = np.stack([
+            sum(np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 4.0) for cx, cy in rng.uniform(4, 28, (6, 2)))
+            for _ in range(10)
+        ]).astype(np.float32)  # fmt: skip
+        store.write(tmp_path / f"shard-{shard:05d}-of-00002.h5", store.IMAGE,
+                    {"image": images, "pixel_size_A": np.full(10, 0.1)})  # fmt: skip
+    distortion = {"dose_e_per_A2_range": [1e3, 1e3], "jitter_prob": 0.0, "fast_scan_prob": 0.0}
+    dm = HaadfDataModule(tmp_path, batch_size=5, split=(0.6, 0.2, 0.2), distortion=distortion)
+    val = next(iter(dm.val_dataloader()))
+    a, b = dm.on_after_batch_transfer(dict(val), 0), dm.on_after_batch_transfer(dict(val), 0)
+    assert a["distorted"].shape == a["clean"].shape == (len(val["index"]), 1, 32, 32)
+    assert torch.equal(a["distorted"], b["distorted"])
+    assert not torch.equal(a["distorted"], a["clean"])
+    # shot noise at 1e3 e/A^2 and 0.1 A pixels (10 e per unit intensity): unbiased, with Poisson spread
+    assert (a["distorted"] - a["clean"]).mean().abs() < 0.05
+    assert h5py.is_hdf5(tmp_path / "shard-00000-of-00002.h5")

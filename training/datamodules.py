@@ -1,0 +1,351 @@
+"""LightningDataModules: one stored dataset serves every dose, because noise is applied in the loader.
+
+Every module hands raw (noise-free) batches to the device and applies its physics-based augmentation in
+``on_after_batch_transfer``, i.e. on the GPU when training on one. Training noise comes from a seeded
+generator; validation and test noise is seeded by the sample index, so a sample always gets the same
+noise. The batches follow the contracts of :mod:`models.lightning`.
+
+* :class:`MultisliceDataModule` (``data=multislice``): kernel shards; ``view="airpi"`` gives the 11-channel
+  AIRPI input and the exit-wave label, ``view="ptychonn"`` the centre CBED and the object patch
+  (amplitude, phase) of the phase-object approximation.
+* :class:`StockImagesDataModule` (``data=stock_images``): the Chang forward model drawing fresh samples
+  on the device; Poisson noise, square root.
+* :class:`HaadfDataModule` (``data=haadf``): clean image shards and (distorted, clean) pairs with the
+  STEM distortion models drawn per sample.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datagen import store
+from training.augment import AirpiAugmentation, apply_dose
+from training.datasets import (
+    ChunkBatchSampler,
+    ImageDataset,
+    KernelDataset,
+    ShardIndex,
+    collate_batched,
+    split_by_structure,
+)
+from training.distortions import StemDistortion, make_generator, per_sample_generators, uniform_range
+
+__all__ = ["HaadfDataModule", "MultisliceDataModule", "StockImagesDataModule", "ptychonn_view"]
+
+
+def _plain(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
+    if mapping is None:
+        return {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(mapping, DictConfig):
+            return OmegaConf.to_container(mapping, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(mapping).items()}
+
+
+def _stage(trainer: Any) -> str:
+    """'train' while fitting a training batch, else 'eval' (validation, test, predict, sanity check,
+    and calls outside a Trainer), which selects the deterministic per-index noise."""
+    if (
+        trainer is not None
+        and getattr(trainer, "training", False)
+        and not getattr(trainer, "sanity_checking", False)
+    ):
+        return "train"
+    return "eval"
+
+
+class _ShardDataModule(L.LightningDataModule):
+    """Shared plumbing: shard index, splits by structure, chunk-aligned loaders with workers."""
+
+    dataset_class: type = KernelDataset
+    schema: store.Schema = store.KERNEL
+
+    def __init__(
+        self,
+        data_dir: str | Sequence[str],
+        batch_size: int = 64,
+        num_workers: int = 0,
+        split: Sequence[float] = (0.8, 0.1, 0.1),
+        seed: int = 0,
+        block_size: int | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.data_dir = data_dir
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.split, self.seed = tuple(split), int(seed)
+        self.block_size, self.pin_memory = block_size, pin_memory
+        self.persistent_workers = persistent_workers and self.num_workers > 0
+        self.index: ShardIndex | None = None
+        self.datasets: dict[str, Dataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.index is not None:
+            return
+        self.index = ShardIndex.open(self.data_dir, self.schema)
+        splits = split_by_structure(self.index.source_ids, self.split, self.seed)
+        self.datasets = {name: self.dataset_class(self.index, np.sort(idx)) for name, idx in splits.items()}
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        dataset = self.datasets[name]
+        trainer = getattr(self, "trainer", None)
+        rank = trainer.global_rank if trainer is not None else 0
+        replicas = trainer.world_size if trainer is not None else 1
+        sampler = ChunkBatchSampler(
+            dataset,
+            self.batch_size,
+            block_size=self.block_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=rank,
+            num_replicas=replicas,
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_batched,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            multiprocessing_context="fork" if self.num_workers > 0 and os.name == "posix" else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def ptychonn_view(
+    batch: Mapping[str, torch.Tensor], counts: torch.Tensor, mask_threshold: float = 0.1
+) -> dict:
+    """PtychoNN's single-CBED view of a kernel batch.
+
+    ``diffraction`` (B, 1, K, K): the centre CBED's counts divided by their maximum (no log, paper 004);
+    ``amplitude`` and ``phase`` (B, 1, K, K): the phase-object approximation ``T = psi_out / psi_in``
+    where ``|psi_in|^2 > mask_threshold * max`` (amplitude clipped to [0, 1]), vacuum (1, 0) elsewhere.
+    """
+    from models.losses import illuminated_mask
+
+    wave, probe = batch["wave"], batch["probe"]
+    mask = illuminated_mask(probe, mask_threshold) > 0
+    ratio = wave / torch.where(mask, probe, torch.ones_like(probe))
+    amplitude = torch.where(mask, ratio.abs().clamp(0, 1), torch.ones_like(ratio.real))
+    phase = torch.where(mask, torch.angle(ratio), torch.zeros_like(ratio.real))
+    centre = counts[:, 4]
+    peak = centre.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    return {
+        "diffraction": (centre / peak)[:, None].float(),
+        "amplitude": amplitude[:, None].float(),
+        "phase": phase[:, None].float(),
+        "mask": mask[:, None],
+        "index": batch["index"],
+    }
+
+
+class MultisliceDataModule(_ShardDataModule):
+    """Kernel shards for AIRPI (``view="airpi"``) and PtychoNN (``view="ptychonn"``).
+
+    ``augmentation``: keyword arguments of :class:`training.augment.AirpiAugmentation` (dose range in
+    electrons per CBED, no-specimen probability, misalignment, detector noise, ...). The PtychoNN view
+    uses its dose range for the centre CBED.
+    """
+
+    dataset_class = KernelDataset
+    schema = store.KERNEL
+
+    def __init__(
+        self,
+        data_dir: str | Sequence[str],
+        view: str = "airpi",
+        augmentation: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(data_dir, **kwargs)
+        if view not in ("airpi", "ptychonn"):
+            raise ValueError(f"data.view must be 'airpi' or 'ptychonn', got {view!r}")
+        self.view = view
+        options = _plain(augmentation)
+        for key in ("dose_e_range", "readout_std_e_range", "dead_fraction_range", "hot_fraction_range",
+                    "hot_level_range"):  # fmt: skip
+            if options.get(key) is not None:
+                options[key] = tuple(options[key])
+        options.setdefault("seed", self.seed)
+        self.augmentation = AirpiAugmentation(**options)
+
+    def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
+        deterministic = _stage(getattr(self, "trainer", None)) != "train"
+        if self.view == "airpi":
+            return self.augmentation(batch, deterministic=deterministic)
+        # PtychoNN: dose on the kernel (centre used), the label is the POA object
+        if deterministic:
+            generator = per_sample_generators(
+                batch["index"], self.augmentation.eval_seed, batch["cbed"].device
+            )
+        else:
+            generator = self.augmentation._generator_for(batch["cbed"].device)
+        counts = batch["cbed"]
+        if self.augmentation.dose_e_range is not None:
+            dose = uniform_range(generator, counts.shape[0], *self.augmentation.dose_e_range, log=True,
+                                 device=counts.device, dtype=torch.float64)  # fmt: skip
+            counts = apply_dose(counts, dose, generator)
+        return ptychonn_view(batch, counts)
+
+
+class HaadfDataModule(_ShardDataModule):
+    """Clean (HA)ADF image shards -> (``distorted``, ``clean``) pairs, distortions drawn per sample.
+
+    ``distortion``: keyword arguments of :class:`training.distortions.StemDistortion`. Images are split
+    per image (they carry no structure id), reproducibly from the seed.
+    """
+
+    dataset_class = ImageDataset
+    schema = store.IMAGE
+
+    def __init__(
+        self, data_dir: str | Sequence[str], distortion: Mapping[str, Any] | None = None, **kwargs: Any
+    ):
+        super().__init__(data_dir, **kwargs)
+        options = _plain(distortion)
+        for key, value in list(options.items()):
+            if key.endswith("_range") and value is not None:
+                options[key] = tuple(value)
+        options.setdefault("seed", self.seed)
+        self.distortion = StemDistortion(**options)
+
+    def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
+        clean = batch["image"].float()
+        pixel = batch["pixel_size_A"].float()
+        if _stage(getattr(self, "trainer", None)) == "train":
+            distorted = self.distortion(clean, pixel)  # the module's own seeded generator
+        else:
+            distorted = self.distortion(clean, pixel, indices=batch["index"])
+        return {"distorted": distorted[:, None], "clean": clean[:, None], "index": batch["index"]}
+
+
+class _SeedDataset(Dataset):
+    """Sample indices only: the samples themselves are drawn on the device from them."""
+
+    def __init__(self, start: int, length: int) -> None:
+        self.start, self.length = int(start), int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, position: int) -> int:
+        return self.start + int(position)
+
+
+class StockImagesDataModule(L.LightningDataModule):
+    """On-the-fly Chang U-Net data (:class:`datagen.stock_images.ChangForwardModel`).
+
+    Each epoch draws ``train_samples`` fresh samples; validation and test sets are fixed (their batches
+    are seeded by their first sample index). The network input is ``sqrt(counts / total)`` of a Poisson
+    pattern with a dose drawn log-uniformly in ``dose_e_range`` electrons per pattern (``None``: noise
+    free), ``phase`` the label patch and ``mask`` the illuminated area.
+    """
+
+    def __init__(
+        self,
+        forward_model: Mapping[str, Any] | None = None,
+        dose_e_range: Sequence[float] | None = (1e3, 1e6),
+        batch_size: int = 16,
+        train_samples: int = 25_000,
+        val_samples: int = 1_000,
+        test_samples: int = 1_000,
+        seed: int = 0,
+        eval_seed: int = 4321,
+        image_bank: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.forward_options = _plain(forward_model)
+        self.bank_options = _plain(image_bank)
+        if dose_e_range is not None and not 0 < dose_e_range[0] <= dose_e_range[1]:
+            raise ValueError(f"data.dose_e_range must be positive and ordered, got {list(dose_e_range)}")
+        self.dose_e_range = None if dose_e_range is None else (float(dose_e_range[0]), float(dose_e_range[1]))
+        self.batch_size = int(batch_size)
+        self.sizes = {"train": int(train_samples), "val": int(val_samples), "test": int(test_samples)}
+        self.seed, self.eval_seed = int(seed), int(eval_seed)
+        self.model = None
+        self._train_generator: torch.Generator | None = None
+        self._epoch_batches = 0
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.model is not None:
+            return
+        from datagen.stock_images import ChangForwardModel, StockImageBank
+
+        options = dict(self.forward_options)
+        for key, value in list(options.items()):
+            if isinstance(value, list):
+                options[key] = tuple(value)
+        bank = StockImageBank.build(
+            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in self.bank_options.items()}
+        )
+        self.model = ChangForwardModel(bank=bank, **options)
+
+    def _loader(self, name: str) -> DataLoader:
+        self.setup()
+        offsets = {"train": 0, "val": 10**9, "test": 2 * 10**9}
+        return DataLoader(_SeedDataset(offsets[name], self.sizes[name]), batch_size=self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def draw(self, indices: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A batch for ``indices`` on their device, random numbers from ``generator`` (CPU)."""
+        self.setup()
+        device = indices.device
+        self.model.to(device)
+        sample = self.model(indices.numel(), generator, device)
+        intensity = sample["diffraction"].to(device)
+        if self.dose_e_range is not None:
+            low, high = (math.log(v) for v in self.dose_e_range)
+            dose = torch.exp(
+                low + (high - low) * torch.rand(indices.numel(), generator=generator, dtype=torch.float64)
+            )
+            noise_generator = make_generator(int(torch.randint(0, 2**62, (1,), generator=generator)), device)
+            counts = apply_dose(intensity, dose.to(device), noise_generator)
+        else:
+            counts = intensity
+        total = counts.flatten(1).sum(1).clamp_min(1e-12)[:, None, None]
+        return {
+            "diffraction": torch.sqrt(counts / total)[:, None].float(),
+            "phase": sample["phase"].to(device)[:, None],
+            "mask": sample["mask"].to(device)[:, None].float(),
+            "index": indices,
+        }
+
+    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> dict:
+        indices = batch
+        if _stage(getattr(self, "trainer", None)) == "train":
+            if self._train_generator is None:
+                self._train_generator = torch.Generator().manual_seed(self.seed)
+            generator = self._train_generator
+        else:
+            generator = torch.Generator().manual_seed(self.eval_seed * 1_000_003 + int(indices[0]))
+        return self.draw(indices, generator)
