@@ -110,9 +110,12 @@ def parse_zone_axis(zone_axis: Sequence[int]) -> tuple[int, int, int]:
 
     Raises ValueError (naming ``zone_axis``) unless it is three integers, not all zero.
     """
-    if isinstance(zone_axis, str | bytes) or not isinstance(zone_axis, Sequence | np.ndarray):
-        raise ValueError(f"zone_axis: expected three integers [u, v, w], got {zone_axis!r}")
-    values = list(zone_axis)
+    try:
+        if isinstance(zone_axis, str | bytes):
+            raise TypeError
+        values = list(zone_axis)  # any sequence: tuple, list, numpy array, OmegaConf ListConfig
+    except TypeError:
+        raise ValueError(f"zone_axis: expected three integers [u, v, w], got {zone_axis!r}") from None
     if len(values) != 3 or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in values):
         raise ValueError(f"zone_axis: expected three integers [u, v, w], got {zone_axis!r}")
     ints = [int(v) for v in values]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk
+from omegaconf import OmegaConf
 from scipy.spatial import cKDTree
 
 from datagen.sources import load_structures
@@ -250,6 +251,7 @@ def test_zone_axis_parsing():
     assert parse_zone_axis([2, 2, 0]) == (1, 1, 0)
     assert parse_zone_axis(np.array([0, 0, -3])) == (0, 0, -1)
     assert all(type(i) is int for i in parse_zone_axis(np.array([1, 2, 3])))
+    assert parse_zone_axis(OmegaConf.create({"axis": [1, 0, 1]}).axis) == (1, 0, 1)  # straight from a config
 
 
 @pytest.mark.parametrize(

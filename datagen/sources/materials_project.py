@@ -6,7 +6,7 @@ Two steps, so that cluster array jobs never query the API (concurrently or at al
 
        export MP_API_KEY=<your key>     # from https://next-gen.materialsproject.org/api
        python scripts/fetch_materials_project.py [source.<key>=<value> ...]
-       # same as: python -m datagen.sources.materials_project [source.<key>=<value> ...]
+       # same as: python -m datagen.sources.fetch [source.<key>=<value> ...]
 
    runs ``MPRester(api_key=$MP_API_KEY, endpoint=...).materials.summary.search(<filters>)`` with the filters
    of ``conf/source/materials_project.yaml`` (plus the overrides, written exactly as for ``datagen.py``) and
@@ -395,7 +395,7 @@ def _load_config(config: str | None, overrides: Sequence[str]) -> dict[str, Any]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line of the fetch step (``python -m datagen.sources.materials_project --help``)."""
+    """Command line of the fetch step (``python -m datagen.sources.fetch --help``)."""
     parser = argparse.ArgumentParser(
         prog="fetch_materials_project",
         description="Fill the Materials Project structure cache once, before datagen jobs read it. "
@@ -420,7 +420,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"{count} structures cached in {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
