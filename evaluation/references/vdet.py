@@ -71,9 +71,10 @@ def virtual_detector(
             f"virtual_detector: no detector pixel between {inner_mrad} and {outer_mrad} mrad "
             f"(the detector records up to {theta_mrad.max():.1f} mrad)"
         )
+    weights = mask.ravel().astype(np.float32)
     image = np.empty((rx, ry))
     for rows, block in iter_scan_rows(data, desc="virtual detector", progress=progress):
-        image[rows] = block[..., mask].sum(axis=-1, dtype=np.float64)
+        image[rows] = block.reshape(*block.shape[:2], -1) @ weights
     return Reconstruction(
         phase=image.astype(np.float32),
         pixel_size_A=pair(scan_step_A, "scan_step_A"),
