@@ -270,13 +270,18 @@ def run(cfg: Any, maker: KernelSampleMaker | None = None) -> RunSummary:
         partial.remove()
     structures = maker.structures if maker is not None else _structures(container)
     if maker is None:
-        maker = KernelSampleMaker(
-            simulation,
-            structures,
-            seed,
-            device=str(container.get("device", "cpu")),
-            scheduler=str(container.get("scheduler", "threads")),
-        )
+        try:
+            maker = KernelSampleMaker(
+                simulation,
+                structures,
+                seed,
+                device=str(container.get("device", "cpu")),
+                scheduler=str(container.get("scheduler", "threads")),
+            )
+        except ConfigError:
+            raise
+        except (ValueError, ImportError) as err:  # device=gpu without CuPy, bad abTEM option
+            raise _as_config_error(err, "device") from None
     try:
         partial.open()
     except ValueError as err:
