@@ -142,7 +142,6 @@ def test_rosettasciio_formats_need_the_package(tmp_path, monkeypatch):
 
 def test_rosettasciio_blockfile_round_trip(tmp_path):
     """A .blo written by RosettaSciIO reads lazily; its cm-calibrated detector needs k_pixel_invA given."""
-    import rsciio  # noqa: F401  (the dev extra installs rosettasciio)
     from rsciio.blockfile import file_writer
 
     data = (np.random.default_rng(0).random((5, 6, 16, 16)) * 200).astype(np.uint8)
