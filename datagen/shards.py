@@ -221,6 +221,16 @@ def write_index(out_dir: str | os.PathLike) -> Path:
     shards finished so far). Returns the path of ``index.json``.
     """
     out_dir = Path(out_dir)
+    # jobs finishing together may each miss the other's shard: rewrite until the listing is stable
+    for _ in range(5):
+        before = sorted(p.name for p in out_dir.glob("shard-*-of-*.h5"))
+        path = _write_index_once(out_dir)
+        if sorted(p.name for p in out_dir.glob("shard-*-of-*.h5")) == before:
+            break
+    return path
+
+
+def _write_index_once(out_dir: Path) -> Path:
     entries = []
     shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
     for path in sorted(out_dir.glob("shard-*-of-*.h5")):
