@@ -19,6 +19,9 @@ Batch contract (dict keys; (B, 1, H, W) and (B, H, W) are both accepted for sing
 * :class:`CGRDNLightning`: ``distorted`` and ``clean`` float (B, 1, H, W), H and W even (256 in the
   thesis).
 
+Each class lists its contract in ``BATCH_KEYS`` / ``OPTIONAL_BATCH_KEYS``; ``check_batch(batch)`` raises
+one clear ``KeyError`` for a wrong model/data pairing (also called at every step).
+
 Logged metrics (stable names): ``train/loss``, ``val/loss`` for all; per-term losses under
 ``train/loss_<term>`` and ``val/loss_<term>``; AIRPI ``val/xc_object_phase``; Chang ``val/xc_phase``;
 PtychoNN ``val/xc_amplitude``, ``val/xc_phase``; CGRDN ``train/loss_d``, ``val/psnr``,
@@ -83,6 +86,24 @@ class _NetModule(L.LightningModule):
     """Shared plumbing: the ``compile`` and ``channels_last`` switches around ``self.net``."""
 
     net: nn.Module
+    #: keys every batch must have (the batch contract), and optional ones
+    BATCH_KEYS: tuple[str, ...] = ()
+    OPTIONAL_BATCH_KEYS: tuple[str, ...] = ()
+
+    @classmethod
+    def check_batch(cls, batch: Mapping[str, Any]) -> None:
+        """Raise one clear ``KeyError`` when ``batch`` misses a contract key (wrong model/data pairing)."""
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"{cls.__name__}: a batch must be a dict with keys {cls.BATCH_KEYS}, got {type(batch)}"
+            )
+        missing = [k for k in cls.BATCH_KEYS if k not in batch]
+        if missing:
+            raise KeyError(
+                f"{cls.__name__}: the batch lacks {missing}; it needs {list(cls.BATCH_KEYS)} (optional "
+                f"{list(cls.OPTIONAL_BATCH_KEYS)}) and has {sorted(batch)}: is the data module the right one "
+                "for this model?"
+            )
 
     def _init_switches(self, compile: bool, channels_last: bool) -> None:
         self.use_compile = bool(compile)
@@ -153,6 +174,9 @@ class AIRPILightning(_NetModule):
         self.loss = AIRPILoss(**{**loss, "fine_tune": fine_tune})
         self._init_switches(compile, channels_last)
 
+    BATCH_KEYS = ("inputs", "wave")
+    OPTIONAL_BATCH_KEYS = ("probe",)
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, 11, H, W) -> (B, 2, H, W) compressed amplitude and phase (see :class:`AIRPINet`)."""
         return self.run_net(inputs)
@@ -169,6 +193,7 @@ class AIRPILightning(_NetModule):
         return torch.polar(inputs[:, PROBE_AMPLITUDE_CHANNEL].float(), inputs[:, PROBE_PHASE_CHANNEL].float())
 
     def _step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
+        self.check_batch(batch)
         out = self(batch["inputs"])
         wave_pred = output_to_wave(out, self.net.amplitude_exponent)
         wave_true = as_complex(batch["wave"])
@@ -232,11 +257,15 @@ class ChangLightning(_NetModule):
         self.net = ChangUNet(**net)
         self._init_switches(compile, channels_last)
 
+    BATCH_KEYS = ("diffraction", "phase")
+    OPTIONAL_BATCH_KEYS = ("mask",)
+
     def forward(self, diffraction: torch.Tensor) -> torch.Tensor:
         """sqrt(intensity) (B, 1, H, W) -> phase (B, 1, H, W)."""
         return self.run_net(_image(diffraction))
 
     def _step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
+        self.check_batch(batch)
         pred = self(batch["diffraction"])
         target = _image(batch["phase"])
         mask = batch.get("mask")
@@ -302,11 +331,14 @@ class PtychoNNLightning(_NetModule):
         self.loss = PtychoNNLoss(**loss)
         self._init_switches(compile, channels_last)
 
+    BATCH_KEYS = ("diffraction", "amplitude", "phase")
+
     def forward(self, diffraction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Diffraction (B, 1, H, W) -> (amplitude, phase), each (B, 1, H, W)."""
         return self.run_net(_image(diffraction))
 
     def _step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
+        self.check_batch(batch)
         amplitude, phase = self(batch["diffraction"])
         amplitude_true, phase_true = _image(batch["amplitude"]), _image(batch["phase"])
         total, terms = self.loss(amplitude, phase, amplitude_true, phase_true)
@@ -404,6 +436,8 @@ class CGRDNLightning(_NetModule):
         self.loss = CGRDNGeneratorLoss(**loss)
         self._init_switches(compile, channels_last)
 
+    BATCH_KEYS = ("distorted", "clean")
+
     def forward(self, distorted: torch.Tensor) -> torch.Tensor:
         """Distorted (B, 1, H, W) -> restored (B, 1, H, W)."""
         return self.run_net(_image(distorted))
@@ -414,6 +448,7 @@ class CGRDNLightning(_NetModule):
         return self.discriminator(x, y)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.check_batch(batch)
         x, y = _image(batch["distorted"]), _image(batch["clean"])
         opt_g, opt_d = self.optimizers()
         bs = x.shape[0]
@@ -441,6 +476,7 @@ class CGRDNLightning(_NetModule):
         return loss_g.detach()
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.check_batch(batch)
         x, y = _image(batch["distorted"]), _image(batch["clean"])
         y_g = self(x)
         loss, terms = self.loss.pixel_loss(y_g, y)

@@ -180,11 +180,12 @@ def _trainer(**kw) -> L.Trainer:
     return L.Trainer(**{**defaults, **kw})
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("name", ["airpi", "chang", "ptychonn", "cgrdn"])
-def test_fast_dev_run(name: str) -> None:
+def test_fast_dev_run(name: str, precision: str) -> None:
     torch.manual_seed(0)
     module = small(name)
-    trainer = _trainer(fast_dev_run=True)
+    trainer = _trainer(fast_dev_run=True, precision=precision)
     trainer.fit(module, train_dataloaders=_loader(name), val_dataloaders=_loader(name, seed=1))
     metrics = trainer.callback_metrics
     assert "train/loss" in metrics and "val/loss" in metrics
@@ -212,6 +213,18 @@ def test_airpi_batch_accepts_amplitude_phase_labels_and_no_probe() -> None:
     trainer = _trainer(fast_dev_run=True)
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
+
+
+def test_wrong_pairing_gives_one_clear_error() -> None:
+    module = small("airpi")
+    loader = _loader("chang")  # Chang batches for the AIRPI module
+    with pytest.raises(KeyError, match=r"lacks \['inputs', 'wave'\].*right one"):
+        _trainer(fast_dev_run=True).fit(module, train_dataloaders=loader)
+    ChangLightning.check_batch(chang_samples(n=1))
+    CGRDNLightning.check_batch(cgrdn_samples(n=1))
+    PtychoNNLightning.check_batch(ptychonn_samples(n=1))
+    with pytest.raises(KeyError, match="amplitude"):
+        PtychoNNLightning.check_batch(chang_samples(n=1))
 
 
 def test_optimizer_settings_match_the_papers() -> None:
