@@ -453,15 +453,13 @@ class CGRDNLightning(_NetModule):
         opt_g, opt_d = self.optimizers()
         bs = x.shape[0]
         adversarial = self.loss.w_adversarial > 0
+        y_g = self(x)  # one generator forward: detached for the D update, attached for the G update
         if adversarial:
-            with torch.no_grad():
-                y_fake = self(x)
-            loss_d = relativistic_discriminator_loss(self._critic(x, y), self._critic(x, y_fake))
+            loss_d = relativistic_discriminator_loss(self._critic(x, y), self._critic(x, y_g.detach()))
             opt_d.zero_grad()
             self.manual_backward(loss_d)
             opt_d.step()
             self.log("train/loss_d", loss_d.detach(), prog_bar=True, batch_size=bs)
-        y_g = self(x)
         if adversarial:
             self.discriminator.requires_grad_(False)
             loss_g, terms = self.loss(y_g, y, self._critic(x, y), self._critic(x, y_g))

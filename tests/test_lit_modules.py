@@ -215,6 +215,16 @@ def test_airpi_batch_accepts_amplitude_phase_labels_and_no_probe() -> None:
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
 
 
+def test_ptychonn_half_cycle_counts_trainer_epochs() -> None:
+    """half_cycle_epochs = 6 with 4 batches per epoch: 24 steps up, 24 down."""
+    module = small("ptychonn", half_cycle_epochs=6)
+    trainer = _trainer(max_epochs=1, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=_loader("ptychonn", n=8, batch_size=2))
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.total_size == 48 and scheduler.step_ratio == 0.5
+    assert trainer.lr_scheduler_configs[0].interval == "step"
+
+
 def test_wrong_pairing_gives_one_clear_error() -> None:
     module = small("airpi")
     loader = _loader("chang")  # Chang batches for the AIRPI module
