@@ -193,6 +193,10 @@ class ParameterSpace:
                 raise ConfigError(
                     f"{path}.numerics.{name}", f"must be positive, got {getattr(self.settings, name)}"
                 )
+        if int(self.settings.min_period_factor) < 1:
+            raise ConfigError(
+                f"{path}.numerics.min_period_factor", f"must be >= 1, got {self.settings.min_period_factor}"
+            )
         if self.settings.max_gpts < 2 * pixels:
             raise ConfigError(f"{path}.numerics.max_gpts", f"must be at least 2 * pixels = {2 * pixels}")
 
