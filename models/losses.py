@@ -109,7 +109,9 @@ class AIRPILoss(nn.Module):
     * The object phase ``phi_obj = arg(psi_out / psi_in)`` counts only pixels with ``|psi_in|^2 > 0.1
       max`` (002 eq. 6); its L2 uses the wrapped difference ``wrap(phi_pred - phi_true)`` (equal to the
       plain difference for ``|difference| < pi``) and the xc is the mask-weighted Pearson coefficient.
-    * eq. 13 is applied as ``(1 - xc) / 2``: 0 for a perfect, 1 for an anti-correlated object phase.
+    * eq. 13 is applied as ``(1 - xc) / 2``: 0 for a perfect, 1 for an anti-correlated object phase (the
+      extracted text of 002 reads ``1 - xc / 2``, which has the same gradient up to a factor 1/2 and a
+      constant offset; the public code uses ``(1 - xc) / 2``).
     * Penalties (002): integrated exit-wave intensity above 1 and predicted phase outside ``+-pi``.
     """
 
