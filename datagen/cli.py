@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,6 +224,9 @@ def _validate_root(cfg: Mapping[str, Any]) -> tuple[int, int, int, int]:
         raise ConfigError("seed", f"must be >= 0, got {seed}")
     if cfg.get("device", "cpu") not in ("cpu", "gpu"):
         raise ConfigError("device", f"must be 'cpu' or 'gpu', got {cfg.get('device')!r}")
+    workers = integer("workers", cfg.get("workers", 1))
+    if workers < 1:
+        raise ConfigError("workers", f"must be >= 1, got {workers}")
     checkpoint = integer("checkpoint_every", cfg.get("checkpoint_every", 8))
     if checkpoint < 1:
         raise ConfigError("checkpoint_every", f"must be >= 1, got {checkpoint}")
@@ -300,19 +303,20 @@ def run(cfg: Any, maker: KernelSampleMaker | None = None) -> RunSummary:
         out_dir,
     )
     checkpoint_every = int(container.get("checkpoint_every", 8))
+    workers = int(container.get("workers", 1))
     pending: list[dict[str, Any]] = []
     progress = _progress(
         total=len(indices), initial=len(done), description=name, enabled=container.get("progress", True)
     )
     try:
-        for index in todo:
-            try:
-                pending.append(maker(index, summary.rejected))
+        for index, record, rejected, error in _results(maker, todo, workers, container, seed):
+            summary.rejected.update(rejected)
+            if error is None:
+                pending.append(record)
                 summary.written += 1
-            except Exception as err:  # a failing sample must not lose the shard's finished samples
-                reason = f"{type(err).__name__}: {_reason(err)}"
-                summary.failed[index] = reason
-                log.error("sample %d (seed %d, index %d) failed: %s", index, seed, index, reason)
+            else:  # a failing sample must not lose the shard's finished samples
+                summary.failed[index] = error
+                log.error("sample %d (seed %d, index %d) failed: %s", index, seed, index, error)
             progress.update(1)
             if len(pending) >= checkpoint_every:
                 partial.save(pending)
@@ -336,6 +340,51 @@ def run(cfg: Any, maker: KernelSampleMaker | None = None) -> RunSummary:
     summary.wall_s = time.perf_counter() - started
     _log_summary(summary)
     return summary
+
+
+Result = tuple[int, "dict[str, Any] | None", Counter, "str | None"]
+_WORKER: KernelSampleMaker | None = None
+
+
+def _attempt(maker: Callable[..., dict[str, Any]], index: int) -> Result:
+    rejected: Counter = Counter()
+    try:
+        return index, maker(index, rejected), rejected, None
+    except Exception as err:  # reported per sample, the shard goes on
+        return index, None, rejected, f"{type(err).__name__}: {_reason(err)}"
+
+
+def _init_worker(container: dict, seed: int) -> None:
+    """Pool initializer: one warm KernelSampleMaker per worker process (abTEM imported, numba compiled)."""
+    global _WORKER
+    logging.basicConfig(level=logging.WARNING)
+    _WORKER = KernelSampleMaker(
+        container.get("simulation") or {},
+        _structures(container),
+        seed,
+        device=str(container.get("device", "cpu")),
+        scheduler="synchronous",  # the processes are the parallelism
+    )
+
+
+def _work(index: int) -> Result:
+    assert _WORKER is not None
+    return _attempt(_WORKER, index)
+
+
+def _results(
+    maker: Callable[..., dict[str, Any]], todo: Sequence[int], workers: int, container: dict, seed: int
+) -> Iterator[Result]:
+    """``(index, record, rejected, error)`` per index: in this process, or from warm worker processes."""
+    if workers <= 1 or len(todo) <= 1:
+        for index in todo:
+            yield _attempt(maker, index)
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no fork of dask/FFTW threads
+    with context.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(container, seed)) as pool:
+        yield from pool.imap_unordered(_work, todo)
 
 
 def json_dumps(value: Any) -> str:

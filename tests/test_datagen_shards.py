@@ -266,3 +266,17 @@ def test_kill_9_mid_shard_then_rerun_gives_the_uninterrupted_samples(tmp_path):
             np.testing.assert_array_equal(resumed[name], expected[name])
     assert np.abs(expected["cbed"]).max() > 0 and len(set(expected["source_id"].tolist())) >= 2
     assert not partial.exists()
+
+
+def test_worker_processes_give_the_same_samples_as_one_process(tmp_path):
+    """workers=2: two warm processes share the shard; the samples are those of a single process."""
+    pool = datagen(tmp_path / "pool", tmp_path / "run1", extra=["workers=2", "simulation.num_samples=4"])
+    single = datagen(tmp_path / "single", tmp_path / "run2", extra=["simulation.num_samples=4"])
+    for proc in (pool, single):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    a = read_shard(tmp_path / "pool" / "shard-00000-of-00001.h5")
+    b = read_shard(tmp_path / "single" / "shard-00000-of-00001.h5")
+    assert a["sample_index"].tolist() == list(range(4))
+    np.testing.assert_allclose(a["cbed"], b["cbed"], rtol=1e-4, atol=1e-6 * b["cbed"].max())
+    np.testing.assert_array_equal(a["seed"], b["seed"])
