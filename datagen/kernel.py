@@ -14,8 +14,9 @@ Conventions (see also ``physics.optics`` and ARCHITECTURE.md, "Kernel training s
   output pixel: each output pixel is the exact area-weighted sum of the simulation's reciprocal pixels
   inside it, so the total is preserved (it is 1 minus what leaves the ``+-gmax`` square).
 * ``wave`` is the coherent phonon mean of the centre position's exit wave, normalised like the CBED
-  (``sum |wave|^2`` is the coherently scattered fraction inside ``+-gmax``), ``probe`` is
-  :func:`physics.probe` on the same grid (``sum |probe|^2 = 1``).
+  (``sum |wave|^2`` is the coherently scattered fraction inside ``+-gmax``), by default referred back
+  to the probe's plane (``wave_plane``); ``probe`` is :func:`physics.probe` on the same grid
+  (``sum |probe|^2 = 1``, hard aperture, the defocus of the sample).
 
 Speed: the simulation cell is not the specimen's supercell but a square box of ``p * L_out`` (integer
 ``p``, the smallest that holds the nine probes with a margin of ``probe_window_diameters`` probe
@@ -36,7 +37,9 @@ from typing import Any
 import numpy as np
 
 from physics import (
+    Grid,
     fft_friendly_size,
+    fresnel_propagator,
     phase_ramp,
     probe,
     probe_diameter_A,
@@ -102,6 +105,10 @@ class SimulationSettings:
     """The box holds 2 steps + this many probe diameters (first Airy zero)."""
     z_margin_A: float = 0.25
     """Vacuum kept above and below the atoms: the exit wave is taken this close to the exit surface."""
+    wave_plane: str = "entrance"
+    """Plane of the ``wave`` label: ``"entrance"`` (the multislice exit wave propagated back by the box
+    height to the probe's focus plane, so that vacuum gives exactly the probe and ``wave / probe`` is the
+    object's effective transmission, as AIRPI's POA stitching assumes) or ``"exit"`` (the exit surface)."""
     min_period_factor: int = 1
     """Smallest p: with p >= 2 every CBED pixel integrates p x p simulated pixels, so the aperture edge is
     area-weighted like a detector pixel; with p = 1 it is point-sampled (the disc's area is then off by
@@ -313,14 +320,16 @@ class KernelSimulator:
         computed = self._abtem.array.ComputableList([patterns, waves]).compute(scheduler=self.scheduler)
         pattern_array = _to_numpy(computed[0].array)
         wave_array = _to_numpy(computed[1].array)
-        cbed, wave = self.resample(pattern_array, wave_array, params, grid, centre)
+        height = float(box.cell[2, 2])
+        back = height if self.settings.wave_plane == "entrance" else 0.0
+        cbed, wave = self.resample(pattern_array, wave_array, params, grid, centre, back_propagate_A=back)
         return KernelResult(
             cbed=cbed,
             wave=wave,
             probe=self.probe(params),
             grid=grid,
             num_atoms=len(box),
-            box_height_A=float(box.cell[2, 2]),
+            box_height_A=height,
         )
 
     def probe(self, params: KernelParameters) -> np.ndarray:
@@ -343,11 +352,13 @@ class KernelSimulator:
         params: KernelParameters,
         grid: SimulationGrid,
         centre_A: Sequence[float],
+        back_propagate_A: float = 0.0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Simulation-grid outputs -> output grid (see the module docstring).
 
         ``patterns`` (9, N, N): abTEM diffraction patterns, centred, summing to 1 in vacuum; ``wave``
-        (N, N): abTEM exit wave (``sum |fft2(wave)|^2 = 1`` in vacuum) of the centre position.
+        (N, N): abTEM exit wave (``sum |fft2(wave)|^2 = 1`` in vacuum) of the centre position, which is
+        propagated back by ``back_propagate_A`` (exact on the sampled frequencies).
         """
         K, N, p = grid.pixels, grid.gpts, grid.period_factor
         if patterns.shape[-2:] != (N, N) or wave.shape != (N, N):
@@ -376,6 +387,9 @@ class KernelSimulator:
             np.array([K // 2, K // 2]) * output_pixel - np.asarray(centre_A, dtype=float)
         ) / output_pixel
         sampled = sampled * phase_ramp((K, K), shift_px)
+        if back_propagate_A:
+            output_grid = Grid.from_gmax(params.gmax_invA, K)
+            sampled = sampled * fresnel_propagator(output_grid, params.energy_eV, -float(back_propagate_A))
         real = np.fft.ifft2(sampled, norm="ortho")
         return cbed.astype(np.float32), real.astype(np.complex64)
 

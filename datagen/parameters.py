@@ -193,6 +193,11 @@ class ParameterSpace:
                 raise ConfigError(
                     f"{path}.numerics.{name}", f"must be positive, got {getattr(self.settings, name)}"
                 )
+        if self.settings.wave_plane not in ("entrance", "exit"):
+            raise ConfigError(
+                f"{path}.numerics.wave_plane",
+                f"must be 'entrance' or 'exit', got {self.settings.wave_plane!r}",
+            )
         if int(self.settings.min_period_factor) < 1:
             raise ConfigError(
                 f"{path}.numerics.min_period_factor", f"must be >= 1, got {self.settings.min_period_factor}"
