@@ -20,7 +20,7 @@ from datagen.parameters import ConfigError, DrawnSample, ParameterSpace, sample_
 from datagen.provenance import config_yaml
 from datagen.shards import PartialShard, assemble_shard, shard_name, shard_range, write_index
 
-__all__ = ["KernelSampleMaker", "RunSummary", "SampleFailed", "run"]
+__all__ = ["KernelSampleMaker", "RunSummary", "SampleFailed", "run", "run_kernel"]
 
 log = logging.getLogger("deepstem.datagen")
 
@@ -244,7 +244,27 @@ def _container(cfg: Any) -> dict:
     return dict(cfg)
 
 
-def run(cfg: Any, maker: KernelSampleMaker | None = None) -> RunSummary:
+def run(cfg: Any, maker: KernelSampleMaker | None = None) -> Any:
+    """`python datagen.py`: the simulation config's ``runner`` does the work (default: :func:`run_kernel`).
+
+    Other simulations plug in without touching this file: their ``conf/simulation/<name>.yaml`` sets
+    ``runner: package.module:function`` (called with the whole config).
+    """
+    container = _container(cfg)
+    runner = str((container.get("simulation") or {}).get("runner", "kernel"))
+    if runner == "kernel":
+        return run_kernel(cfg, maker)
+    import importlib
+
+    module_name, _, function_name = runner.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name or "run")
+    except (ImportError, AttributeError) as err:
+        raise ConfigError("simulation.runner", f"cannot load {runner!r}: {err}") from None
+    return function(cfg)
+
+
+def run_kernel(cfg: Any, maker: KernelSampleMaker | None = None) -> RunSummary:
     """Compute (or resume, or skip) shard ``shard_index`` of ``num_shards``; returns the summary.
 
     ``maker`` may be given to reuse a warm simulator (tests, benchmarks); by default one is built from

@@ -141,3 +141,13 @@ def test_submitit_local_runs_the_shard_array(tmp_path):
 
     index = json.loads((tmp_path / "data" / "index.json").read_text())
     assert index["num_samples"] == 6
+
+
+def test_other_simulations_plug_in_through_their_runner(tmp_path):
+    cfg = OmegaConf.to_container(composed([f"out_dir={tmp_path}"]), resolve=True)
+    cfg["simulation"]["runner"] = "json:dumps"  # any importable callable taking the config
+    assert '"out_dir"' in run(cfg)
+    cfg["simulation"]["runner"] = "datagen.no_such_module:run"
+    with pytest.raises(ConfigError) as info:
+        run(cfg)
+    assert info.value.parameter == "simulation.runner"
