@@ -1,7 +1,11 @@
 """``python reconstruct.py input=SCAN method=...``: one scan in, one ``deepstem.recon/1`` file + PNG out.
 
-Exit codes: 0 done; 1 bad input or a failed reconstruction (one line on stderr, nothing written under
-the output names); 2 a method that is not available.
+Conventional methods (``epie``, ``ssb``, ``icom``, ``ricom``, ``vadf``) run from :mod:`evaluation.references`;
+network methods (``airpi``, ``chang_unet``, ``ptychonn``) load ``ckpt=PATH`` and stitch with
+:mod:`evaluation.stitching`.
+
+Exit codes: 0 done; 1 bad input (scan, calibration, checkpoint of another model, ...) or a failed
+reconstruction (one line on stderr, nothing written under the output names).
 """
 
 from __future__ import annotations
@@ -40,17 +44,29 @@ CONVENTIONAL_METHODS = ("epie", "ssb", "icom", "ricom", "vadf")
 NETWORK_METHODS = ("airpi", "chang_unet", "ptychonn")
 
 
-class _Unavailable(Exception):
-    pass
-
-
 def _params(cfg: DictConfig, method: str) -> dict[str, Any]:
     section = cfg.get(method)
     return dict(OmegaConf.to_container(section, resolve=True)) if section is not None else {}
 
 
-def run_method(scan: Scan4D, method: str, params: dict[str, Any], progress: bool = True) -> Reconstruction:
-    """Run one conventional method on ``scan`` with the parameters of its config section."""
+def run_method(
+    scan: Scan4D,
+    method: str,
+    params: dict[str, Any],
+    progress: bool = True,
+    model: Any = None,
+    device: str = "auto",
+) -> Reconstruction:
+    """Run one method on ``scan`` with the parameters of its config section.
+
+    Network methods need ``model``: a loaded LightningModule or a checkpoint path.
+    """
+    if method in NETWORK_METHODS:
+        from evaluation.stitching import reconstruct_with_network
+
+        if model is None:
+            raise ValueError(f"method {method!r} needs a network checkpoint: give ckpt=PATH")
+        return reconstruct_with_network(scan, method, model, params, device=device, progress=progress)
     common = {
         "scan_step_A": scan.scan_step_A,
         "k_pixel_invA": scan.k_pixel_invA,
@@ -171,14 +187,7 @@ def _error(message: str) -> int:
 def reconstruct_main(cfg: DictConfig) -> int:
     """The body of ``reconstruct.py``; returns the exit code."""
     method = str(cfg.method)
-    if method in NETWORK_METHODS:
-        print(
-            f"deepstem: error: method {method!r} (network reconstruction from a checkpoint) is not available "
-            f"yet; available now: {', '.join(CONVENTIONAL_METHODS)}",
-            file=sys.stderr,
-        )
-        return 2
-    if method not in CONVENTIONAL_METHODS:
+    if method not in CONVENTIONAL_METHODS + NETWORK_METHODS:
         return _error(
             f"unknown method {method!r}; choose one of {', '.join(CONVENTIONAL_METHODS + NETWORK_METHODS)}"
         )
@@ -195,11 +204,19 @@ def reconstruct_main(cfg: DictConfig) -> int:
     overrides = {k: v for k, v in dict(cfg.get("calibration_override") or {}).items() if v is not None}
     calibration = to_absolute_path(str(cfg.calibration)) if cfg.get("calibration") else None
     progress = bool(cfg.get("progress", True))
+    device = str(cfg.get("device", "auto"))
+    model = None
     scan = None
     try:
+        if method in NETWORK_METHODS:
+            from evaluation.stitching import load_network
+
+            if not cfg.get("ckpt"):
+                return _error(f"method {method!r} needs a network checkpoint: give ckpt=PATH")
+            model = load_network(to_absolute_path(str(cfg.ckpt)), method, device)
         scan = load_4dstem(input_path, calibration, progress=progress, **overrides)
         start = time.perf_counter()
-        result = run_method(scan, method, _params(cfg, method), progress=progress)
+        result = run_method(scan, method, _params(cfg, method), progress=progress, model=model, device=device)
         elapsed = time.perf_counter() - start
         num_patterns = scan.num_positions
         patterns_per_s = num_patterns / max(elapsed, 1e-9)
@@ -213,7 +230,7 @@ def reconstruct_main(cfg: DictConfig) -> int:
             config=cfg,
             overwrite=bool(cfg.get("overwrite", True)),
         )
-    except (ScanError, store.StoreError, ValueError, OSError) as err:
+    except (ScanError, store.StoreError, ValueError, OSError, RuntimeError) as err:
         return _error(str(err))
     finally:
         if scan is not None:

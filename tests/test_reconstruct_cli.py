@@ -82,11 +82,12 @@ def test_output_name_and_method_parameters(scan, tmp_path):
     assert (tmp_path / "out" / "epie.png").is_file()
 
 
-def test_network_method_is_not_available_yet(scan, tmp_path):
+def test_network_method_without_a_checkpoint_file_is_one_clear_error(scan, tmp_path):
     save_4dstem(tmp_path / "scan.h5", scan.data, **_calibration(scan))
     result = _run(tmp_path, "input=scan.h5", "method=airpi", "ckpt=model.ckpt")
     assert result.returncode != 0
-    assert "not available yet" in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no such checkpoint file" in lines[0], result.stderr
     assert not _outputs(tmp_path)
 
 
