@@ -1,4 +1,4 @@
-"""`python evaluate.py`: evaluation (config: conf/evaluate.yaml)."""
+"""`python evaluate.py [suite=...]`: benchmark suite (config: conf/evaluate.yaml, conf/suite/)."""
 
 import sys
 
@@ -8,7 +8,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    sys.exit("deepstem: evaluation is not available yet (issue #7 is open); nothing was run.")
+    from evaluation.suite import evaluate_main
+
+    sys.exit(evaluate_main(cfg))
 
 
 if __name__ == "__main__":
