@@ -1,4 +1,4 @@
-"""`python train.py`: training (config: conf/train.yaml)."""
+"""`python train.py model=airpi data=multislice`: train one of the four networks (conf/train.yaml)."""
 
 import sys
 
@@ -7,8 +7,13 @@ from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    sys.exit("deepstem: training is not available yet (issue #6 is open); nothing was run.")
+def main(cfg: DictConfig) -> float | None:
+    from training.cli import ConfigError, run
+
+    try:
+        return run(cfg)
+    except ConfigError as err:
+        sys.exit(str(err))
 
 
 if __name__ == "__main__":

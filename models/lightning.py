@@ -105,6 +105,10 @@ class _NetModule(L.LightningModule):
                 "for this model?"
             )
 
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The validation computation on the test split, logged under ``test/...``."""
+        return self._step(batch, "test")  # type: ignore[attr-defined]  (each module defines _step)
+
     def _init_switches(self, compile: bool, channels_last: bool) -> None:
         self.use_compile = bool(compile)
         self.channels_last = bool(channels_last)
@@ -473,17 +477,20 @@ class CGRDNLightning(_NetModule):
         self._log_terms("train", terms, bs)
         return loss_g.detach()
 
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def _step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
         self.check_batch(batch)
         x, y = _image(batch["distorted"]), _image(batch["clean"])
         y_g = self(x)
         loss, terms = self.loss.pixel_loss(y_g, y)
         bs = x.shape[0]
-        self.log("val/loss", loss, prog_bar=True, batch_size=bs)
-        self._log_terms("val", terms, bs)
-        self.log("val/psnr", psnr(y_g, y).mean(), prog_bar=True, batch_size=bs)
-        self.log("val/psnr_input", psnr(x, y).mean(), batch_size=bs)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs)
+        self._log_terms(stage, terms, bs)
+        self.log(f"{stage}/psnr", psnr(y_g, y).mean(), prog_bar=True, batch_size=bs)
+        self.log(f"{stage}/psnr_input", psnr(x, y).mean(), batch_size=bs)
         return loss
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
 
     def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self(batch["distorted"])

@@ -20,15 +20,21 @@ def test_root_config_composes(name):
     assert (ROOT / f"{name}.py").is_file()
 
 
-@pytest.mark.parametrize("script", ["train.py"])
-def test_unfinished_entry_points_exit_non_zero_without_output(script, tmp_path):
+def test_train_without_data_exits_with_one_line_naming_the_folder(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / script), f"hydra.run.dir={tmp_path}/run"],
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"hydra.run.dir={tmp_path}/run",
+            f"paths.data_dir={tmp_path}/none",
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=300,
     )
     assert result.returncode != 0
-    assert "not available yet" in result.stderr
-    assert not list(tmp_path.glob("**/*.h5"))
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: ") and f"{tmp_path}/none/kernel" in last and "datagen.py" in last
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("**/*.ckpt"))

@@ -399,7 +399,7 @@ EXPECTED_COUNTS = {"airpi": 2_129_028, "chang_unet": 9_437_891, "ptychonn": 1_15
 @pytest.mark.parametrize("name", sorted(EXPECTED_COUNTS))
 def test_config_instantiates_with_expected_parameter_count(name: str) -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"+model={name}"])
+        cfg = compose(config_name="train", overrides=[f"model={name}"])
     module = instantiate(cfg.model)
     assert isinstance(module, L.LightningModule)
     assert sum(p.numel() for p in module.net.parameters()) == EXPECTED_COUNTS[name]

@@ -191,6 +191,14 @@ class MultisliceDataModule(_ShardDataModule):
         options.setdefault("seed", self.seed)
         self.augmentation = AirpiAugmentation(**options)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Training-noise generator states, saved in checkpoints so that a resumed run continues exactly."""
+        return {"generators": {device: g.get_state() for device, g in self.augmentation._generators.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for device, generator_state in state.get("generators", {}).items():
+            self.augmentation._generator_for(torch.device(device)).set_state(generator_state)
+
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
         deterministic = _stage(getattr(self, "trainer", None)) != "train"
         if self.view == "airpi":
@@ -230,6 +238,13 @@ class HaadfDataModule(_ShardDataModule):
                 options[key] = tuple(value)
         options.setdefault("seed", self.seed)
         self.distortion = StemDistortion(**options)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generators": {device: g.get_state() for device, g in self.distortion._generators.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for device, generator_state in state.get("generators", {}).items():
+            self.distortion._generator_for(torch.device(device)).set_state(generator_state)
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
         clean = batch["image"].float()
@@ -339,6 +354,14 @@ class StockImagesDataModule(L.LightningDataModule):
             "mask": sample["mask"].to(device)[:, None].float(),
             "index": indices,
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": None if self._train_generator is None else self._train_generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("generator") is not None:
+            self._train_generator = torch.Generator()
+            self._train_generator.set_state(state["generator"])
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> dict:
         indices = batch

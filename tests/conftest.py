@@ -1,0 +1,22 @@
+"""Shared test settings."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# W&B never goes online from the test suite, and never sees a real key
+os.environ["WANDB_MODE"] = "offline"
+os.environ.pop("WANDB_API_KEY", None)
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Small convolutions on a shared 2-core CPU run several times faster on one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

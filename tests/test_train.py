@@ -1,0 +1,152 @@
+"""`train.py` through the real configs: every model with its data, pairing errors, W&B offline, resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from datagen import store
+from tests.test_datasets import write_shard
+from training.cli import ConfigError, check_pairing, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_BANK = ["data.image_bank.photographs=[camera]", "data.image_bank.faces=2", "data.image_bank.textures=2",
+              "data.image_bank.size_px=64"]  # fmt: skip
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "kernel").mkdir()
+    for i in range(3):
+        write_shard(
+            root / "kernel" / f"shard-{i:05d}-of-00003.h5", 12 * i, 12, [f"mp-{i}{j}" for j in range(2)]
+        )
+    (root / "haadf").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        images = {"image": rng.random((6, 32, 32), dtype=np.float32), "pixel_size_A": np.full(6, 0.2)}
+        store.write(root / "haadf" / f"shard-{i:05d}-of-00002.h5", store.IMAGE, images)
+    return root
+
+
+def common(tmp_path, data_root) -> list[str]:
+    return [
+        f"paths.output_dir={tmp_path}",
+        f"paths.data_dir={data_root}",
+        "logger=csv",
+        "+trainer.fast_dev_run=true",
+    ]
+
+
+@pytest.mark.parametrize(
+    "model, data, extra",
+    [
+        ("airpi", "multislice", ["model.net.filters=8", "data.batch_size=4", "data.num_workers=0"]),
+        ("ptychonn", "multislice", ["data.batch_size=4", "data.num_workers=0"]),
+        ("chang_unet", "stock_images", ["data.batch_size=4", *SMALL_BANK]),
+        ("cgrdn", "haadf", ["data.batch_size=2", "data.num_workers=0"]),
+    ],
+)
+def test_every_model_runs_fast_dev_run_with_its_data(model, data, extra, tmp_path, data_root):
+    cfg = compose_train([f"model={model}", f"data={data}", *common(tmp_path, data_root), *extra])
+    metrics = train(cfg)
+    assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["val/loss"])
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.yaml").is_file()
+    assert list((tmp_path / "figures").glob("val_epoch_*.png"))  # predictions vs labels figure
+
+
+def test_wrong_pairings_get_one_clear_error(tmp_path, data_root):
+    with pytest.raises(
+        ConfigError, match="model=chang_unet trains on data=stock_images, not data=multislice"
+    ):
+        check_pairing(compose_train(["model=chang_unet", "data=multislice", *common(tmp_path, data_root)]))
+    with pytest.raises(ConfigError, match=r"data\.view=airpi does not fit model=ptychonn"):
+        check_pairing(compose_train(["model=ptychonn", "data=multislice", "data.view=airpi"]))
+    cfg = compose_train(["model=ptychonn", "data=multislice"])
+    check_pairing(cfg)
+    assert cfg.data.view == "ptychonn"
+    command = [sys.executable, str(ROOT / "train.py"), "model=cgrdn", "data=stock_images"]
+    result = subprocess.run(
+        [*command, f"hydra.run.dir={tmp_path}/r"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "train.py: model=cgrdn trains on data=haadf, not data=stock_images"
+    )
+
+
+def test_wandb_offline_run_holds_metrics_and_images_but_no_secret(tmp_path, data_root, monkeypatch):
+    secret = "mp-secret-0123456789abcdef"
+    monkeypatch.setenv("MP_API_KEY", secret)
+    overrides = [f"paths.output_dir={tmp_path}", f"paths.data_dir={data_root}", "logger=wandb",
+                 "model.net.filters=8", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1",
+                 "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false",
+                 f"+notes={secret}"]  # fmt: skip
+    train(compose_train(overrides))
+    import wandb
+
+    wandb.teardown()  # the wandb service writes the run file; in-process, wait for it as process exit would
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for metric in (b"train/loss", b"val/xc_object_phase", b"val/predictions"):  # logged, not config text
+        assert metric in record
+    assert list(runs[0].glob("files/media/images/**/*.png"))
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"secret leaked into {path}"
+
+
+def test_resume_from_last_checkpoint_is_exact(tmp_path, data_root):
+    base = [f"paths.data_dir={data_root}", "logger=csv", "data.num_workers=0", "model=ptychonn",
+            "data=multislice", "data.batch_size=4", "test=false", "callbacks.prediction_images=null",
+            "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]  # fmt: skip
+    straight = train(compose_train([*base, f"paths.output_dir={tmp_path}/a", "trainer.max_epochs=2"]))
+    train(compose_train([*base, f"paths.output_dir={tmp_path}/b", "trainer.max_epochs=1"]))
+    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    resumed = train(compose_train([*base, f"paths.output_dir={tmp_path}/c", "trainer.max_epochs=2",
+                                   f"ckpt_path={last}"]))  # fmt: skip
+    weights_a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    weights_c = torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_c[key], rtol=0, atol=0)
+    assert straight["val/loss"] == resumed["val/loss"]
+
+
+def test_init_from_loads_weights_and_rejects_another_model(tmp_path, data_root):
+    base = [f"paths.data_dir={data_root}", "logger=csv", "data.num_workers=0", "data.batch_size=4",
+            "test=false", "trainer.max_epochs=1", "+trainer.limit_train_batches=1",
+            "+trainer.limit_val_batches=1"]  # fmt: skip
+    train(compose_train([*base, "model=ptychonn", f"paths.output_dir={tmp_path}/p"]))
+    checkpoint = tmp_path / "p" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match="holds weights of another model"):
+        train(compose_train([*base, "model=airpi", "model.net.filters=8", f"paths.output_dir={tmp_path}/a",
+                             f"init_from={checkpoint}"]))  # fmt: skip
+    metrics = train(compose_train([*base, "model=ptychonn", f"paths.output_dir={tmp_path}/q",
+                                   f"init_from={checkpoint}", "test=true"]))  # fmt: skip
+    assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["test/loss"])
+
+
+@pytest.mark.slow
+def test_optuna_sweep_runs_trials_and_reports_the_metric(tmp_path, data_root):
+    command = [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=optuna", "model=ptychonn",
+               f"paths.data_dir={data_root}", "logger=csv", "data.num_workers=0", "trainer.max_epochs=1",
+               "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "hydra.sweeper.n_trials=2",
+               "hydra.sweeper.sampler.n_startup_trials=2", f"hydra.sweep.dir={tmp_path}/sweep"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    optimization = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
+    assert "best_value" in optimization and "model.lr" in optimization

@@ -1,0 +1,175 @@
+"""Callbacks: example predictions as figures, logged to every logger and saved beside the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+__all__ = ["PredictionImages", "RandomStateCheckpoint", "prediction_panels"]
+
+
+def _first(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    return {k: (v[:n].detach() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _squeeze(x: torch.Tensor) -> torch.Tensor:
+    return x[:, 0] if x.dim() == 4 and x.shape[1] == 1 else x
+
+
+@torch.no_grad()
+def prediction_panels(module: L.LightningModule, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Named (B, H, W) panels of inputs, predictions and labels for the module's kind of model."""
+    from models.lightning import AIRPILightning, CGRDNLightning, ChangLightning, PtychoNNLightning, as_complex
+    from models.losses import object_phase
+
+    was_training = module.training
+    module.eval()
+    try:
+        if isinstance(module, AIRPILightning):
+            predicted = module.predict_wave(batch["inputs"])
+            true = as_complex(batch["wave"])
+            probe = module._probe(batch)
+            return {
+                "input centre CBED": batch["inputs"][:, 4],
+                "|psi| predicted": predicted.abs(),
+                "|psi| true": true.abs(),
+                "object phase predicted": object_phase(predicted, probe),
+                "object phase true": object_phase(true, probe),
+            }
+        if isinstance(module, ChangLightning):
+            mask = batch.get("mask")
+            mask = torch.ones_like(_squeeze(batch["phase"])) if mask is None else _squeeze(mask)
+            return {
+                "sqrt intensity": _squeeze(batch["diffraction"]),
+                "phase predicted": _squeeze(module(batch["diffraction"])) * mask,
+                "phase true": _squeeze(batch["phase"]) * mask,
+            }
+        if isinstance(module, PtychoNNLightning):
+            amplitude, phase = module(batch["diffraction"])
+            return {
+                "diffraction": _squeeze(batch["diffraction"]),
+                "amplitude predicted": _squeeze(amplitude),
+                "amplitude true": _squeeze(batch["amplitude"]),
+                "phase predicted": _squeeze(phase),
+                "phase true": _squeeze(batch["phase"]),
+            }
+        if isinstance(module, CGRDNLightning):
+            return {
+                "distorted": _squeeze(batch["distorted"]),
+                "restored": _squeeze(module(batch["distorted"])),
+                "clean": _squeeze(batch["clean"]),
+            }
+    finally:
+        module.train(was_training)
+    raise TypeError(f"no prediction panels for {type(module).__name__}")
+
+
+def _figure(panels: dict[str, torch.Tensor], title: str) -> np.ndarray:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(panels)
+    rows = next(iter(panels.values())).shape[0]
+    fig, axes = plt.subplots(rows, len(names), figsize=(2.4 * len(names), 2.4 * rows), squeeze=False)
+    for r in range(rows):
+        for c, name in enumerate(names):
+            ax = axes[r, c]
+            ax.imshow(panels[name][r].float().cpu().numpy().T, cmap="magma" if "CBED" in name else "viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+class PredictionImages(L.Callback):
+    """Every ``every_n_epochs`` validation epochs: inputs, predictions and labels of the first
+    ``max_samples`` validation samples as one figure, sent to each logger (W&B image, TensorBoard
+    image) and saved as ``figures/val_epoch_NNN.png`` under the trainer's root directory."""
+
+    def __init__(self, every_n_epochs: int = 1, max_samples: int = 4) -> None:
+        super().__init__()
+        self.every_n_epochs, self.max_samples = int(every_n_epochs), int(max_samples)
+        self._batch: dict[str, Any] | None = None
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        return not trainer.sanity_checking and trainer.current_epoch % max(1, self.every_n_epochs) == 0
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if batch_idx == 0 and dataloader_idx == 0 and self._due(trainer):
+            self._batch = _first(batch, self.max_samples)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._batch is None or not trainer.is_global_zero:
+            return
+        panels = prediction_panels(pl_module, self._batch)
+        image = _figure(panels, f"{type(pl_module).__name__}, epoch {trainer.current_epoch}")
+        self._batch = None
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # W&B
+                logger.log_image(key="val/predictions", images=[image], step=step)
+            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+                logger.experiment.add_image("val/predictions", image, step, dataformats="HWC")
+        out = Path(trainer.default_root_dir) / "figures" / f"val_epoch_{trainer.current_epoch:03d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        import matplotlib.pyplot as plt
+
+        plt.imsave(out, image)
+
+
+class RandomStateCheckpoint(L.Callback):
+    """Saves the global random states (Python, NumPy, torch CPU and CUDA) in every checkpoint and
+    restores them on resume, so that dropout and other global draws continue exactly where they were.
+    (The data modules save their own noise generators.)"""
+
+    def state_dict(self) -> dict[str, Any]:
+        import random
+
+        name, keys, position, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (the global state)
+        state = {
+            "python": random.getstate(),
+            # plain types and tensors only: checkpoints load with torch.load(weights_only=True)
+            "numpy": (
+                name,
+                torch.from_numpy(keys.astype(np.int64)),
+                int(position),
+                int(has_gauss),
+                float(cached),
+            ),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # restored here, after Lightning's own seeding at fit start
+        import random
+
+        state = getattr(self, "_pending", None)
+        if state is None:
+            return
+        random.setstate(state["python"])
+        name, keys, position, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))  # noqa: NPY002
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        self._pending = None

@@ -1,0 +1,152 @@
+"""`python train.py model=... data=...`: instantiate the configured model, data, trainer, loggers and
+callbacks, check that model and data fit together, train, test, and return the metrics (for sweeps)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, open_dict
+
+from datagen.provenance import config_yaml
+from datagen.store import StoreError
+from training.datasets import ShardReadError
+
+__all__ = ["PAIRINGS", "ConfigError", "check_pairing", "load_weights", "train"]
+
+log = logging.getLogger(__name__)
+
+# model class -> {data module class: view of the multislice data (or None)}
+PAIRINGS: dict[str, dict[str, str | None]] = {
+    "AIRPILightning": {"MultisliceDataModule": "airpi"},
+    "PtychoNNLightning": {"MultisliceDataModule": "ptychonn", "EpieLabelsDataModule": None},
+    "ChangLightning": {"StockImagesDataModule": None},
+    "CGRDNLightning": {"HaadfDataModule": None},
+}
+_CONFIG_NAMES = {
+    "AIRPILightning": "airpi",
+    "PtychoNNLightning": "ptychonn",
+    "ChangLightning": "chang_unet",
+    "CGRDNLightning": "cgrdn",
+    "MultisliceDataModule": "multislice",
+    "StockImagesDataModule": "stock_images",
+    "HaadfDataModule": "haadf",
+    "EpieLabelsDataModule": "epie_labels",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line naming the parameter."""
+
+
+def _class_name(node: Any, group: str) -> str:
+    target = node.get("_target_") if isinstance(node, Mapping | DictConfig) else None
+    if not target:
+        raise ConfigError(f"train.py: {group} has no _target_; choose one with {group}=NAME")
+    return str(target).rsplit(".", 1)[-1]
+
+
+def check_pairing(cfg: DictConfig) -> None:
+    """Reject model/data pairs that do not fit and resolve ``data.view=auto`` for the multislice data."""
+    model, data = _class_name(cfg.model, "model"), _class_name(cfg.data, "data")
+    allowed = PAIRINGS.get(model)
+    if allowed is None:
+        raise ConfigError(f"train.py: unknown model class {model}")
+    if data not in allowed:
+        names = " or ".join(f"data={_CONFIG_NAMES.get(d, d)}" for d in allowed)
+        raise ConfigError(
+            f"train.py: model={_CONFIG_NAMES.get(model, model)} trains on {names}, "
+            f"not data={_CONFIG_NAMES.get(data, data)}"
+        )
+    view = allowed[data]
+    if view is not None and "view" in cfg.data:
+        if cfg.data.view in (None, "auto"):
+            with open_dict(cfg):
+                cfg.data.view = view
+        elif cfg.data.view != view:
+            raise ConfigError(
+                f"train.py: data.view={cfg.data.view} does not fit model={_CONFIG_NAMES[model]}; use {view}"
+            )
+
+
+def load_weights(model: Any, path: str | Path) -> None:
+    """Initialise ``model`` from a checkpoint's weights (fresh optimiser and schedule: fine-tuning)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"train.py: init_from={path}: no such checkpoint")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict", checkpoint)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"train.py: init_from={path} holds weights of another model "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys for {type(model).__name__})"
+        )
+
+
+def _instantiate_all(nodes: DictConfig | None) -> list:
+    from hydra.utils import instantiate
+
+    if not nodes:
+        return []
+    return [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and optionally test) the configured model; returns the final callback metrics."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    check_pairing(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resolved = config_yaml(cfg)  # secrets redacted
+    (output_dir / "config.yaml").write_text(resolved)
+
+    datamodule = instantiate(cfg.data)
+    try:
+        datamodule.setup("fit")
+    except (ShardReadError, StoreError) as err:
+        raise ConfigError(
+            f"train.py: {err} (generate data with `python datagen.py` or point paths.data_dir / "
+            "data.data_dir at it)"
+        ) from None
+    model = instantiate(cfg.model)
+    if cfg.get("init_from"):
+        load_weights(model, cfg.init_from)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(yaml.safe_load(resolved))
+
+    log.info("training %s on %s", type(model).__name__, type(datamodule).__name__)
+    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if cfg.get("test") and not trainer.fast_dev_run:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    (output_dir / "metrics.yaml").write_text(yaml.safe_dump(metrics, sort_keys=True))
+    for logger in loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "finish"):
+            experiment.finish()
+    return metrics
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Entry point body: train, then return ``optimized_metric`` for Hydra sweepers."""
+    metrics = train(cfg)
+    name = cfg.get("optimized_metric")
+    if name:
+        if name not in metrics:
+            raise ConfigError(f"train.py: optimized_metric={name} was not logged; logged: {sorted(metrics)}")
+        return metrics[name]
+    return None
