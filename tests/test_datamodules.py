@@ -113,3 +113,39 @@ def test_haadf_module_pairs_distorted_and_clean_images(tmp_path):
     # shot noise at 1e3 e/A^2 and 0.1 A pixels (10 e per unit intensity): unbiased, with Poisson spread
     assert (a["distorted"] - a["clean"]).mean().abs() < 0.05
     assert h5py.is_hdf5(tmp_path / "shard-00000-of-00002.h5")
+
+
+def _epie_fixture(tmp_path):
+    """A small POA scan and a 'reconstruction' that is the true object (pixel (0, 0) at position (0, 0))."""
+    from evaluation.io import save_4dstem
+    from tests.scan4d_helpers import simulate_scan
+
+    sim = simulate_scan(scan_px=12, cbed_px=32)
+    calibration = {"energy_eV": sim.energy_eV, "semiangle_mrad": sim.semiangle_mrad,
+                   "scan_step_A": sim.scan_step_A, "k_pixel_invA": sim.k_pixel_invA}  # fmt: skip
+    scan_path = save_4dstem(tmp_path / "scan.h5", sim.data, **calibration)
+    recon = {"phase": sim.phase.astype(np.float32), "amplitude": np.ones_like(sim.phase, dtype=np.float32)}
+    attrs = {"pixel_size_A": [sim.object_pixel_A] * 2, "origin_A": [0.0, 0.0], "method": "truth"}
+    recon_path = store.write(tmp_path / "scan_epie.h5", store.RECON, recon, attrs=attrs)
+    return sim, scan_path, recon_path
+
+
+def test_epie_labels_are_object_patches_centred_on_the_probe_positions(tmp_path):
+    from training.datamodules import EpieLabelsDataModule
+
+    sim, scan_path, recon_path = _epie_fixture(tmp_path)
+    dm = EpieLabelsDataModule(
+        str(scan_path), str(recon_path), patch_px=16, train_fraction=0.5, val_fraction=0.34
+    )
+    dm.setup()
+    rows = {name: set(p[:, 0].tolist()) for name, p in dm.positions.items()}
+    assert max(rows["train"]) < min(rows["val"]) and max(rows["val"]) < min(rows["test"])
+    assert sum(len(p) for p in dm.positions.values()) == 144
+    sample = dm.sample(5, 7)  # object pixel (10, 14) at the patch centre (step = 2 object pixels)
+    window = sim.phase[10 - 8 : 10 + 8, 14 - 8 : 14 + 8]
+    np.testing.assert_allclose(sample["phase"][0].numpy(), window, atol=1e-5)
+    np.testing.assert_allclose(sample["amplitude"][0].numpy(), 1.0, atol=1e-6)
+    assert sample["pattern"].shape == (16, 16)
+    assert sample["pattern"].sum().item() == pytest.approx(float(sim.data[5, 7].sum()), rel=1e-5)
+    batch = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
+    assert batch["diffraction"].shape[1:] == (1, 16, 16) and batch["diffraction"].amax().item() == 1.0

@@ -150,3 +150,15 @@ def test_optuna_sweep_runs_trials_and_reports_the_metric(tmp_path, data_root):
     assert result.returncode == 0, result.stderr[-2000:]
     optimization = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     assert "best_value" in optimization and "model.lr" in optimization
+
+
+def test_ptychonn_trains_on_a_scan_with_epie_labels(tmp_path):
+    from tests.test_datamodules import _epie_fixture
+
+    _, scan_path, recon_path = _epie_fixture(tmp_path)
+    cfg = compose_train(["model=ptychonn", "data=epie_labels", f"data.scan_path={scan_path}",
+                         f"data.recon_path={recon_path}", "data.patch_px=16", "data.batch_size=8",
+                         f"paths.output_dir={tmp_path}/run", "logger=csv",
+                         "+trainer.fast_dev_run=true"])  # fmt: skip
+    metrics = train(cfg)
+    assert np.isfinite(metrics["val/loss"])

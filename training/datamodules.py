@@ -12,6 +12,8 @@ noise. The batches follow the contracts of :mod:`models.lightning`.
   on the device; Poisson noise, square root.
 * :class:`HaadfDataModule` (``data=haadf``): clean image shards and (distorted, clean) pairs with the
   STEM distortion models drawn per sample.
+* :class:`EpieLabelsDataModule` (``data=epie_labels``): PtychoNN as paper 004 trained it, on one 4D-STEM
+  scan with its ePIE reconstruction as labels, split by scan lines.
 """
 
 from __future__ import annotations
@@ -38,7 +40,13 @@ from training.datasets import (
 )
 from training.distortions import StemDistortion, make_generator, per_sample_generators, uniform_range
 
-__all__ = ["HaadfDataModule", "MultisliceDataModule", "StockImagesDataModule", "ptychonn_view"]
+__all__ = [
+    "EpieLabelsDataModule",
+    "HaadfDataModule",
+    "MultisliceDataModule",
+    "StockImagesDataModule",
+    "ptychonn_view",
+]
 
 
 def _plain(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -372,3 +380,162 @@ class StockImagesDataModule(L.LightningDataModule):
         else:
             generator = torch.Generator().manual_seed(self.eval_seed * 1_000_003 + int(indices[0]))
         return self.draw(indices, generator)
+
+
+class _ScanPatchDataset(Dataset):
+    """Patterns of a 4D-STEM scan at given positions with the object patches centred on them."""
+
+    def __init__(self, module: EpieLabelsDataModule, positions: np.ndarray) -> None:
+        self.module, self.positions = module, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        i, j = (int(v) for v in self.positions[item])
+        return self.module.sample(i, j)
+
+
+class EpieLabelsDataModule(L.LightningDataModule):
+    """PtychoNN trained as in paper 004: a scan and its ePIE reconstruction (``deepstem.recon/1``).
+
+    Samples are the diffraction patterns at scan positions ``(i, j)`` (``i`` = scan line, the first index
+    of ``data[Rx, Ry]``), resized to ``patch_px`` (area average or bilinear) and divided by their maximum,
+    with labels the amplitude and phase of the reconstructed object in a ``patch_px`` window of the
+    reconstruction's pixels centred on the probe position (bilinear interpolation of the complex object,
+    so sub-pixel positions are honoured). The first ``train_fraction`` of the scan lines train (the last
+    ``val_fraction`` of those validate), the remaining lines test: paper 004 used 100 of 161 lines.
+    ``dose_e_range`` optionally adds Poisson noise to noise-free simulated patterns.
+    """
+
+    def __init__(
+        self,
+        scan_path: str,
+        recon_path: str,
+        patch_px: int = 64,
+        train_fraction: float = 100 / 161,
+        val_fraction: float = 0.1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        dose_e_range: Sequence[float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0 < train_fraction < 1 or not 0 <= val_fraction < 1:
+            raise ValueError(f"data.train_fraction in (0, 1) and val_fraction in [0, 1) required, got "
+                             f"{train_fraction}, {val_fraction}")  # fmt: skip
+        self.scan_path, self.recon_path = scan_path, recon_path
+        self.patch_px, self.batch_size, self.num_workers = int(patch_px), int(batch_size), int(num_workers)
+        self.train_fraction, self.val_fraction = float(train_fraction), float(val_fraction)
+        self.dose_e_range = None if dose_e_range is None else tuple(float(v) for v in dose_e_range)
+        self.seed = int(seed)
+        self.scan = None
+        self._generator: torch.Generator | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.scan is not None:
+            return
+        from evaluation.io import load_4dstem
+
+        self.scan = load_4dstem(self.scan_path)
+        with store.open_checked(self.recon_path, store.RECON) as handle:
+            phase = handle["phase"][()].astype(np.float64)
+            amplitude = (
+                handle["amplitude"][()].astype(np.float64) if "amplitude" in handle else np.ones_like(phase)
+            )
+            self.pixel_size_A = np.broadcast_to(np.asarray(handle.attrs["pixel_size_A"], float), (2,))
+            self.origin_A = np.broadcast_to(np.asarray(handle.attrs["origin_A"], float), (2,))
+        self.object = amplitude * np.exp(1j * phase)
+        rx, ry = self.scan.data.shape[:2]
+        train_lines = max(1, round(self.train_fraction * rx))
+        val_lines = round(self.val_fraction * train_lines)
+        if train_lines - val_lines < 1 or train_lines >= rx:
+            raise ValueError(f"{self.scan_path}: {rx} scan lines cannot be split with train_fraction="
+                             f"{self.train_fraction}, val_fraction={self.val_fraction}")  # fmt: skip
+        first_val = train_lines - val_lines
+        lines = {
+            "train": range(first_val),
+            "val": range(first_val, train_lines),
+            "test": range(train_lines, rx),
+        }
+        self.positions = {
+            name: np.array([(i, j) for i in rows for j in range(ry)], dtype=np.int64).reshape(-1, 2)
+            for name, rows in lines.items()
+        }
+
+    def label(self, i: int, j: int) -> np.ndarray:
+        """The complex object in a ``patch_px`` window centred on scan position ``(i, j)``."""
+        from scipy.ndimage import map_coordinates
+
+        step = np.broadcast_to(np.asarray(self.scan.scan_step_A, float), (2,))
+        centre_px = (np.array([i, j]) * step - self.origin_A) / self.pixel_size_A
+        offsets = np.arange(self.patch_px) - self.patch_px // 2
+        coordinates = np.stack(np.meshgrid(centre_px[0] + offsets, centre_px[1] + offsets, indexing="ij"))
+        real = map_coordinates(self.object.real, coordinates, order=1, mode="nearest")
+        imag = map_coordinates(self.object.imag, coordinates, order=1, mode="nearest")
+        return real + 1j * imag
+
+    def pattern(self, i: int, j: int) -> torch.Tensor:
+        """The pattern at ``(i, j)`` resized to ``patch_px`` x ``patch_px`` (sum preserved)."""
+        pattern = torch.from_numpy(np.asarray(self.scan.data[i, j], dtype=np.float32))[None, None]
+        k = pattern.shape[-1]
+        if k != self.patch_px:
+            total = pattern.sum()
+            mode = "area" if k % self.patch_px == 0 else "bilinear"
+            pattern = torch.nn.functional.interpolate(pattern, size=(self.patch_px, self.patch_px), mode=mode)
+            pattern = pattern * total / pattern.sum().clamp_min(1e-30)
+        return pattern[0, 0]
+
+    def sample(self, i: int, j: int) -> dict[str, torch.Tensor]:
+        obj = self.label(i, j)
+        return {
+            "pattern": self.pattern(i, j),
+            "amplitude": torch.from_numpy(np.abs(obj).astype(np.float32))[None],
+            "phase": torch.from_numpy(np.angle(obj).astype(np.float32))[None],
+            "index": torch.tensor(i * self.scan.data.shape[1] + j),
+        }
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            _ScanPatchDataset(self, self.positions[name]),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
+        counts = batch["pattern"]
+        if self.dose_e_range is not None:
+            if _stage(getattr(self, "trainer", None)) == "train":
+                if self._generator is None:
+                    self._generator = make_generator(self.seed, counts.device)
+                generator = self._generator
+            else:
+                generator = per_sample_generators(batch["index"], self.seed + 1, counts.device)
+            dose = uniform_range(
+                generator,
+                counts.shape[0],
+                *self.dose_e_range,
+                log=True,
+                device=counts.device,
+                dtype=torch.float64,
+            )
+            counts = apply_dose(counts, dose, generator)
+        peak = counts.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+        return {
+            "diffraction": (counts / peak)[:, None].float(),
+            "amplitude": batch["amplitude"],
+            "phase": batch["phase"],
+            "index": batch["index"],
+        }
