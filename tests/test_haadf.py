@@ -328,3 +328,17 @@ def test_bad_haadf_config_exits_with_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^simulation\.incoherent\.z_exponent: "):
         run(composed([f"out_dir={tmp_path}", "simulation.incoherent.z_exponent=7"]))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_worker_processes_write_the_same_shard(tmp_path):
+    from datagen.cli import run
+
+    base = ["simulation.pixels=32", "simulation.num_samples=4", "source.ids=[Au,Si,SrTiO3]", "progress=false"]
+    run(composed([*base, f"out_dir={tmp_path / 'one'}"]))
+    run(composed([*base, f"out_dir={tmp_path / 'two'}", "workers=2"]))
+    names = ("image", "sample_index", "seed", "pixel_size_A")
+    with store.open_checked(tmp_path / "one" / "shard-00000-of-00001.h5", store.IMAGE) as one:
+        with store.open_checked(tmp_path / "two" / "shard-00000-of-00001.h5", store.IMAGE) as two:
+            for name in names:
+                assert np.array_equal(one[name][()], two[name][()])
