@@ -117,13 +117,16 @@ def _truth_on_grid(scan: Scan4D, result: Any) -> tuple[np.ndarray, np.ndarray]:
     return truth[window], recon[window]
 
 
-def score(scan: Scan4D, result: Any, max_shift_A: float = 2.0) -> dict[str, Any]:
+def score(scan: Scan4D, result: Any, max_shift_A: float = 2.0, frc_min_ring: int = 2) -> dict[str, Any]:
     """xc and FRC resolutions of ``result`` against the scan's truth on the reconstruction's grid.
 
     The reconstruction is registered onto the truth (sub-pixel, :func:`evaluation.align.align`) and both are
     cropped to the common field, unless the estimated shift exceeds ``max_shift_A`` (a failed
     reconstruction correlates with nothing; then the images are compared as they are placed, and
-    ``registered`` is false).
+    ``registered`` is false). The threshold crossings are searched from ring ``frc_min_ring`` on: ring 1
+    holds ~6 Fourier pixels and carries only the slowest background (iCOM's lost gradient offset, ePIE's
+    phase ramp), which would otherwise decide the "resolution" of an image with xc 0.99. The stored curve
+    keeps every ring.
     """
     from evaluation.align import align, estimate_shift
 
@@ -142,8 +145,9 @@ def score(scan: Scan4D, result: Any, max_shift_A: float = 2.0) -> dict[str, Any]
         "registered": registered,
         "shift_A": (shift * pixel).tolist(),
     }
+    start = max(0, int(frc_min_ring) - 1)
     for key, threshold in THRESHOLDS:
-        metrics[key] = resolution(freq, frc, threshold, ring_pixels=rings)
+        metrics[key] = resolution(freq[start:], frc[start:], threshold, ring_pixels=rings[start:])
     metrics["frc_curve"] = {"freq_invA": freq.tolist(), "frc": frc.tolist(), "ring_pixels": rings.tolist()}
     return metrics
 
@@ -283,7 +287,9 @@ def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                         model=models.get(entry["label"]), device=device,
                     )  # fmt: skip
                     elapsed = time.perf_counter() - start
-                    metrics = score(scan, result, float(suite.get("max_shift_A", 2.0)))
+                    metrics = score(
+                        scan, result, float(suite.get("max_shift_A", 2.0)), int(suite.get("frc_min_ring", 2))
+                    )
                     rows.append(
                         {
                             "scan": name,
