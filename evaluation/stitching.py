@@ -619,6 +619,7 @@ def airpi_reconstruct(
     step = float(np.mean(geometry.step_A))
     _, ry = geometry.positions_shape
     rows_per_block = block_rows or _default_block_rows(ry, pixels)
+    placements: dict[tuple, tuple] = {}
     count = 0
     for e, c, kernels in stream.kernels(rows_per_block, progress, "AIRPI"):
         for part in _batches(len(e), batch_size):
@@ -629,17 +630,27 @@ def airpi_reconstruct(
             positions = np.stack([e[part] * geometry.step_A[0], c[part] * geometry.step_A[1]], -1)
             wave = predictor(inputs, torch.as_tensor(positions, device=dev)).to(torch.complex64)
             mx, my, frac = grid.placement(e[part], c[part])
-            frac_t = torch.as_tensor(frac, dtype=torch.float64, device=dev)
-            # object pixels of the footprint in patch coordinates (native pixels): Fourier placement
-            ax = _placement_matrices(pixels, offsets[0], frac_t[:, 0], pixel_A[0] / d)
-            ay = _placement_matrices(pixels, offsets[1], frac_t[:, 1], pixel_A[1] / d)
-            out_obj = ax @ wave @ ay.transpose(-2, -1)
-            in_obj = ax @ probes.to(torch.complex64) @ ay.transpose(-2, -1)
-            weight = in_obj.abs() ** 2
-            peak = weight.flatten(1).amax(1)[:, None, None]
-            norm = weight.flatten(1).sum(1).clamp_min(1e-30)[:, None, None]
-            weight = torch.where(weight > weight_threshold * peak, weight / norm, torch.zeros_like(weight))
-            patch = torch.sgn(out_obj * in_obj.conj()) * weight
+            uniform = bool(np.all(frac == frac[:1]))
+            key = tuple(np.round(frac[0], 9)) if uniform else None
+            if key is None or key not in placements:
+                frac_t = torch.as_tensor(frac[:1] if uniform else frac, dtype=torch.float64, device=dev)
+                # object pixels of the footprint in patch coordinates (native pixels): Fourier placement
+                ax = _placement_matrices(pixels, offsets[0], frac_t[:, 0], pixel_A[0] / d)
+                ay = _placement_matrices(pixels, offsets[1], frac_t[:, 1], pixel_A[1] / d)
+                in_obj = ax @ probe_t @ ay.transpose(-2, -1)
+                weight = in_obj.abs() ** 2
+                peak = weight.flatten(1).amax(1)[:, None, None]
+                norm = weight.flatten(1).sum(1).clamp_min(1e-30)[:, None, None]
+                weight = torch.where(
+                    weight > weight_threshold * peak, weight / norm, torch.zeros_like(weight)
+                )
+                placement = (ax, ay.transpose(-2, -1), in_obj.conj(), weight)
+                if key is not None:
+                    placements[key] = placement  # the same for every batch with these remainders
+            else:
+                placement = placements[key]
+            ax, ay_t, in_conj, weight = placement
+            patch = torch.sgn((ax @ wave @ ay_t) * in_conj) * weight
             index = grid.flat_indices(mx, my, dev).reshape(-1)
             accumulator.index_add_(0, index, torch.view_as_real(patch.reshape(-1)))
             count += b
