@@ -5,5 +5,7 @@
 * :mod:`evaluation.references`: ePIE, SSB, iCOM/iDPC, riCOM, virtual detectors.
 * :mod:`evaluation.frc`, :mod:`evaluation.metrics`: Fourier ring correlation and resolution; xc, PSNR,
   SSIM; both register and crop with :mod:`evaluation.align`.
+* :mod:`evaluation.stitching`: network reconstructions (AIRPI, Chang U-Net, PtychoNN) from checkpoints.
+* :mod:`evaluation.suite`: the ``python evaluate.py`` benchmark (scans x doses x methods).
 * :mod:`evaluation.cli`: the body of ``python reconstruct.py``.
 """
