@@ -162,3 +162,22 @@ def test_ptychonn_trains_on_a_scan_with_epie_labels(tmp_path):
                          "+trainer.fast_dev_run=true"])  # fmt: skip
     metrics = train(cfg)
     assert np.isfinite(metrics["val/loss"])
+
+
+def test_scan_reconstruction_callback_logs_xc_against_the_truth(tmp_path, data_root):
+    from evaluation.io import save_4dstem
+    from tests.scan4d_helpers import simulate_scan
+
+    sim = simulate_scan(scan_px=8, cbed_px=32)
+    calibration = {"energy_eV": sim.energy_eV, "semiangle_mrad": sim.semiangle_mrad,
+                   "scan_step_A": sim.scan_step_A, "k_pixel_invA": sim.k_pixel_invA}  # fmt: skip
+    scan = save_4dstem(tmp_path / "scan.h5", sim.data, **calibration, truth_phase=sim.phase,
+                       truth_pixel_size_A=sim.object_pixel_A)  # fmt: skip
+    overrides = [f"paths.output_dir={tmp_path}/run", f"paths.data_dir={data_root}", "logger=csv",
+                 "model.net.filters=8", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1",
+                 "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "test=false",
+                 f"callbacks.scan_reconstruction.scan_path={scan}",
+                 "callbacks.scan_reconstruction.every_n_epochs=1"]  # fmt: skip
+    metrics = train(compose_train(overrides))
+    assert -1 <= metrics["val/scan_xc"] <= 1 and metrics["val/scan_frc_0143_A"] > 0
+    assert (tmp_path / "run" / "figures" / "scan_epoch_000.png").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import lightning as L
 import numpy as np
 import torch
 
-__all__ = ["PredictionImages", "RandomStateCheckpoint", "prediction_panels"]
+__all__ = ["PredictionImages", "RandomStateCheckpoint", "ScanReconstruction", "prediction_panels"]
 
 
 def _first(batch: dict[str, Any], n: int) -> dict[str, Any]:
@@ -68,6 +69,21 @@ def prediction_panels(module: L.LightningModule, batch: dict[str, Any]) -> dict[
     raise TypeError(f"no prediction panels for {type(module).__name__}")
 
 
+def _log_image(trainer: L.Trainer, key: str, image: np.ndarray, filename: str) -> None:
+    """Send an RGB image to every logger that takes images and save it under ``figures/``."""
+    step = trainer.global_step
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):  # W&B
+            logger.log_image(key=key, images=[image], step=step)
+        elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+            logger.experiment.add_image(key, image, step, dataformats="HWC")
+    out = Path(trainer.default_root_dir) / "figures" / filename
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import matplotlib.pyplot as plt
+
+    plt.imsave(out, image)
+
+
 def _figure(panels: dict[str, torch.Tensor], title: str) -> np.ndarray:
     import matplotlib
 
@@ -118,17 +134,7 @@ class PredictionImages(L.Callback):
         panels = prediction_panels(pl_module, self._batch)
         image = _figure(panels, f"{type(pl_module).__name__}, epoch {trainer.current_epoch}")
         self._batch = None
-        step = trainer.global_step
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # W&B
-                logger.log_image(key="val/predictions", images=[image], step=step)
-            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
-                logger.experiment.add_image("val/predictions", image, step, dataformats="HWC")
-        out = Path(trainer.default_root_dir) / "figures" / f"val_epoch_{trainer.current_epoch:03d}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        import matplotlib.pyplot as plt
-
-        plt.imsave(out, image)
+        _log_image(trainer, "val/predictions", image, f"val_epoch_{trainer.current_epoch:03d}.png")
 
 
 class RandomStateCheckpoint(L.Callback):
@@ -173,3 +179,83 @@ class RandomStateCheckpoint(L.Callback):
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
         self._pending = None
+
+
+_SCAN_METHODS = {"AIRPILightning": "airpi", "ChangLightning": "chang_unet", "PtychoNNLightning": "ptychonn"}
+
+
+class ScanReconstruction(L.Callback):
+    """Every ``every_n_epochs`` validation epochs: reconstruct a small scan with ground truth
+    (``deepstem.4dstem/1`` with ``truth``, e.g. from ``datagen/scan4d.py``) with the network being
+    trained, by the same stitching as ``reconstruct.py``, and log ``val/scan_xc`` and the FRC resolution
+    ``val/scan_frc_0143_A`` against the truth plus an image of reconstruction and truth.
+
+    ``scan_path=None`` switches it off; ``params`` are the method's stitching options (as in
+    ``conf/reconstruct.yaml``); ``dose_e_per_A2`` adds Poisson noise (fixed seed) to a noise-free scan.
+    """
+
+    def __init__(
+        self,
+        scan_path: str | None = None,
+        every_n_epochs: int = 5,
+        params: dict[str, Any] | None = None,
+        dose_e_per_A2: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.scan_path, self.every_n_epochs = scan_path, int(every_n_epochs)
+        self.params = dict(params or {})
+        self.dose_e_per_A2, self.seed = dose_e_per_A2, int(seed)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        method = _SCAN_METHODS.get(type(pl_module).__name__)
+        if (
+            self.scan_path is None
+            or method is None
+            or trainer.sanity_checking
+            or not trainer.is_global_zero
+            or trainer.current_epoch % max(1, self.every_n_epochs) != 0
+        ):
+            return
+        from evaluation.io import load_4dstem
+        from evaluation.metrics import resample_to_grid
+        from evaluation.stitching import reconstruct_with_network
+        from evaluation.suite import PoissonScan, score
+
+        scan = load_4dstem(self.scan_path)
+        try:
+            if scan.truth_phase is None:
+                raise ValueError(f"{self.scan_path}: ScanReconstruction needs a scan with a truth group")
+            data = scan
+            if self.dose_e_per_A2 is not None:  # dose per area -> electrons per CBED: d * step_x * step_y
+                per_cbed = self.dose_e_per_A2 * float(np.prod(np.broadcast_to(scan.scan_step_A, (2,))))
+                noisy = PoissonScan(scan.data, per_cbed, (self.seed,))
+                data = dataclasses.replace(scan, data=noisy, _handle=None)
+            was_training = pl_module.training
+            pl_module.eval()
+            try:
+                result = reconstruct_with_network(
+                    data, method, pl_module, self.params, device=pl_module.device, progress=False
+                )
+            finally:
+                pl_module.train(was_training)
+            metrics = score(scan, result)
+            truth = resample_to_grid(
+                scan.truth_phase, scan.truth_pixel_size_A, scan.truth_origin_A, np.shape(result.phase),
+                result.pixel_size_A, result.origin_A,
+            )  # fmt: skip
+        finally:
+            scan.close()
+        pl_module.log_dict(
+            {"val/scan_xc": float(metrics["xc"]), "val/scan_frc_0143_A": float(metrics["frc_0.143_A"])},
+            on_epoch=True,
+            logger=True,
+        )
+        panels = {
+            "reconstruction (rad)": torch.from_numpy(np.asarray(result.phase, dtype=np.float32))[None],
+            "truth sigma v_z (rad)": torch.from_numpy(np.asarray(truth, dtype=np.float32))[None],
+        }
+        image = _figure(
+            panels, f"{method} scan reconstruction, epoch {trainer.current_epoch}, xc {metrics['xc']:.3f}"
+        )
+        _log_image(trainer, "val/scan_reconstruction", image, f"scan_epoch_{trainer.current_epoch:03d}.png")
