@@ -18,9 +18,35 @@ import numpy as np
 
 from datagen.parameters import ConfigError, DrawnSample, ParameterSpace, sample_rng
 from datagen.provenance import config_yaml
-from datagen.shards import PartialShard, assemble_shard, shard_name, shard_range, write_index
+from datagen.shards import (
+    KERNEL_LAYOUT,
+    PartialShard,
+    ShardLayout,
+    assemble_shard,
+    shard_name,
+    shard_range,
+    write_index,
+)
 
-__all__ = ["KernelSampleMaker", "RunSummary", "SampleFailed", "run", "run_kernel"]
+__all__ = [
+    "KernelSampleMaker",
+    "Result",
+    "RunSummary",
+    "SampleFailed",
+    "as_config_error",
+    "attempt",
+    "config_fingerprint",
+    "log_summary",
+    "output_folder",
+    "plain_config",
+    "progress_bar",
+    "rejection_reason",
+    "run",
+    "run_kernel",
+    "run_shard",
+    "structures_of",
+    "validate_root",
+]
 
 log = logging.getLogger("deepstem.datagen")
 
@@ -34,6 +60,8 @@ class RunSummary:
     """What one `python datagen.py` run did (also logged as its closing summary)."""
 
     shard: str
+    noun: str = "samples"
+    resumed_label: str = "resumed from checkpoints"
     written: int = 0
     resumed: int = 0
     skipped_existing: bool = False
@@ -45,20 +73,30 @@ class RunSummary:
         rate = self.written / self.wall_s if self.wall_s > 0 else 0.0
         if self.skipped_existing:
             out = [f"{self.shard}: already complete, skipped (overwrite=true recomputes it)"]
+            if self.noun == "scans":
+                out[0] = (
+                    f"{self.shard}: all {self.resumed} scans already written, skipped "
+                    "(overwrite=true recomputes them)"
+                )
         else:
             out = [
-                f"{self.shard}: {self.written} samples computed, {self.resumed} resumed from checkpoints, "
-                f"{len(self.failed)} failed, wall time {self.wall_s:.1f} s ({rate:.3g} samples/s)"
+                f"{self.shard}: {self.written} {self.noun} computed, "
+                f"{self.resumed} resumed from checkpoints, "
+                f"{len(self.failed)} failed, wall time {self.wall_s:.1f} s ({rate:.3g} {self.noun}/s)"
             ]
         if self.rejected:
             reasons = "; ".join(f"{n} x {reason}" for reason, n in self.rejected.most_common())
             out.append(f"rejected draws (redrawn): {reasons}")
         for index, reason in sorted(self.failed.items()):
-            out.append(f"failed sample {index}: {reason}")
+            out.append(f"failed {self.noun.rstrip('s')} {index}: {reason}")
         return out
 
 
-def _structures(cfg: Mapping[str, Any]) -> list:
+def structures_of(cfg: Mapping[str, Any]) -> list:
+    """The structure records of the config's ``source`` group (:func:`datagen.sources.load_structures`).
+
+    Every failure is a one-line :class:`ConfigError` naming ``source`` (or ``source.<key>``).
+    """
     source_cfg = cfg.get("source")
     if source_cfg is None:
         raise ConfigError(
@@ -71,13 +109,13 @@ def _structures(cfg: Mapping[str, Any]) -> list:
     except ConfigError:
         raise
     except (ValueError, KeyError, FileNotFoundError, StructureSourceError) as err:
-        raise _as_config_error(err, "source") from None
+        raise as_config_error(err, "source") from None
     if not records:
         raise ConfigError("source", "the structure source yielded no structures (check its filters)")
     return list(records)
 
 
-def _as_config_error(err: BaseException, default_parameter: str) -> ConfigError:
+def as_config_error(err: BaseException, default_parameter: str) -> ConfigError:
     """One-line :class:`ConfigError` from another error (``"source.elements: ..."`` keeps its name)."""
     text = " ".join(str(err).split()) or type(err).__name__
     head, sep, rest = text.partition(": ")
@@ -148,7 +186,7 @@ class KernelSampleMaker:
             try:
                 specimen = self._specimen(drawn)
             except SpecimenRejected as err:
-                last_reason = str(getattr(err, "reason", "") or _reason(err))
+                last_reason = str(getattr(err, "reason", "") or rejection_reason(err))
                 if rejected is not None:
                     rejected[last_reason] += 1
                 continue
@@ -186,19 +224,27 @@ class KernelSampleMaker:
         }
 
 
-def _reason(err: BaseException) -> str:
+def rejection_reason(err: BaseException) -> str:
+    """First line of an error with digits replaced by ``#`` (groups rejections by kind), <= 120 chars."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     # group by the kind of rejection, not by the exact numbers
     return "".join(c if not c.isdigit() else "#" for c in text)[:120]
 
 
-def _fingerprint(cfg: Mapping[str, Any]) -> str:
+def config_fingerprint(cfg: Mapping[str, Any]) -> str:
+    """YAML of what determines the samples (seed, simulation, source, num_samples): a partial shard
+    written under another fingerprint is not resumed."""
     relevant = {key: cfg.get(key) for key in ("seed", "simulation", "source")}
     relevant["num_samples"] = cfg.get("simulation", {}).get("num_samples")
     return config_yaml(relevant)
 
 
-def _validate_root(cfg: Mapping[str, Any]) -> tuple[int, int, int, int]:
+def validate_root(cfg: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """Check the root keys of ``conf/datagen.yaml``; returns ``(seed, num_shards, shard_index, num_samples)``.
+
+    ``num_samples`` is ``simulation.num_samples``. Errors are one-line :class:`ConfigError` s.
+    """
+
     def integer(name: str, value: Any) -> int:
         try:
             number = int(value)
@@ -233,7 +279,8 @@ def _validate_root(cfg: Mapping[str, Any]) -> tuple[int, int, int, int]:
     return seed, num_shards, shard_index, num_samples
 
 
-def _container(cfg: Any) -> dict:
+def plain_config(cfg: Any) -> dict:
+    """The config as plain resolved dicts and lists (an OmegaConf ``DictConfig`` or a mapping)."""
     try:
         from omegaconf import DictConfig, OmegaConf
 
@@ -250,7 +297,7 @@ def run(cfg: Any, maker: KernelSampleMaker | None = None) -> Any:
     Other simulations plug in without touching this file: their ``conf/simulation/<name>.yaml`` sets
     ``runner: package.module:function`` (called with the whole config).
     """
-    container = _container(cfg)
+    container = plain_config(cfg)
     runner = str((container.get("simulation") or {}).get("runner", "kernel"))
     if runner == "kernel":
         return run_kernel(cfg, maker)
@@ -264,47 +311,90 @@ def run(cfg: Any, maker: KernelSampleMaker | None = None) -> Any:
     return function(cfg)
 
 
+def output_folder(container: Mapping[str, Any]) -> Path:
+    """The root ``out_dir`` (default in conf/datagen.yaml: ``data/<simulation.name>``)."""
+    name = str((container.get("simulation") or {}).get("name", "kernel"))
+    value = container.get("out_dir")
+    if value is None or str(value).strip() == "":
+        value = f"data/{name}"
+    return Path(str(value)).expanduser()
+
+
 def run_kernel(cfg: Any, maker: KernelSampleMaker | None = None) -> RunSummary:
     """Compute (or resume, or skip) shard ``shard_index`` of ``num_shards``; returns the summary.
 
     ``maker`` may be given to reuse a warm simulator (tests, benchmarks); by default one is built from
     ``cfg``. Configuration errors raise :class:`ConfigError` before anything is written.
     """
-    started = time.perf_counter()
-    container = _container(cfg)
-    seed, num_shards, shard_index, num_samples = _validate_root(container)
+    container = plain_config(cfg)
+    seed, _, _, _ = validate_root(container)
     simulation = container.get("simulation") or {}
     ParameterSpace(simulation)  # check the distributions before anything else happens
-    out_dir = Path(str(container.get("out_dir", "data/kernel"))).expanduser()
+
+    def prepare() -> Callable[[Sequence[int]], Iterator[Result]]:
+        nonlocal maker
+        if maker is None:
+            try:
+                maker = KernelSampleMaker(
+                    simulation,
+                    structures_of(container),
+                    seed,
+                    device=str(container.get("device", "cpu")),
+                    scheduler=str(container.get("scheduler", "threads")),
+                )
+            except ConfigError:
+                raise
+            except (ValueError, ImportError) as err:  # device=gpu without CuPy, bad abTEM option
+                raise as_config_error(err, "device") from None
+        workers = int(container.get("workers", 1))
+        return lambda todo: _results(maker, todo, workers, container, seed)
+
+    attrs = {"seed_rule": "sample i: numpy.random.default_rng([global_seed, i]); `seed` = abTEM phonon seed"}
+    return run_shard(cfg, KERNEL_LAYOUT, prepare, attrs)
+
+
+def run_shard(
+    cfg: Any,
+    layout: ShardLayout,
+    prepare: Callable[[], Callable[[Sequence[int]], Iterator[Result]]],
+    attrs: Mapping[str, Any] | None = None,
+    noun: str = "samples",
+) -> RunSummary:
+    """The shard loop every sharded simulation shares: skip, resume, compute, checkpoint, assemble, index.
+
+    Shard ``shard_index`` of ``num_shards`` holds :func:`~datagen.shards.shard_range` of
+    ``simulation.num_samples`` in the root ``out_dir`` (:func:`output_folder`), as ``layout.schema``. A
+    finished shard is skipped (``overwrite=true`` recomputes it); otherwise ``prepare()`` is called once
+    (build the warm simulator; may raise :class:`ConfigError` before anything is written) and returns a
+    function that yields one :data:`Result` per index still to compute, in any order. Finished records
+    are checkpointed every ``checkpoint_every``; failures are reported per sample and the shard goes on.
+    ``attrs`` are added to the shard's attributes. Returns the closing :class:`RunSummary` (also logged).
+    """
+    started = time.perf_counter()
+    container = plain_config(cfg)
+    seed, num_shards, shard_index, num_samples = validate_root(container)
+    out_dir = output_folder(container)
+    foreign = _foreign_shards(out_dir, layout)
+    if foreign:
+        raise ConfigError(
+            "out_dir", f"{out_dir} holds {foreign} shards; write {layout.schema.id} shards to another folder"
+        )
     indices = shard_range(num_samples, shard_index, num_shards)
     name = shard_name(shard_index, num_shards)
-    summary = RunSummary(shard=name)
+    summary = RunSummary(shard=name, noun=noun)
     final = out_dir / name
     overwrite = bool(container.get("overwrite", False))
-    partial = PartialShard(out_dir, shard_index, num_shards, _fingerprint(container))
+    partial = PartialShard(out_dir, shard_index, num_shards, config_fingerprint(container), layout)
     if final.exists() and not overwrite:
         partial.remove()  # a stale checkpoint of a shard that was finished
         summary.skipped_existing = True
         summary.wall_s = time.perf_counter() - started
-        _log_summary(summary)
-        write_index(out_dir)
+        log_summary(summary)
+        write_index(out_dir, layout)
         return summary
     if overwrite:
         partial.remove()
-    structures = maker.structures if maker is not None else _structures(container)
-    if maker is None:
-        try:
-            maker = KernelSampleMaker(
-                simulation,
-                structures,
-                seed,
-                device=str(container.get("device", "cpu")),
-                scheduler=str(container.get("scheduler", "threads")),
-            )
-        except ConfigError:
-            raise
-        except (ValueError, ImportError) as err:  # device=gpu without CuPy, bad abTEM option
-            raise _as_config_error(err, "device") from None
+    results = prepare()
     try:
         partial.open()
     except ValueError as err:
@@ -313,8 +403,9 @@ def run_kernel(cfg: Any, maker: KernelSampleMaker | None = None) -> RunSummary:
     summary.resumed = len(done)
     todo = [i for i in indices if i not in done]
     log.info(
-        "%s: samples %d..%d of %d (%d to compute, %d checkpointed) -> %s",
+        "%s: %s %d..%d of %d (%d to compute, %d checkpointed) -> %s",
         name,
+        noun,
         indices.start,
         indices.stop - 1,
         num_samples,
@@ -323,20 +414,23 @@ def run_kernel(cfg: Any, maker: KernelSampleMaker | None = None) -> RunSummary:
         out_dir,
     )
     checkpoint_every = int(container.get("checkpoint_every", 8))
-    workers = int(container.get("workers", 1))
     pending: list[dict[str, Any]] = []
-    progress = _progress(
-        total=len(indices), initial=len(done), description=name, enabled=container.get("progress", True)
+    progress = progress_bar(
+        total=len(indices),
+        initial=len(done),
+        description=name,
+        enabled=container.get("progress", True),
+        unit=noun.rstrip("s"),
     )
     try:
-        for index, record, rejected, error in _results(maker, todo, workers, container, seed):
+        for index, record, rejected, error in results(todo):
             summary.rejected.update(rejected)
             if error is None:
                 pending.append(record)
                 summary.written += 1
             else:  # a failing sample must not lose the shard's finished samples
                 summary.failed[index] = error
-                log.error("sample %d (seed %d, index %d) failed: %s", index, seed, index, error)
+                log.error("%s %d (seed %d, index %d) failed: %s", noun.rstrip("s"), index, seed, index, error)
             progress.update(1)
             if len(pending) >= checkpoint_every:
                 partial.save(pending)
@@ -345,7 +439,7 @@ def run_kernel(cfg: Any, maker: KernelSampleMaker | None = None) -> RunSummary:
         if pending:
             partial.save(pending)
         progress.close()
-    attrs = {
+    shard_attrs = {
         "global_seed": seed,
         "shard_index": shard_index,
         "num_shards": num_shards,
@@ -353,25 +447,42 @@ def run_kernel(cfg: Any, maker: KernelSampleMaker | None = None) -> RunSummary:
         "stop_index": indices.stop,
         "failed_indices": json_dumps(sorted(summary.failed)),
         "rejected": json_dumps(dict(summary.rejected)),
-        "seed_rule": "sample i: numpy.random.default_rng([global_seed, i]); `seed` = abTEM phonon seed",
+        **(attrs or {}),
     }
-    assemble_shard(partial, cfg, attrs, indices, overwrite=overwrite)
-    write_index(out_dir)
+    assemble_shard(partial, cfg, shard_attrs, indices, overwrite=overwrite)
+    write_index(out_dir, layout)
     summary.wall_s = time.perf_counter() - started
-    _log_summary(summary)
+    log_summary(summary)
     return summary
+
+
+def _foreign_shards(out_dir: Path, layout: ShardLayout) -> str | None:
+    """The schema of a finished shard in ``out_dir`` that is not ``layout``'s (None if there is none)."""
+    import h5py
+
+    for path in sorted(out_dir.glob("shard-*-of-*.h5")):
+        try:
+            with h5py.File(path, "r") as handle:
+                value = handle.attrs.get("schema", "")
+        except OSError:
+            continue  # unreadable files are reported when the index is written
+        value = value.decode() if isinstance(value, bytes) else str(value)
+        if value and value != layout.schema.id:
+            return value
+    return None
 
 
 Result = tuple[int, "dict[str, Any] | None", Counter, "str | None"]
 _WORKER: KernelSampleMaker | None = None
 
 
-def _attempt(maker: Callable[..., dict[str, Any]], index: int) -> Result:
+def attempt(maker: Callable[..., dict[str, Any]], index: int) -> Result:
+    """``maker(index, rejected)`` as a :data:`Result`; an exception becomes the sample's error string."""
     rejected: Counter = Counter()
     try:
         return index, maker(index, rejected), rejected, None
     except Exception as err:  # reported per sample, the shard goes on
-        return index, None, rejected, f"{type(err).__name__}: {_reason(err)}"
+        return index, None, rejected, f"{type(err).__name__}: {rejection_reason(err)}"
 
 
 def _init_worker(container: dict, seed: int) -> None:
@@ -380,7 +491,7 @@ def _init_worker(container: dict, seed: int) -> None:
     logging.basicConfig(level=logging.WARNING)
     _WORKER = KernelSampleMaker(
         container.get("simulation") or {},
-        _structures(container),
+        structures_of(container),
         seed,
         device=str(container.get("device", "cpu")),
         scheduler="synchronous",  # the processes are the parallelism
@@ -389,7 +500,7 @@ def _init_worker(container: dict, seed: int) -> None:
 
 def _work(index: int) -> Result:
     assert _WORKER is not None
-    return _attempt(_WORKER, index)
+    return attempt(_WORKER, index)
 
 
 def _results(
@@ -398,7 +509,7 @@ def _results(
     """``(index, record, rejected, error)`` per index: in this process, or from warm worker processes."""
     if workers <= 1 or len(todo) <= 1:
         for index in todo:
-            yield _attempt(maker, index)
+            yield attempt(maker, index)
         return
     import multiprocessing
 
@@ -413,20 +524,22 @@ def json_dumps(value: Any) -> str:
     return json.dumps(value)
 
 
-def _progress(total: int, initial: int, description: str, enabled: bool) -> Any:
+def progress_bar(total: int, initial: int, description: str, enabled: bool, unit: str = "sample") -> Any:
+    """A tqdm bar (rate and ETA) over ``total`` items of which ``initial`` are already done."""
     from tqdm import tqdm
 
     return tqdm(
         total=total,
         initial=initial,
         desc=description,
-        unit="sample",
+        unit=unit,
         disable=not enabled,
         smoothing=0.1,
         dynamic_ncols=True,
     )
 
 
-def _log_summary(summary: RunSummary) -> None:
+def log_summary(summary: RunSummary) -> None:
+    """Log the closing summary of a run (one line per :meth:`RunSummary.lines` entry)."""
     for line in summary.lines():
         log.info(line)

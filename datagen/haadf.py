@@ -44,36 +44,34 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
-import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from datagen import store
 from datagen.parameters import ConfigError, Uniform, sample_rng
-from datagen.shards import PartialShard, _atomic_savez, _atomic_write_text, shard_name, shard_range
+from datagen.shards import ShardLayout, write_index
 from physics import fft_friendly_size, probe, scherzer_defocus, wavelength
 
 __all__ = [
+    "IMAGE_LAYOUT",
     "AbtemSettings",
     "HaadfOptics",
     "HaadfSampleMaker",
     "HaadfSpace",
     "ImageGeometry",
-    "ImagePartialShard",
     "add_point_defects",
     "amorphous_slab",
     "cross_sections_A2",
     "crystal_specimen",
     "electron_scattering_factor_A",
     "grain_boundary_specimen",
+    "image_layout",
     "kinematic_cross_section_A2",
     "nanoparticle_specimen",
     "plan_geometry",
@@ -1153,7 +1151,7 @@ class HaadfSampleMaker:
 
     def __call__(self, index: int, rejected: Counter | None = None) -> dict[str, Any]:
         """The record of image ``index``; rejected specimens are redrawn (then ``SampleFailed``)."""
-        from datagen.cli import SampleFailed, _reason
+        from datagen.cli import SampleFailed, rejection_reason
         from datagen.specimen import SpecimenRejected
 
         rng = sample_rng(self.seed, index)
@@ -1164,7 +1162,7 @@ class HaadfSampleMaker:
             try:
                 atoms, meta = self.specimen(draw, geometry)
             except SpecimenRejected as err:
-                last = str(getattr(err, "reason", "") or _reason(err))
+                last = str(getattr(err, "reason", "") or rejection_reason(err))
                 if rejected is not None:
                     rejected[last] += 1
                 continue
@@ -1209,134 +1207,37 @@ class HaadfSampleMaker:
 # shards
 
 
-class ImagePartialShard(PartialShard):
-    """:class:`datagen.shards.PartialShard` for image records (same folder, fingerprint and atomic chunks)."""
-
-    def save(self, records: list[Mapping[str, Any]]) -> Path:
-        if not records:
-            raise ValueError("save: no records")
-        arrays: dict[str, np.ndarray] = {}
-        for name in IMAGE_NUMERIC_FIELDS:
-            arrays[name] = np.stack([np.asarray(r[name]) for r in records]).astype(
-                _DTYPES.get(name, np.float64)
-            )
-        for name in IMAGE_STRING_FIELDS:
-            arrays[name] = np.array([str(r[name]) for r in records], dtype=str)
-        first = min(int(r["sample_index"]) for r in records)
-
-        path = self.folder / f"chunk-{first:012d}-{len(records):06d}-{uuid.uuid4().hex[:6]}.npz"
-        _atomic_savez(path, arrays)
-        return path
-
-    def load(self) -> dict[str, np.ndarray]:
-        parts = []
-        for chunk in self.chunks():
-            with np.load(chunk) as data:
-                parts.append({name: data[name] for name in (*IMAGE_NUMERIC_FIELDS, *IMAGE_STRING_FIELDS)})
-        if not parts:
-            return {}
-        merged = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-        order = np.argsort(merged["sample_index"], kind="stable")
-        merged = {name: value[order] for name, value in merged.items()}
-        if np.any(np.diff(merged["sample_index"]) == 0):
-            raise RuntimeError(f"{self.folder}: duplicate sample indices in the checkpoints")
-        return merged
+IMAGE_LAYOUT = ShardLayout(
+    store.IMAGE,
+    IMAGE_NUMERIC_FIELDS,
+    IMAGE_STRING_FIELDS,
+    dtypes=_DTYPES,
+    empty_shapes={"zone_axis": (3,)},
+    chunked=("image",),
+)
+"""Image shards (``deepstem.image/1``); :func:`image_layout` adds the image size of a config."""
 
 
-def _assemble(
-    partial: ImagePartialShard,
-    config: Any,
-    attrs: Mapping[str, Any],
-    expected: range,
-    pixels: int,
-    overwrite: bool,
-) -> None:
-    data = partial.load()
-    indices = data.get("sample_index", np.zeros(0, dtype=np.int64))
-    stray = set(indices.tolist()) - set(expected)
-    if stray:
-        raise RuntimeError(
-            f"{partial.folder}: checkpoint holds samples outside this shard: {sorted(stray)[:5]}"
-        )
-    if not data:
-        data = {name: np.zeros((0,), dtype=_DTYPES.get(name, np.float64)) for name in IMAGE_NUMERIC_FIELDS}
-        data["image"] = np.zeros((0, pixels, pixels), dtype=np.float32)
-        data["zone_axis"] = np.zeros((0, 3), dtype=np.int32)
-        data.update({name: np.zeros((0,), dtype=str) for name in IMAGE_STRING_FIELDS})
-    with store.create(partial.final, store.IMAGE, config=config, attrs=attrs, overwrite=overwrite) as handle:
-        n = len(data["image"])
-        chunk = (max(1, min(16, n)), pixels, pixels)
-        handle.create_dataset("image", data=data["image"], chunks=chunk if n else None)
-        for name in (*IMAGE_NUMERIC_FIELDS, *IMAGE_STRING_FIELDS):
-            if name == "image":
-                continue
-            array = np.asarray(data[name])
-            if array.dtype.kind in "UO":
-                handle.create_dataset(name, data=array.astype(object), dtype=h5py.string_dtype())
-            else:
-                handle.create_dataset(name, data=array)
-    partial.remove()
+def image_layout(pixels: int) -> ShardLayout:
+    """:data:`IMAGE_LAYOUT` with ``pixels x pixels`` images (the shape of a shard without images)."""
+    return replace(IMAGE_LAYOUT, empty_shapes={**IMAGE_LAYOUT.empty_shapes, "image": (pixels, pixels)})
 
 
 def write_image_index(out_dir: str | Path) -> Path:
-    """``index.json`` over the finished image shards of a folder (as :func:`datagen.shards.write_index`)."""
-    out_dir = Path(out_dir)
-    entries = []
-    for path in sorted(out_dir.glob("shard-*-of-*.h5")):
-        with store.open_checked(path, store.IMAGE) as handle:
-            n = int(handle["image"].shape[0])
-            indices = handle["sample_index"][()] if "sample_index" in handle else np.zeros(0, np.int64)
-            entries.append(
-                {
-                    "file": path.name,
-                    "num_samples": n,
-                    "first_index": int(indices.min()) if n else None,
-                    "last_index": int(indices.max()) if n else None,
-                    "failed_indices": json.loads(handle.attrs.get("failed_indices", "[]")),
-                }
-            )
-    index = {
-        "schema": store.IMAGE.id,
-        "num_samples": sum(e["num_samples"] for e in entries),
-        "shards": entries,
-    }
-    path = out_dir / "index.json"
-    _atomic_write_text(path, json.dumps(index, indent=1) + "\n")
-    return path
-
-
-KERNEL_DEFAULT_OUT_DIR = "data/kernel"
-"""The root config's default ``out_dir`` (kernel data): image shards then go to ``simulation.out_dir``."""
-
-
-def _schema_of(path: Path) -> str:
-    try:
-        with h5py.File(path, "r") as handle:
-            value = handle.attrs.get("schema", "")
-    except OSError:
-        return ""
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """``index.json`` over the finished image shards of a folder (:func:`datagen.shards.write_index`)."""
+    return write_index(out_dir, IMAGE_LAYOUT)
 
 
 def run(cfg: Any, maker: HaadfSampleMaker | None = None) -> Any:
     """``python datagen.py simulation=haadf``: compute (or resume, or skip) one image shard.
 
-    Same contract as :func:`datagen.cli.run` (sharding, checkpoints, resume, summary, one-line
-    :class:`ConfigError`); returns its :class:`datagen.cli.RunSummary`.
+    Same contract as the kernel pipeline (:func:`datagen.cli.run_shard`: sharding, checkpoints, resume,
+    summary, one-line :class:`ConfigError`); returns its :class:`datagen.cli.RunSummary`.
     """
-    from datagen.cli import (
-        RunSummary,
-        _container,
-        _fingerprint,
-        _log_summary,
-        _progress,
-        _structures,
-        _validate_root,
-    )
+    from datagen.cli import plain_config, run_shard, structures_of, validate_root
 
-    started = time.perf_counter()
-    container = _container(cfg)
-    seed, num_shards, shard_index, num_samples = _validate_root(container)
+    container = plain_config(cfg)
+    seed, _, _, _ = validate_root(container)
     simulation = container.get("simulation") or {}
     # abTEM runs on the root's device and dask scheduler
     abtem_node = {
@@ -1345,86 +1246,21 @@ def run(cfg: Any, maker: HaadfSampleMaker | None = None) -> Any:
         "scheduler": str(container.get("scheduler", "threads")),
     }
     simulation = {**simulation, "abtem": abtem_node}
-    HaadfSpace(simulation)  # check everything before anything is written
-    out_dir = Path(str(container.get("out_dir", KERNEL_DEFAULT_OUT_DIR))).expanduser()
-    if str(container.get("out_dir", KERNEL_DEFAULT_OUT_DIR)) == KERNEL_DEFAULT_OUT_DIR:
-        out_dir = Path(str(simulation.get("out_dir", "data/haadf"))).expanduser()
-    if any(_schema_of(p) == store.KERNEL.id for p in out_dir.glob("shard-*-of-*.h5")):
-        raise ConfigError("out_dir", f"{out_dir} holds kernel shards; write image shards to another folder")
-    indices = shard_range(num_samples, shard_index, num_shards)
-    name = shard_name(shard_index, num_shards)
-    summary = RunSummary(shard=name)
-    final = out_dir / name
-    overwrite = bool(container.get("overwrite", False))
-    partial = ImagePartialShard(out_dir, shard_index, num_shards, _fingerprint(container))
-    if final.exists() and not overwrite:
-        partial.remove()
-        summary.skipped_existing = True
-        summary.wall_s = time.perf_counter() - started
-        _log_summary(summary)
-        write_image_index(out_dir)
-        return summary
-    if overwrite:
-        partial.remove()
-    if maker is None:
-        maker = HaadfSampleMaker(simulation, _structures(container), seed)
-    try:
-        partial.open()
-    except ValueError as err:
-        raise ConfigError("out_dir", str(err)) from None
-    done = partial.done() & set(indices)
-    summary.resumed = len(done)
-    todo = [i for i in indices if i not in done]
-    log.info(
-        "%s: images %d..%d of %d (%d to compute, %d checkpointed) -> %s",
-        name,
-        indices.start,
-        indices.stop - 1,
-        num_samples,
-        len(todo),
-        len(done),
-        out_dir,
-    )
-    checkpoint_every = int(container.get("checkpoint_every", 8))
-    workers = int(container.get("workers", 1))
-    pending: list[dict[str, Any]] = []
-    progress = _progress(
-        total=len(indices), initial=len(done), description=name, enabled=container.get("progress", True)
-    )
-    try:
-        for index, record, rejected, error in _results(maker, todo, workers, container, simulation, seed):
-            summary.rejected.update(rejected)
-            if error is None:
-                pending.append(record)
-                summary.written += 1
-            else:  # a failing image must not lose the shard's finished images
-                summary.failed[index] = error
-                log.error("image %d (seed %d) failed: %s", index, seed, error)
-            progress.update(1)
-            if len(pending) >= checkpoint_every:
-                partial.save(pending)
-                pending = []
-    finally:
-        if pending:
-            partial.save(pending)
-        progress.close()
+    space = HaadfSpace(simulation)  # check everything before anything is written
+
+    def prepare() -> Any:
+        nonlocal maker
+        if maker is None:
+            maker = HaadfSampleMaker(simulation, structures_of(container), seed)
+        workers = int(container.get("workers", 1))
+        return lambda todo: _results(maker, todo, workers, container, simulation, seed)
+
     attrs = {
-        "global_seed": seed,
-        "shard_index": shard_index,
-        "num_shards": num_shards,
-        "first_index": indices.start,
-        "stop_index": indices.stop,
-        "failed_indices": json.dumps(sorted(summary.failed)),
-        "rejected": json.dumps(dict(summary.rejected)),
         "seed_rule": "image i: numpy.random.default_rng([global_seed, i]); `seed` = specimen and phonon seed",
         "intensity_unit": "fraction of incident electrons reaching the detector",
         "source_size": "FWHM of a Gaussian, Angstrom",
     }
-    _assemble(partial, cfg, attrs, indices, maker.space.pixels, overwrite)
-    write_image_index(out_dir)
-    summary.wall_s = time.perf_counter() - started
-    _log_summary(summary)
-    return summary
+    return run_shard(cfg, image_layout(space.pixels), prepare, attrs, noun="images")
 
 
 _WORKER: HaadfSampleMaker | None = None
@@ -1433,32 +1269,32 @@ _WORKER: HaadfSampleMaker | None = None
 def _init_worker(container: dict, simulation: dict, seed: int) -> None:
     """Pool initializer: one warm :class:`HaadfSampleMaker` per worker process."""
     global _WORKER
-    from datagen.cli import _structures
+    from datagen.cli import structures_of
 
     logging.basicConfig(level=logging.WARNING)
     abtem = {
         **(simulation.get("abtem") or {}),
         "scheduler": "synchronous",
     }  # the processes are the parallelism
-    _WORKER = HaadfSampleMaker({**simulation, "abtem": abtem}, _structures(container), seed)
+    _WORKER = HaadfSampleMaker({**simulation, "abtem": abtem}, structures_of(container), seed)
 
 
 def _work(index: int) -> tuple:
-    from datagen.cli import _attempt
+    from datagen.cli import attempt
 
     assert _WORKER is not None
-    return _attempt(_WORKER, index)
+    return attempt(_WORKER, index)
 
 
 def _results(
     maker: HaadfSampleMaker, todo: Sequence[int], workers: int, container: dict, simulation: dict, seed: int
 ) -> Any:
     """``(index, record, rejected, error)`` per index, in this process or from warm worker processes."""
-    from datagen.cli import _attempt
+    from datagen.cli import attempt
 
     if workers <= 1 or len(todo) <= 1:
         for index in todo:
-            yield _attempt(maker, index)
+            yield attempt(maker, index)
         return
     import multiprocessing
 

@@ -8,8 +8,13 @@
   renamed, so a killed job leaves only whole chunks. A rerun reads them, computes only the missing
   indices, and assembles the shard (written by :func:`datagen.store.create`, i.e. renamed into place
   only when whole); the partial folder is removed afterwards. A finished shard is skipped.
-* :func:`write_index` writes ``index.json`` (shards, counts, index ranges) and ``kernel.vds.h5``, an
-  HDF5 virtual dataset that reads all shards as one file (``h5py.File(out_dir / "kernel.vds.h5")``).
+* :func:`write_index` writes ``index.json`` (shards, counts, index ranges) and, for kernel data,
+  ``kernel.vds.h5``, an HDF5 virtual dataset that reads all shards as one file
+  (``h5py.File(out_dir / "kernel.vds.h5")``).
+
+The same machinery serves every sharded simulation: a :class:`ShardLayout` names a shard's schema, its
+per-sample fields and their dtypes (:data:`KERNEL_LAYOUT` here; the image and stock-image layouts live
+next to their runners), and :class:`PartialShard`, :func:`assemble_shard` and :func:`write_index` take it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +35,15 @@ from datagen import store
 
 __all__ = [
     "INDEX_NAME",
+    "KERNEL_LAYOUT",
     "NUMERIC_FIELDS",
     "STRING_FIELDS",
     "VDS_NAME",
     "PartialShard",
+    "ShardLayout",
     "assemble_shard",
+    "atomic_savez",
+    "atomic_write_text",
     "read_index",
     "shard_name",
     "shard_range",
@@ -71,6 +81,55 @@ _DTYPES = {
 }
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """What a shard of one schema holds: the per-sample fields of its records and how they are stored.
+
+    ``numeric`` fields are stacked along a new first axis with ``dtypes[name]`` (float64 when absent);
+    ``strings`` become variable-length UTF-8. ``sample_index`` must be among ``numeric``. ``empty_shapes``
+    gives the per-sample shape of fields of a shard without samples (default: scalars), ``chunked`` the
+    fields stored in HDF5 chunks of up to 16 samples, and ``vds_name`` (if set) the virtual dataset
+    :func:`write_index` writes over all shards.
+    """
+
+    schema: store.Schema
+    numeric: tuple[str, ...]
+    strings: tuple[str, ...] = ()
+    dtypes: Mapping[str, Any] = field(default_factory=dict)
+    empty_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    chunked: tuple[str, ...] = ()
+    vds_name: str | None = None
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return (*self.numeric, *self.strings)
+
+    @property
+    def count_field(self) -> str:
+        """The first per-sample dataset of the schema: its length is the shard's sample count."""
+        return self.schema.per_sample[0] if self.schema.per_sample else "sample_index"
+
+    def stack(self, records: list[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+        """Records (one mapping per sample) as arrays with the first axis over the samples."""
+        arrays: dict[str, np.ndarray] = {}
+        for name in self.numeric:
+            arrays[name] = np.stack([np.asarray(r[name]) for r in records]).astype(
+                self.dtypes.get(name, np.float64)
+            )
+        for name in self.strings:
+            arrays[name] = np.array([str(r[name]) for r in records], dtype=str)
+        return arrays
+
+    def empty(self) -> dict[str, np.ndarray]:
+        """Zero-sample arrays of every field (a shard whose samples all failed)."""
+        data = {
+            name: np.zeros((0, *self.empty_shapes.get(name, ())), dtype=self.dtypes.get(name, np.float64))
+            for name in self.numeric
+        }
+        data.update({name: np.zeros((0,), dtype=str) for name in self.strings})
+        return data
+
+
 def shard_name(shard_index: int, num_shards: int) -> str:
     """``shard-00003-of-00100.h5``."""
     return f"shard-{int(shard_index):05d}-of-{int(num_shards):05d}.h5"
@@ -88,7 +147,8 @@ def shard_range(num_samples: int, shard_index: int, num_shards: int) -> range:
     return range(shard_index * num_samples // num_shards, (shard_index + 1) * num_samples // num_shards)
 
 
-def _atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+def atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """``np.savez`` to ``path`` atomically: written (and fsynced) under a hidden name, then renamed."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with open(temporary, "wb") as handle:
@@ -101,7 +161,8 @@ def _atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
             temporary.unlink()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (hidden temporary file, then rename)."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         temporary.write_text(text)
@@ -111,25 +172,27 @@ def _atomic_write_text(path: Path, text: str) -> None:
             temporary.unlink()
 
 
-def _stack(records: list[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    arrays: dict[str, np.ndarray] = {}
-    for name in NUMERIC_FIELDS:
-        arrays[name] = np.stack([np.asarray(r[name]) for r in records]).astype(_DTYPES.get(name, np.float64))
-    for name in STRING_FIELDS:
-        arrays[name] = np.array([str(r[name]) for r in records], dtype=str)
-    return arrays
+KERNEL_LAYOUT = ShardLayout(store.KERNEL, NUMERIC_FIELDS, STRING_FIELDS, dtypes=_DTYPES, vds_name=VDS_NAME)
+"""Kernel shards (``deepstem.kernel/1``) and their virtual dataset ``kernel.vds.h5``."""
 
 
 class PartialShard:
     """The checkpoint folder of one shard being computed (see the module docstring).
 
     ``fingerprint`` is the YAML text of everything that determines the samples (seed, sizes,
-    simulation and source config); resuming with a different one is refused.
+    simulation and source config); resuming with a different one is refused. ``layout`` names the
+    records' fields (default: kernel samples).
     """
 
     def __init__(
-        self, out_dir: str | os.PathLike, shard_index: int, num_shards: int, fingerprint: str
+        self,
+        out_dir: str | os.PathLike,
+        shard_index: int,
+        num_shards: int,
+        fingerprint: str,
+        layout: ShardLayout = KERNEL_LAYOUT,
     ) -> None:
+        self.layout = layout
         self.out_dir = Path(out_dir)
         self.final = self.out_dir / shard_name(shard_index, num_shards)
         self.folder = self.out_dir / f".{self.final.stem}.partial"
@@ -146,7 +209,7 @@ class PartialShard:
                 )
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(marker, self.fingerprint)
+        atomic_write_text(marker, self.fingerprint)
 
     def chunks(self) -> list[Path]:
         return sorted(self.folder.glob("chunk-*.npz"))
@@ -165,7 +228,7 @@ class PartialShard:
             raise ValueError("save: no records")
         first = min(int(r["sample_index"]) for r in records)
         path = self.folder / f"chunk-{first:012d}-{len(records):06d}-{uuid.uuid4().hex[:6]}.npz"
-        _atomic_savez(path, _stack(records))
+        atomic_savez(path, self.layout.stack(records))
         return path
 
     def load(self) -> dict[str, np.ndarray]:
@@ -173,7 +236,7 @@ class PartialShard:
         parts = []
         for chunk in self.chunks():
             with np.load(chunk) as data:
-                parts.append({name: data[name] for name in (*NUMERIC_FIELDS, *STRING_FIELDS)})
+                parts.append({name: data[name] for name in self.layout.fields})
         if not parts:
             return {}
         merged = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
@@ -196,8 +259,10 @@ def assemble_shard(
 ) -> tuple[Path, int]:
     """Write the final shard from the checkpoints (atomically) and remove them; returns (path, samples).
 
-    Samples outside ``expected`` are an error (a checkpoint from another sharding).
+    Samples outside ``expected`` are an error (a checkpoint from another sharding). The schema and the
+    fields come from ``partial.layout``.
     """
+    layout = partial.layout
     data = partial.load()
     indices = data.get("sample_index", np.zeros(0, dtype=np.int64))
     stray = set(indices.tolist()) - set(expected)
@@ -206,16 +271,26 @@ def assemble_shard(
             f"{partial.folder}: checkpoint holds samples outside this shard: {sorted(stray)[:5]}"
         )
     if not data:
-        data = {name: np.zeros((0,), dtype=_DTYPES.get(name, np.float64)) for name in NUMERIC_FIELDS}
-        data.update({name: np.zeros((0,), dtype=str) for name in STRING_FIELDS})
-    datasets = {name: data[name] for name in (*NUMERIC_FIELDS, *STRING_FIELDS)}
-    store.write(partial.final, store.KERNEL, datasets, attrs=attrs, config=config, overwrite=overwrite)
+        data = layout.empty()
+    with store.create(
+        partial.final, layout.schema, config=config, attrs=attrs, overwrite=overwrite
+    ) as handle:
+        for name in layout.fields:
+            array = np.asarray(data[name])
+            if array.dtype.kind in "UO":
+                handle.create_dataset(name, data=array.astype(object), dtype=h5py.string_dtype())
+            elif name in layout.chunked and len(array):
+                chunks = (max(1, min(16, len(array))), *array.shape[1:])
+                handle.create_dataset(name, data=array, chunks=chunks)
+            else:
+                handle.create_dataset(name, data=array)
     partial.remove()
     return partial.final, int(indices.size)
 
 
-def write_index(out_dir: str | os.PathLike) -> Path:
-    """Write ``index.json`` and the virtual dataset ``kernel.vds.h5`` over every finished shard.
+def write_index(out_dir: str | os.PathLike, layout: ShardLayout = KERNEL_LAYOUT) -> Path:
+    """Write ``index.json`` (and the layout's virtual dataset, for kernel data ``kernel.vds.h5``) over every
+    finished shard of ``layout``'s schema in ``out_dir``.
 
     Safe to call from every job at its end (the files are replaced atomically; the last call sees all
     shards finished so far). Returns the path of ``index.json``.
@@ -224,18 +299,18 @@ def write_index(out_dir: str | os.PathLike) -> Path:
     # jobs finishing together may each miss the other's shard: rewrite until the listing is stable
     for _ in range(5):
         before = sorted(p.name for p in out_dir.glob("shard-*-of-*.h5"))
-        path = _write_index_once(out_dir)
+        path = _write_index_once(out_dir, layout)
         if sorted(p.name for p in out_dir.glob("shard-*-of-*.h5")) == before:
             break
     return path
 
 
-def _write_index_once(out_dir: Path) -> Path:
+def _write_index_once(out_dir: Path, layout: ShardLayout) -> Path:
     entries = []
     shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
     for path in sorted(out_dir.glob("shard-*-of-*.h5")):
-        with store.open_checked(path, store.KERNEL) as handle:
-            n = int(handle["cbed"].shape[0])
+        with store.open_checked(path, layout.schema) as handle:
+            n = int(handle[layout.count_field].shape[0])
             indices = handle["sample_index"][()] if "sample_index" in handle else np.zeros(0, np.int64)
             entry = {
                 "file": path.name,
@@ -244,29 +319,36 @@ def _write_index_once(out_dir: Path) -> Path:
                 "last_index": int(indices.max()) if n else None,
                 "failed_indices": json.loads(handle.attrs.get("failed_indices", "[]")),
             }
-            for name in (*NUMERIC_FIELDS, *STRING_FIELDS):
+            for name in layout.fields:
                 if name in handle and n:
                     shapes[name] = (handle[name].shape[1:], handle[name].dtype)
         entries.append(entry)
-    index = {
-        "schema": store.KERNEL.id,
+    index: dict[str, Any] = {
+        "schema": layout.schema.id,
         "num_samples": sum(e["num_samples"] for e in entries),
         "shards": entries,
-        "virtual_dataset": VDS_NAME,
     }
+    if layout.vds_name:
+        index["virtual_dataset"] = layout.vds_name
     path = out_dir / INDEX_NAME
-    _atomic_write_text(path, json.dumps(index, indent=1) + "\n")
-    _write_vds(out_dir, entries, shapes)
+    atomic_write_text(path, json.dumps(index, indent=1) + "\n")
+    if layout.vds_name:
+        _write_vds(out_dir, entries, shapes, layout)
     return path
 
 
-def _write_vds(out_dir: Path, entries: list[dict], shapes: Mapping[str, tuple[tuple[int, ...], Any]]) -> None:
+def _write_vds(
+    out_dir: Path,
+    entries: list[dict],
+    shapes: Mapping[str, tuple[tuple[int, ...], Any]],
+    layout: ShardLayout,
+) -> None:
     total = sum(e["num_samples"] for e in entries)
-    final = out_dir / VDS_NAME
+    final = out_dir / str(layout.vds_name)
     temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with h5py.File(temporary, "w", libver="latest") as handle:
-            handle.attrs["schema"] = store.KERNEL.id
+            handle.attrs["schema"] = layout.schema.id
             handle.attrs["shards"] = json.dumps([e["file"] for e in entries])
             for name, (shape, dtype) in shapes.items():
                 layout = h5py.VirtualLayout(shape=(total, *shape), dtype=dtype)

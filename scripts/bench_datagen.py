@@ -153,11 +153,11 @@ def _baseline_sample(maker, drawn, extent_A: float, check: bool = True) -> dict:
 def child(mode: str, config: str, indices: list[int], seed: int, extent_A: float, check: bool) -> dict:
     import numpy as np
 
-    from datagen.cli import KernelSampleMaker, _structures
+    from datagen.cli import KernelSampleMaker, structures_of
     from datagen.kernel import plan_grid
 
     cfg = _cfg(config)
-    maker = KernelSampleMaker(cfg.simulation, _structures(cfg), seed, scheduler="threads")
+    maker = KernelSampleMaker(cfg.simulation, structures_of(cfg), seed, scheduler="threads")
     start = time.perf_counter()
     _warm_up()
     warm_up_s = time.perf_counter() - start
