@@ -29,12 +29,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from physics import fourier_shift
 from training.distortions import (
     Generators,
     PMTParameters,
+    SeededModule,
     make_generator,
     per_sample_generators,
     pmt_noise,
@@ -304,7 +305,7 @@ def preprocess(
 # ----------------------------------------------------------------------------------------------------------
 
 
-class AirpiAugmentation(nn.Module):
+class AirpiAugmentation(SeededModule):
     """Noise augmentation + AIRPI pre-processing of kernel batches, on the batch's device.
 
     Parameters (ranges ``(low, high)`` are drawn uniformly per sample, the dose log-uniformly; every
@@ -346,7 +347,7 @@ class AirpiAugmentation(nn.Module):
         seed: int = 0,
         eval_seed: int = 1234,
     ) -> None:
-        super().__init__()
+        super().__init__(seed)
         for name, p in (
             ("no_specimen_prob", no_specimen_prob),
             ("misalignment_prob", misalignment_prob),
@@ -374,15 +375,7 @@ class AirpiAugmentation(nn.Module):
         self.exponent = exponent
         self.zeta_scale = zeta_scale
         self.standardise_input = standardise_input
-        self.seed = int(seed)
         self.eval_seed = int(eval_seed)
-        self._generators: dict[str, torch.Generator] = {}
-
-    def _generator_for(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = make_generator(self.seed, device)
-        return self._generators[key]
 
     def augment(
         self, cbed: Tensor, probe: Tensor, wave: Tensor, step_A: Tensor, generator: Generators
@@ -474,7 +467,7 @@ class AirpiAugmentation(nn.Module):
                 raise KeyError("deterministic augmentation needs the samples' dataset 'index' in the batch")
             generator = per_sample_generators(batch["index"], self.eval_seed, cbed.device)
         elif generator is None:
-            generator = self._generator_for(cbed.device)
+            generator = self.generator_for(cbed.device)
         out = dict(batch)
         out.update(self.augment(cbed, batch["probe"], batch["wave"], batch["step_A"], generator))
         return out

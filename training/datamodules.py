@@ -62,6 +62,11 @@ def _plain(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(mapping).items()}
 
 
+def _ranges_as_tuples(options: dict[str, Any]) -> dict[str, Any]:
+    """Config lists of ``*_range`` parameters as the tuples the augmentation classes expect."""
+    return {k: (tuple(v) if k.endswith("_range") and v is not None else v) for k, v in options.items()}
+
+
 def _stage(trainer: Any) -> str:
     """'train' while fitting a training batch, else 'eval' (validation, test, predict, sanity check,
     and calls outside a Trainer), which selects the deterministic per-index noise."""
@@ -191,21 +196,16 @@ class MultisliceDataModule(_ShardDataModule):
         if view not in ("airpi", "ptychonn"):
             raise ValueError(f"data.view must be 'airpi' or 'ptychonn', got {view!r}")
         self.view = view
-        options = _plain(augmentation)
-        for key in ("dose_e_range", "readout_std_e_range", "dead_fraction_range", "hot_fraction_range",
-                    "hot_level_range"):  # fmt: skip
-            if options.get(key) is not None:
-                options[key] = tuple(options[key])
+        options = _ranges_as_tuples(_plain(augmentation))
         options.setdefault("seed", self.seed)
         self.augmentation = AirpiAugmentation(**options)
 
     def state_dict(self) -> dict[str, Any]:
         """Training-noise generator states, saved in checkpoints so that a resumed run continues exactly."""
-        return {"generators": {device: g.get_state() for device, g in self.augmentation._generators.items()}}
+        return {"generators": self.augmentation.generator_states()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for device, generator_state in state.get("generators", {}).items():
-            self.augmentation._generator_for(torch.device(device)).set_state(generator_state)
+        self.augmentation.restore_generators(state.get("generators", {}))
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
         deterministic = _stage(getattr(self, "trainer", None)) != "train"
@@ -217,7 +217,7 @@ class MultisliceDataModule(_ShardDataModule):
                 batch["index"], self.augmentation.eval_seed, batch["cbed"].device
             )
         else:
-            generator = self.augmentation._generator_for(batch["cbed"].device)
+            generator = self.augmentation.generator_for(batch["cbed"].device)
         counts = batch["cbed"]
         if self.augmentation.dose_e_range is not None:
             dose = uniform_range(generator, counts.shape[0], *self.augmentation.dose_e_range, log=True,
@@ -240,19 +240,15 @@ class HaadfDataModule(_ShardDataModule):
         self, data_dir: str | Sequence[str], distortion: Mapping[str, Any] | None = None, **kwargs: Any
     ):
         super().__init__(data_dir, **kwargs)
-        options = _plain(distortion)
-        for key, value in list(options.items()):
-            if key.endswith("_range") and value is not None:
-                options[key] = tuple(value)
+        options = _ranges_as_tuples(_plain(distortion))
         options.setdefault("seed", self.seed)
         self.distortion = StemDistortion(**options)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generators": {device: g.get_state() for device, g in self.distortion._generators.items()}}
+        return {"generators": self.distortion.generator_states()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for device, generator_state in state.get("generators", {}).items():
-            self.distortion._generator_for(torch.device(device)).set_state(generator_state)
+        self.distortion.restore_generators(state.get("generators", {}))
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
         clean = batch["image"].float()

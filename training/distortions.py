@@ -33,7 +33,7 @@ Implemented equations (thesis = paper 003):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 __all__ = [
     "Generators",
     "PMTParameters",
+    "SeededModule",
     "StemDistortion",
     "ar1_series",
     "batch_size_of",
@@ -549,7 +550,33 @@ def _bernoulli(generator: Generators, batch: int, prob: float, device: torch.dev
     return rand(generator, batch, device=device, dtype=torch.float64) < prob
 
 
-class StemDistortion(nn.Module):
+class SeededModule(nn.Module):
+    """A module that draws training noise from one seeded generator per device (created on first use).
+
+    :meth:`generator_states` and :meth:`restore_generators` let a checkpoint carry the generators, so a
+    resumed run continues with exactly the noise it would have drawn.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = int(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def generator_for(self, device: torch.device | str) -> torch.Generator:
+        key = str(torch.device(device))
+        if key not in self._generators:
+            self._generators[key] = make_generator(self.seed, device)
+        return self._generators[key]
+
+    def generator_states(self) -> dict[str, Tensor]:
+        return {device: generator.get_state() for device, generator in self._generators.items()}
+
+    def restore_generators(self, states: Mapping[str, Tensor]) -> None:
+        for device, state in states.items():
+            self.generator_for(device).set_state(state)
+
+
+class StemDistortion(SeededModule):
     """Distort clean STEM images with parameters drawn per sample (thesis ch.2, table 2.2).
 
     Order (the physics of acquisition): scan jitter (where the probe was) -> shot noise or PMT detector
@@ -592,7 +619,7 @@ class StemDistortion(nn.Module):
         saturation_fraction_range: tuple[float, float] = (0.7, 1.0),
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(seed)
         if detector not in ("pmt", "poisson", None):
             raise ValueError(f"detector must be 'pmt', 'poisson' or None, got {detector!r}")
         if fast_scan_model not in ("lorentzian", "exponential"):
@@ -618,14 +645,6 @@ class StemDistortion(nn.Module):
         self.dead_pixel_fraction_range = tuple(dead_pixel_fraction_range)
         self.saturation_prob = saturation_prob
         self.saturation_fraction_range = tuple(saturation_fraction_range)
-        self.seed = int(seed)
-        self._generators: dict[str, torch.Generator] = {}
-
-    def _generator_for(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = make_generator(self.seed, device)
-        return self._generators[key]
 
     def draw_parameters(
         self, batch: int, generator: Generators, device: torch.device | str | None
@@ -676,7 +695,7 @@ class StemDistortion(nn.Module):
         if indices is not None:
             generator = per_sample_generators(indices, self.seed, image.device)
         elif generator is None:
-            generator = self._generator_for(image.device)
+            generator = self.generator_for(image.device)
         dev = image.device
         x = image if image.is_floating_point() else image.float()
         p = self.draw_parameters(b, generator, dev)
