@@ -73,15 +73,10 @@ class RunSummary:
         rate = self.written / self.wall_s if self.wall_s > 0 else 0.0
         if self.skipped_existing:
             out = [f"{self.shard}: already complete, skipped (overwrite=true recomputes it)"]
-            if self.noun == "scans":
-                out[0] = (
-                    f"{self.shard}: all {self.resumed} scans already written, skipped "
-                    "(overwrite=true recomputes them)"
-                )
         else:
             out = [
                 f"{self.shard}: {self.written} {self.noun} computed, "
-                f"{self.resumed} resumed from checkpoints, "
+                f"{self.resumed} {self.resumed_label}, "
                 f"{len(self.failed)} failed, wall time {self.wall_s:.1f} s ({rate:.3g} {self.noun}/s)"
             ]
         if self.rejected:

@@ -21,6 +21,11 @@ removed (a constant phase is invisible in the diffraction pattern; stitching res
 The probe has the 7 aberration parameters of paper 001 (C10; C12, C21, C23 as magnitude and angle) drawn
 per sample, and uses :func:`physics.probe` (the one probe implementation). Everything after the probe runs
 batch-wise in torch on the device of the model.
+
+Fixed sets (``python datagen.py simulation=stock_images``, :func:`run`): sample ``i`` is
+``forward(1, generator_i)`` with ``generator_i`` seeded by :func:`sample_seed` from ``(seed, i)``, so a set
+is the same whatever the sharding and batching; samples are computed ``batch_size`` at a time (one FFT
+batch) and written as ``deepstem.stock_images/1`` shards (:data:`datagen.store.STOCK`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,16 @@ import torch.nn.functional as F
 
 from physics import Grid, probe, wavelength
 
-__all__ = ["ABERRATION_KEYS", "ChangForwardModel", "StockImageBank", "procedural_textures"]
+__all__ = [
+    "ABERRATION_KEYS",
+    "ChangForwardModel",
+    "StockImageBank",
+    "forward_model_from_config",
+    "procedural_textures",
+    "run",
+    "sample_seed",
+    "stock_layout",
+]
 
 ABERRATION_KEYS = ("C10", "C12", "phi12", "C21", "phi21", "C23", "phi23")
 # photographs scikit-image ships inside its wheel (no download at run time)
@@ -292,8 +306,24 @@ class ChangForwardModel(torch.nn.Module):
     def forward(self, batch: int, generator: torch.Generator, device: torch.device | str = "cpu") -> dict:
         """A batch: ``diffraction``, ``phase``, ``mask`` (B, n, n) and ``aberrations`` (B, 7)."""
         aberrations = self.draw_aberrations(batch, generator)
-        probes = self.probes(aberrations, device)
         phase = self.phase_objects(batch, generator, device)
+        return self._finish(aberrations, phase, device)
+
+    def indexed(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> dict:
+        """One sample per seed, each ``forward(1, torch.Generator().manual_seed(seed))``, computed as a
+        batch (the probes, FFTs and masks of all seeds at once); same keys as :meth:`forward`."""
+        draws = []
+        for seed in seeds:
+            generator = torch.Generator().manual_seed(int(seed))
+            draws.append((self.draw_aberrations(1, generator), self.phase_objects(1, generator, device)))
+        aberrations = {key: np.concatenate([d[0][key] for d in draws]) for key in ABERRATION_KEYS}
+        phase = torch.cat([d[1] for d in draws])
+        return self._finish(aberrations, phase, device)
+
+    def _finish(
+        self, aberrations: dict[str, np.ndarray], phase: torch.Tensor, device: torch.device | str
+    ) -> dict:
+        probes = self.probes(aberrations, device)
         diffraction = self.diffraction(probes, phase)
         mask = self.illuminated_mask(probes)
         patch = self.label_window(phase)
@@ -306,3 +336,131 @@ class ChangForwardModel(torch.nn.Module):
             "mask": mask,
             "aberrations": table,
         }
+
+
+# --------------------------------------------------------------------------------------------------
+# fixed sets on disk (`python datagen.py simulation=stock_images`)
+
+FORWARD_MODEL_RANGES = ("C10_A", "C12_A", "C21_A", "C23_A", "phase_max_rad", "crop_fraction")
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The torch seed of sample ``index`` of a fixed set (from ``numpy.random.default_rng([seed, index])``).
+
+    Independent of sharding and batching: sample ``i`` is ``forward(1, Generator().manual_seed(seed))``.
+    """
+    from datagen.parameters import sample_rng
+
+    return int(sample_rng(seed, index).integers(0, 2**63 - 1))
+
+
+def forward_model_from_config(
+    forward_model: dict | None, image_bank: dict | None, parameter: str = "simulation"
+) -> ChangForwardModel:
+    """:class:`ChangForwardModel` from the ``forward_model:`` and ``image_bank:`` sections (the keys of
+    ``conf/data/stock_images.yaml``); a bad value is a one-line ``ConfigError`` naming the section."""
+    from datagen.parameters import ConfigError
+
+    options = dict(forward_model or {})
+    bank_options = dict(image_bank or {})
+    for key in FORWARD_MODEL_RANGES:
+        if key in options and not isinstance(options[key], (list, tuple)):
+            raise ConfigError(
+                f"{parameter}.forward_model.{key}", f"must be a range [low, high], got {options[key]!r}"
+            )
+    try:
+        bank = StockImageBank.build(
+            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in bank_options.items() if v is not None}
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{parameter}.image_bank", " ".join(str(err).split())) from None
+    try:
+        return ChangForwardModel(
+            bank=bank, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in options.items()}
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{parameter}.forward_model", " ".join(str(err).split())) from None
+
+
+def stock_layout(diffraction_px: int):
+    """The shard layout of ``deepstem.stock_images/1`` with ``diffraction_px``-square patterns."""
+    from datagen import store
+    from datagen.shards import ShardLayout
+
+    n = int(diffraction_px)
+    return ShardLayout(
+        store.STOCK,
+        store.STOCK_PER_SAMPLE,
+        dtypes={
+            "diffraction": np.float32,
+            "phase": np.float32,
+            "mask": np.bool_,
+            "aberrations": np.float32,
+            "seed": np.int64,
+            "sample_index": np.int64,
+        },
+        empty_shapes={
+            "diffraction": (n, n),
+            "phase": (n, n),
+            "mask": (n, n),
+            "aberrations": (len(ABERRATION_KEYS),),
+        },
+        chunked=("diffraction", "phase", "mask"),
+    )
+
+
+def run(cfg) -> object:
+    """``python datagen.py simulation=stock_images``: compute (or resume, or skip) one shard of a fixed set.
+
+    Sharding, checkpoints, resume, progress bar and closing summary are those of every runner
+    (:func:`datagen.cli.run_shard`); ``simulation.batch_size`` samples go through the forward model at a
+    time on ``device`` (cpu, or gpu = CUDA). Returns the :class:`datagen.cli.RunSummary`.
+    """
+    from collections import Counter
+
+    from datagen.cli import plain_config, run_shard, validate_root
+    from datagen.parameters import ConfigError
+
+    container = plain_config(cfg)
+    seed, _, _, _ = validate_root(container)
+    simulation = container.get("simulation") or {}
+    batch_size = simulation.get("batch_size", 64)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError("simulation.batch_size", f"must be an integer >= 1, got {batch_size!r}")
+    device = "cuda" if container.get("device", "cpu") == "gpu" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "device=gpu but torch sees no CUDA device")
+    model = forward_model_from_config(simulation.get("forward_model"), simulation.get("image_bank"))
+    model = model.to(device)
+
+    def results(todo):
+        for start in range(0, len(todo), batch_size):
+            indices = list(todo[start : start + batch_size])
+            seeds = [sample_seed(seed, i) for i in indices]
+            try:
+                with torch.no_grad():
+                    batch = model.indexed(seeds, device)
+            except Exception as err:  # reported per sample, the shard goes on
+                for index in indices:
+                    yield index, None, Counter(), f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
+                continue
+            arrays = {key: value.cpu().numpy() for key, value in batch.items()}
+            for row, index in enumerate(indices):
+                record = {key: arrays[key][row] for key in ("diffraction", "phase", "mask", "aberrations")}
+                record.update(seed=seeds[row], sample_index=index)
+                yield index, record, Counter(), None
+
+    attrs = {
+        "energy_eV": model.energy_eV,
+        "semiangle_mrad": model.semiangle_mrad,
+        "pixel_size_A": model.pixel_size_A,
+        "k_detector_invA": model.k_detector_invA,
+        "aberration_keys": ",".join(ABERRATION_KEYS),
+        "aberration_units": "C10, C12, C21, C23 in Angstrom; phi12, phi21, phi23 in rad",
+        "intensity_unit": "fraction of incident electrons per detector pixel, noise free (dose at load time)",
+        "label": "phase (rad) on the label window, zero outside mask, mean over mask removed",
+        "seed_rule": "sample i: forward(1, torch.Generator().manual_seed(seed)), "
+        "seed = numpy.random.default_rng([global_seed, i]).integers(0, 2**63 - 1)",
+        "image_bank": ",".join(model.bank.names),
+    }
+    return run_shard(cfg, stock_layout(model.diffraction_px), lambda: results, attrs)

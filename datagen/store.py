@@ -29,6 +29,7 @@ __all__ = [
     "RECON",
     "SCAN4D",
     "SCHEMAS",
+    "STOCK",
     "Schema",
     "StoreError",
     "create",
@@ -86,8 +87,20 @@ SCAN4D = Schema(
     datasets=("data",),
     attrs=("energy_eV", "semiangle_mrad", "scan_step_A", "k_pixel_invA", "scan_rotation_deg"),
 )
+STOCK_PER_SAMPLE = ("diffraction", "phase", "mask", "aberrations", "seed", "sample_index")
+STOCK = Schema(
+    "deepstem.stock_images",
+    1,
+    datasets=STOCK_PER_SAMPLE,
+    attrs=("energy_eV", "semiangle_mrad", "pixel_size_A", "k_detector_invA", "aberration_keys"),
+    per_sample=STOCK_PER_SAMPLE,
+)
+"""Chang U-Net samples (datagen.stock_images): noise-free ``diffraction`` (fraction of the incident
+electrons per detector pixel, zero frequency at pixel n // 2), label ``phase`` (rad) and ``mask`` on the
+label window of ``pixel_size_A``, ``aberrations`` in the order of the ``aberration_keys`` attribute
+(Angstrom, rad); the detector spans ``-k_detector_invA .. +k_detector_invA``."""
 RECON = Schema("deepstem.recon", 1, datasets=("phase",), attrs=("pixel_size_A", "origin_A", "method"))
-SCHEMAS: dict[str, Schema] = {s.id: s for s in (KERNEL, IMAGE, SCAN4D, RECON)}
+SCHEMAS: dict[str, Schema] = {s.id: s for s in (KERNEL, IMAGE, SCAN4D, RECON, STOCK)}
 
 
 def _schema(schema: Schema | str) -> Schema:
