@@ -21,6 +21,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,12 +33,18 @@ import numpy as np
 from physics import interaction_parameter, scherzer_defocus, wavelength
 
 __all__ = [
+    "ScanJob",
     "ScanResult",
     "ScanSettings",
+    "build_scan_specimen",
+    "phonon_seed",
+    "plan_scans",
+    "run",
     "simulate_scan",
     "twisted_bilayer",
     "with_point_defect",
     "write_scan",
+    "write_scan_index",
 ]
 
 
@@ -305,3 +312,273 @@ def _to_numpy(array: Any) -> np.ndarray:
     if hasattr(array, "get"):  # CuPy
         array = array.get()
     return np.asarray(array)
+
+
+# --------------------------------------------------------------------------------------------------
+# `python datagen.py simulation=scan4d`
+
+SPECIMEN_KINDS = ("twisted_bilayer", "crystal")
+DEFECT_KINDS = ("vacancy", "substitution")
+SCAN_SUFFIX = ".h5"
+
+
+@dataclass(frozen=True)
+class ScanJob:
+    """One configured scan: its file name, specimen section, settings and scan-window margin (A)."""
+
+    name: str
+    position: int  # place in ``simulation.scans`` (the phonon seed's index)
+    specimen: dict
+    settings: ScanSettings
+    edge_margin_A: float
+
+
+def phonon_seed(seed: int, position: int) -> int:
+    """Frozen-phonon seed of the scan at ``position`` in ``simulation.scans``: from
+    ``numpy.random.default_rng([seed, position])`` (a ``settings.seed`` of the scan overrides it)."""
+    from datagen.parameters import sample_rng
+
+    return int(sample_rng(seed, position).integers(0, 2**31 - 1))
+
+
+def plan_scans(simulation: dict, seed: int) -> list[ScanJob]:
+    """The scans of ``simulation.scans`` (name -> section) with ``simulation.settings`` as their defaults.
+
+    Every error is a one-line ``ConfigError`` naming the parameter (``simulation.scans.<name>....``).
+    """
+    from datagen.parameters import ConfigError
+
+    scans = simulation.get("scans")
+    if not isinstance(scans, dict) or not scans:
+        raise ConfigError("simulation.scans", "give at least one scan (name: {specimen: ..., settings: ...})")
+    common = dict(simulation.get("settings") or {})
+    jobs = []
+    for position, (name, entry) in enumerate(scans.items()):
+        where = f"simulation.scans.{name}"
+        if not str(name).replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(where, "scan names are file names: letters, digits, '_' and '-' only")
+        entry = dict(entry or {})
+        unknown = set(entry) - {"specimen", "settings", "edge_margin_A"}
+        if unknown:
+            raise ConfigError(
+                f"{where}.{sorted(unknown)[0]}", "unknown key (specimen, settings, edge_margin_A)"
+            )
+        options = {**common, **dict(entry.get("settings") or {})}
+        options.setdefault("seed", phonon_seed(seed, position))
+        if "scan_gpts" in options:
+            options["scan_gpts"] = tuple(int(n) for n in options["scan_gpts"])
+        if options.get("scan_start_A") is not None:
+            options["scan_start_A"] = tuple(float(v) for v in options["scan_start_A"])
+        try:
+            settings = ScanSettings(**options)
+            settings.resolved_defocus_A  # noqa: B018 (checks the string form)
+        except TypeError as err:
+            raise ConfigError(f"{where}.settings", " ".join(str(err).split())) from None
+        except ValueError as err:
+            text = " ".join(str(err).split()).removeprefix("scan4d: ")
+            key = re.match(r"\w*", text).group(0)
+            raise ConfigError(
+                f"{where}.settings.{key}"
+                if key in ScanSettings.__dataclass_fields__
+                else f"{where}.settings",
+                text,
+            ) from None
+        specimen = dict(entry.get("specimen") or {})
+        kind = specimen.get("kind")
+        if kind not in SPECIMEN_KINDS:
+            raise ConfigError(
+                f"{where}.specimen.kind", f"must be one of {', '.join(SPECIMEN_KINDS)}, got {kind!r}"
+            )
+        defect = specimen.get("defect")
+        if defect is not None:
+            if not isinstance(defect, dict) or defect.get("kind") not in DEFECT_KINDS:
+                raise ConfigError(
+                    f"{where}.specimen.defect.kind", f"must be one of {', '.join(DEFECT_KINDS)}"
+                )
+            if defect["kind"] == "substitution" and not defect.get("element"):
+                raise ConfigError(f"{where}.specimen.defect.element", "a substitution needs an element")
+        margin = float(entry.get("edge_margin_A", 0.0))
+        if margin < 0:
+            raise ConfigError(f"{where}.edge_margin_A", f"must be >= 0, got {margin}")
+        jobs.append(ScanJob(str(name), position, specimen, settings, margin))
+    return jobs
+
+
+def build_scan_specimen(job: ScanJob, structures: Any = None):
+    """The atoms of ``job``: a twisted bilayer, or a crystal slab in zone axis from the structure source
+    (``structure``: a source id or formula of the bundled set), with the configured point defect at the
+    column nearest to the box centre (or to ``defect.position_A``)."""
+    spec = {k: v for k, v in job.specimen.items() if k not in ("kind", "defect")}
+    where = f"simulation.scans.{job.name}.specimen"
+    from datagen.parameters import ConfigError
+
+    try:
+        if job.specimen["kind"] == "twisted_bilayer":
+            atoms = twisted_bilayer(**spec)
+        else:
+            atoms = _crystal(spec, structures, where)
+    except ConfigError:
+        raise
+    except TypeError as err:
+        raise ConfigError(where, " ".join(str(err).split())) from None
+    except ValueError as err:  # SpecimenRejected included
+        raise ConfigError(where, " ".join(str(err).split()).removeprefix("scan4d: ")) from None
+    defect = job.specimen.get("defect")
+    if defect:
+        centre = np.asarray(atoms.cell.lengths()[:2]) / 2
+        position = defect.get("position_A") or centre
+        atoms = with_point_defect(atoms, position, kind=defect["kind"], element=defect.get("element"))
+    return atoms
+
+
+def _crystal(spec: dict, structures: Any, where: str):
+    from datagen.parameters import ConfigError
+    from datagen.specimen import build_specimen
+
+    wanted = str(spec.pop("structure", ""))
+    records = structures if structures is not None else []
+    record = next((r for r in records if wanted in (r.source_id, r.formula)), None)
+    if record is None:
+        from datagen.sources import load_structures
+
+        try:
+            found = load_structures({"name": "bundled", "ids": [wanted]}) if wanted else []
+        except Exception:  # an unknown id: reported below
+            found = []
+        record = found[0] if found else None
+    if record is None:
+        raise ConfigError(f"{where}.structure", f"no structure {wanted!r} in the bundled source")
+    options = {"rotation_deg": 0.0, **spec}
+    options["zone_axis"] = tuple(int(v) for v in options.get("zone_axis", (0, 0, 1)))
+    return build_specimen(record.atoms, **options).atoms
+
+
+def write_scan_index(out_dir: str | Path) -> Path:
+    """``index.json`` listing the finished scans of ``out_dir`` (name, file, scan and detector shape)."""
+    import json
+
+    from datagen import store
+    from datagen.shards import INDEX_NAME, atomic_write_text
+
+    out_dir = Path(out_dir)
+    entries = []
+    for path in sorted(out_dir.glob(f"*{SCAN_SUFFIX}")):
+        try:
+            with store.open_checked(path, store.SCAN4D) as handle:
+                entries.append(
+                    {
+                        "name": path.stem,
+                        "file": path.name,
+                        "shape": list(handle["data"].shape),
+                        "truth": "truth" in handle,
+                    }
+                )
+        except store.StoreError:
+            continue  # not a scan (or another schema): not listed
+    path = out_dir / INDEX_NAME
+    atomic_write_text(path, json.dumps({"schema": store.SCAN4D.id, "scans": entries}, indent=1) + "\n")
+    return path
+
+
+def run(cfg: Any) -> Any:
+    """``python datagen.py simulation=scan4d``: simulate the configured scans of this shard.
+
+    Scan ``j`` of ``simulation.scans`` belongs to shard :func:`datagen.shards.shard_range` ``(n, i, N)``
+    and is written (atomically) to ``out_dir/<name>.h5`` as ``deepstem.4dstem/1`` with its ``truth``
+    group; a finished file is skipped (``overwrite=true`` recomputes it). Progress bar, closing summary
+    and one-line :class:`~datagen.parameters.ConfigError` as the other runners; returns the
+    :class:`datagen.cli.RunSummary`.
+    """
+    import logging
+    from dataclasses import asdict, replace
+
+    from datagen.cli import (
+        RunSummary,
+        log_summary,
+        output_folder,
+        plain_config,
+        progress_bar,
+        rejection_reason,
+        structures_of,
+        validate_root,
+    )
+    from datagen.shards import shard_range
+
+    log = logging.getLogger("deepstem.datagen")
+    started = time.perf_counter()
+    container = plain_config(cfg)
+    simulation = dict(container.get("simulation") or {})
+    scans = simulation.get("scans")
+    count = len(scans) if isinstance(scans, dict) else 0
+    seed, num_shards, shard_index, _ = validate_root(
+        {**container, "simulation": {**simulation, "num_samples": count}}
+    )
+    jobs = plan_scans(simulation, seed)
+    device = str(container.get("device", "cpu"))
+    jobs = [replace(j, settings=replace(j.settings, device=device)) for j in jobs]
+    out_dir = output_folder(container)
+    overwrite = bool(container.get("overwrite", False))
+    mine = [jobs[j] for j in shard_range(len(jobs), shard_index, num_shards)]
+    summary = RunSummary(
+        shard=f"scan4d shard {shard_index + 1}/{num_shards}", noun="scans", resumed_label="already written"
+    )
+    todo = [j for j in mine if overwrite or not (out_dir / f"{j.name}{SCAN_SUFFIX}").is_file()]
+    summary.resumed = len(mine) - len(todo)
+    if mine and not todo:
+        summary.skipped_existing = True
+    crystals = any(j.specimen["kind"] == "crystal" for j in todo)
+    structures = structures_of(container) if crystals and container.get("source") else None
+    atoms = {j.name: build_scan_specimen(j, structures) for j in todo}  # config errors before any work
+    log.info(
+        "%s: %d of %d scans (%d to simulate, %d already written) -> %s",
+        summary.shard,
+        len(mine),
+        len(jobs),
+        len(todo),
+        summary.resumed,
+        out_dir,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = progress_bar(
+        total=len(mine),
+        initial=summary.resumed,
+        description=summary.shard,
+        enabled=container.get("progress", True),
+        unit="scan",
+    )
+    positions = 0
+    try:
+        for job in todo:
+            try:
+                result = simulate_scan(atoms[job.name], job.settings, edge_margin_A=job.edge_margin_A)
+                provenance = {
+                    "scan": job.name,
+                    "phonon_seed": job.settings.seed,
+                    "specimen": job.specimen,
+                    "settings": {k: v for k, v in asdict(job.settings).items() if k != "extra"},
+                    "edge_margin_A": job.edge_margin_A,
+                    "num_atoms": len(atoms[job.name]),
+                    "datagen": container,
+                }
+                write_scan(out_dir / f"{job.name}{SCAN_SUFFIX}", result, config=provenance, overwrite=True)
+                summary.written += 1
+                positions += int(np.prod(job.settings.scan_gpts))
+                log.info(
+                    "%s: %d positions in %.1f s (%.3g positions/s)",
+                    job.name,
+                    int(np.prod(job.settings.scan_gpts)),
+                    result.seconds,
+                    np.prod(job.settings.scan_gpts) / result.seconds,
+                )
+            except Exception as err:  # reported per scan, the others go on
+                summary.failed[job.position] = f"{job.name}: {type(err).__name__}: {rejection_reason(err)}"
+                log.error("scan %s failed: %s", job.name, err)
+            progress.update(1)
+    finally:
+        progress.close()
+    write_scan_index(out_dir)
+    summary.wall_s = time.perf_counter() - started
+    log_summary(summary)
+    if summary.written and summary.wall_s > 0:
+        log.info("%d positions in all (%.3g positions/s)", positions, positions / summary.wall_s)
+    return summary
