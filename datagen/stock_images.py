@@ -109,14 +109,21 @@ class StockImageBank:
     @classmethod
     def build(
         cls,
-        photographs: Sequence[str] = SKIMAGE_PHOTOGRAPHS,
+        photographs: Sequence[str] | None = SKIMAGE_PHOTOGRAPHS,
         faces: int = 50,
         textures: int = 60,
         size_px: int = 256,
         seed: int = 0,
     ) -> StockImageBank:
-        """Photographs and faces that scikit-image ships, plus ``textures`` procedural textures."""
+        """Photographs and faces that scikit-image ships, plus ``textures`` procedural textures.
+
+        ``photographs``: names of scikit-image's bundled photographs; ``None`` means all of
+        :data:`SKIMAGE_PHOTOGRAPHS` (``photographs: null`` in the configs), ``[]`` none.
+        """
         import skimage.data
+
+        if photographs is None:
+            photographs = SKIMAGE_PHOTOGRAPHS
 
         images, names = [], []
         for name in photographs:

@@ -26,6 +26,24 @@ def test_bank_holds_photographs_faces_and_textures(small_bank):
     assert textures.std(axis=(1, 2)).min() > 0.05
 
 
+def test_photographs_null_means_all_bundled_photographs():
+    from datagen.stock_images import SKIMAGE_PHOTOGRAPHS
+
+    bank = StockImageBank.build(photographs=None, faces=0, textures=0, size_px=16)  # `photographs: null`
+    assert bank.names == list(SKIMAGE_PHOTOGRAPHS)
+    assert len(StockImageBank.build(photographs=[], faces=0, textures=1, size_px=16)) == 1
+
+
+def test_indexed_samples_equal_single_draws_of_their_seeds(small_bank):
+    model = ChangForwardModel(bank=small_bank)
+    batch = model.indexed([11, 12, 13])
+    for row, seed in enumerate((11, 12, 13)):
+        single = model(1, torch.Generator().manual_seed(seed))
+        for key in ("diffraction", "phase", "mask", "aberrations"):
+            torch.testing.assert_close(batch[key][row], single[key][0], rtol=1e-5, atol=1e-7)
+    assert not torch.equal(batch["phase"][0], batch["phase"][1])
+
+
 def test_vacuum_gives_the_aperture_disc_whatever_the_aberrations(small_bank):
     model = ChangForwardModel(phase_max_rad=(0.0, 0.0), collection_ratio=2.0, bank=small_bank)
     out = model(4, torch.Generator().manual_seed(0))
