@@ -1,7 +1,12 @@
-"""`python datagen.py`: compute one shard of a kernel dataset (resumable), then update the dataset index.
+"""`python datagen.py`: compute one shard of a dataset (resumable), then update the dataset index.
 
 ``run(cfg)`` is the whole command; ``datagen.py`` only hands it Hydra's config and turns
-:class:`~datagen.parameters.ConfigError` into one line on stderr and exit status 2.
+:class:`~datagen.parameters.ConfigError` into one line on stderr and exit status 2. The simulation
+config's ``runner`` picks the work: ``kernel`` (:func:`run_kernel`, here), ``datagen.haadf:run``,
+``datagen.stock_images:run``, ``datagen.scan4d:run``. Sharded runners share :func:`run_shard` (skip,
+resume from checkpoints, progress bar, closing :class:`RunSummary`, index) with a
+:class:`datagen.shards.ShardLayout` for their schema, and the public helpers below (config validation,
+fingerprint, structure source, progress bar, summary).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ batch) and written as ``deepstem.stock_images/1`` shards (:data:`datagen.store.S
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -440,7 +440,7 @@ def run(cfg) -> object:
     model = forward_model_from_config(simulation.get("forward_model"), simulation.get("image_bank"))
     model = model.to(device)
 
-    def results(todo):
+    def results(todo: Sequence[int]) -> Iterator[tuple]:
         for start in range(0, len(todo), batch_size):
             indices = list(todo[start : start + batch_size])
             seeds = [sample_seed(seed, i) for i in indices]
