@@ -193,7 +193,7 @@ def tiny_scans(out_dir, *extra) -> dict:
         energy_eV=200e3, scan_gpts=[4, 4], scan_step_A=0.5, detector_px=16, sampling_A=0.1,
         slice_thickness_A=2.0, num_phonons=1,
     )  # fmt: skip
-    bilayer = simulation["scans"]["mos2_twisted_5deg"]
+    bilayer = simulation["scans"]["mos2_bilayer_5deg"]
     bilayer["specimen"].update(material="graphene", size_A=9.0)
     bilayer["edge_margin_A"] = 2.0
     crystal = simulation["scans"]["srtio3_001_vacancy"]
@@ -206,7 +206,7 @@ def test_scan4d_runner_writes_checked_scans_with_registered_truth_and_skips_on_r
     half = run(tiny_scans(tmp_path, "num_shards=2", "shard_index=1"))
     assert half.written == 1 and not half.failed
     crystal_path = tmp_path / "srtio3_001_vacancy.h5"
-    assert crystal_path.is_file() and not (tmp_path / "mos2_twisted_5deg.h5").exists()
+    assert crystal_path.is_file() and not (tmp_path / "mos2_bilayer_5deg.h5").exists()
     first_mtime = crystal_path.stat().st_mtime_ns
     # the whole list: the finished scan is skipped, the other one simulated
     whole = run(tiny_scans(tmp_path))
@@ -214,12 +214,12 @@ def test_scan4d_runner_writes_checked_scans_with_registered_truth_and_skips_on_r
     assert crystal_path.stat().st_mtime_ns == first_mtime
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["schema"] == store.SCAN4D.id
-    assert [s["name"] for s in index["scans"]] == ["mos2_twisted_5deg", "srtio3_001_vacancy"]
+    assert [s["name"] for s in index["scans"]] == ["mos2_bilayer_5deg", "srtio3_001_vacancy"]
     assert all(s["truth"] and s["shape"] == [4, 4, 16, 16] for s in index["scans"])
     rerun = run(tiny_scans(tmp_path))
     assert rerun.skipped_existing and rerun.written == 0 and "already complete" in rerun.lines()[0]
 
-    for path in (crystal_path, tmp_path / "mos2_twisted_5deg.h5"):
+    for path in (crystal_path, tmp_path / "mos2_bilayer_5deg.h5"):
         with store.open_checked(path, store.SCAN4D) as handle:
             data = handle["data"][()]
             assert data.shape == (4, 4, 16, 16) and np.all(data >= 0)
@@ -281,6 +281,6 @@ def test_default_scan4d_config_runs_through_the_command(tmp_path):
         capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    for name in ("mos2_twisted_5deg", "srtio3_001_vacancy"):
+    for name in ("mos2_bilayer_5deg", "srtio3_001_vacancy"):
         with store.open_checked(tmp_path / f"{name}.h5", store.SCAN4D) as handle:
             assert handle["data"].shape == (24, 24, 32, 32) and "truth" in handle
