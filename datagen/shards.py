@@ -53,23 +53,8 @@ __all__ = [
 INDEX_NAME = "index.json"
 VDS_NAME = "kernel.vds.h5"
 STRING_FIELDS = ("source_id", "formula")
-NUMERIC_FIELDS = (
-    "cbed",
-    "wave",
-    "probe",
-    "energy_eV",
-    "semiangle_mrad",
-    "gmax_invA",
-    "step_A",
-    "Cs_A",
-    "defocus_A",
-    "thickness_A",
-    "rotation_deg",
-    "zone_axis",
-    "num_phonons",
-    "seed",
-    "sample_index",
-)
+# the kernel schema's datasets (store.KERNEL is the one list), plus the global sample index
+NUMERIC_FIELDS = (*(name for name in store.KERNEL.datasets if name not in STRING_FIELDS), "sample_index")
 _DTYPES = {
     "cbed": np.float32,
     "wave": np.complex64,
