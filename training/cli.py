@@ -142,8 +142,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Entry point body: train, then return ``optimized_metric`` for Hydra sweepers."""
+    """Entry point body: train, then return ``optimized_metric`` for Hydra sweepers.
+
+    With ``datagen`` / ``evaluate`` set (e.g. experiment=quickstart) the training data are generated
+    first and the trained checkpoint is benchmarked afterwards (:mod:`training.pipeline`).
+    """
+    from training.pipeline import evaluate_checkpoint, prepare_data
+
+    prepare_data(cfg)
     metrics = train(cfg)
+    evaluate_checkpoint(cfg)
     name = cfg.get("optimized_metric")
     if name:
         if name not in metrics:
