@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -33,6 +34,7 @@ def test_quickstart_config_chains_datagen_training_and_the_suite():
     assert cfg.model._target_.endswith("AIRPILightning")
     assert cfg.data._target_.endswith("MultisliceDataModule")
     assert list(cfg.logger) == ["csv"]
+    assert cfg.callbacks.model_checkpoint.monitor is None  # the final weights are evaluated
     assert cfg.data.data_dir == "data/quickstart/kernel"
     assert "simulation=kernel" in cfg.datagen.overrides
     suite = pipeline.load_suite(cfg.evaluate.suite)
@@ -100,6 +102,15 @@ def test_trained_checkpoint_prefers_the_best_over_last(tmp_path):
     os.utime(folder / "last.ckpt", (1e9 + 10, 1e9 + 10))
     os.utime(folder / "epoch_003.ckpt", (1e9, 1e9))
     assert pipeline.trained_checkpoint(cfg) == folder / "epoch_003.ckpt"
+    # the best as recorded by ModelCheckpoint in last.ckpt wins over the newest file
+    (folder / "epoch_001.ckpt").write_bytes(b"")
+    os.utime(folder / "epoch_001.ckpt", (1e9 - 10, 1e9 - 10))
+    state = {"best_model_path": str(folder / "epoch_001.ckpt"), "best_model_score": 0.5}
+    torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/loss'}": state}}, folder / "last.ckpt")
+    assert pipeline.trained_checkpoint(cfg) == folder / "epoch_001.ckpt"
+    assert pipeline.trained_checkpoint(cfg, "last") == folder / "last.ckpt"
+    with pytest.raises(ConfigError, match="best, last or a path"):
+        pipeline.trained_checkpoint(cfg, "newest")
 
 
 def test_load_suite_applies_overrides_and_names_unknown_suites():

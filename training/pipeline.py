@@ -15,7 +15,8 @@ conf/train.yaml):
 
 ``cfg.datagen`` keys: ``overrides`` (list of `python datagen.py` overrides, e.g. ``simulation=kernel``,
 ``simulation.num_samples=96``). ``cfg.evaluate`` keys: ``suite`` (name or mapping), ``suite_overrides``
-(dotlist applied to the suite), ``dir``, ``seed``, ``device``, ``progress``.
+(dotlist applied to the suite), ``checkpoint`` (``best`` by the monitored validation loss, ``last``, or a
+path), ``dir``, ``seed``, ``device``, ``progress``.
 """
 
 from __future__ import annotations
@@ -122,17 +123,46 @@ def prepare_data(cfg: DictConfig) -> Path | None:
     return folder
 
 
-def trained_checkpoint(cfg: DictConfig) -> Path:
-    """The checkpoint this run trained: the best one of ``callbacks.model_checkpoint``, else ``last.ckpt``."""
+def _best_of_last(last: Path) -> Path | None:
+    """The ``best_model_path`` that ModelCheckpoint recorded in ``last`` (None if none is there)."""
+    import torch
+
+    try:
+        checkpoint = torch.load(last, map_location="cpu", weights_only=False)  # written by this run
+    except Exception:  # not a readable checkpoint: fall back to the files
+        return None
+    states = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
+    for key, state in (states or {}).items():
+        if str(key).startswith("ModelCheckpoint") and isinstance(state, Mapping):
+            best = state.get("best_model_path")
+            if best and Path(best).is_file():
+                return Path(best)
+    return None
+
+
+def trained_checkpoint(cfg: DictConfig, which: str = "best") -> Path:
+    """The checkpoint this run trained, from ``callbacks.model_checkpoint``'s folder.
+
+    ``which="best"``: the best one as recorded in ``last.ckpt``; else the newest other checkpoint (with
+    ``save_top_k: 1`` the best); else ``last.ckpt``. ``which="last"``: ``last.ckpt`` (else the newest).
+    """
+    if which not in ("best", "last"):
+        raise _error(f"train.py: evaluate.checkpoint must be best, last or a path, got {which!r}")
     callback = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
     dirpath = callback.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints"
     folder = _absolute(dirpath)
     ckpts = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-    best = [p for p in ckpts if not p.name.startswith("last")]
-    if best:
-        return best[-1]
-    if ckpts:
-        return ckpts[-1]
+    last = [p for p in ckpts if p.name.startswith("last")]
+    others = [p for p in ckpts if not p.name.startswith("last")]
+    if which == "last" and ckpts:
+        return last[-1] if last else ckpts[-1]
+    best = _best_of_last(last[-1]) if last else None
+    if best is not None:
+        return best
+    if others:
+        return others[-1]
+    if last:
+        return last[-1]
     raise _error(f"train.py: evaluate: no checkpoint in {folder} (callbacks.model_checkpoint saves them)")
 
 
@@ -173,7 +203,10 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: str | Path | None = None) -> dict
         suite_spec = OmegaConf.to_container(suite_spec, resolve=True)
     suite = load_suite(suite_spec, list(section.get("suite_overrides") or []))
     method = MODEL_METHODS.get(_class_name(cfg.model, "model"))
-    ckpt = Path(ckpt) if ckpt is not None else trained_checkpoint(cfg)
+    if ckpt is None:
+        choice = str(section.get("checkpoint") or "best")
+        ckpt = trained_checkpoint(cfg, choice) if choice in ("best", "last") else _absolute(choice)
+    ckpt = Path(ckpt)
     filled = 0
     for label, entry in (suite.get("methods") or {}).items():
         if entry is not None and entry.get("method", label) == method and not entry.get("ckpt"):
