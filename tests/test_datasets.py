@@ -107,7 +107,7 @@ def test_split_by_structure_is_disjoint_complete_and_reproducible(shard_dir):
 
 def test_chunk_batches_cover_each_sample_once_and_read_few_runs(shard_dir):
     dataset = KernelDataset(ShardIndex.open(shard_dir))
-    sampler = ChunkBatchSampler(dataset, batch_size=8, shuffle=True, seed=1)
+    sampler = ChunkBatchSampler(dataset, batch_size=8, block_size=4, shuffle=True, seed=1)
     batches = list(sampler)
     flat = np.concatenate(batches)
     assert sorted(flat.tolist()) == list(range(52))
@@ -118,8 +118,21 @@ def test_chunk_batches_cover_each_sample_once_and_read_few_runs(shard_dir):
     assert list(sampler) != batches
     sampler.set_epoch(0)
     assert list(sampler) == batches
-    replicas = [list(ChunkBatchSampler(dataset, 8, seed=1, rank=r, num_replicas=2)) for r in (0, 1)]
+    replicas = [list(ChunkBatchSampler(dataset, 8, 4, seed=1, rank=r, num_replicas=2)) for r in (0, 1)]
     assert sorted(np.concatenate(replicas[0] + replicas[1]).tolist()) == list(range(52))
+
+
+def test_lightning_sets_the_epoch_and_batches_mix_blocks(shard_dir):
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    dataset = KernelDataset(ShardIndex.open(shard_dir))
+    sampler = ChunkBatchSampler(dataset, batch_size=8, seed=0)  # default blocks: 8 // 4 = 2 samples
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batched)
+    first = list(sampler)
+    _set_sampler_epoch(loader, 1)  # what Lightning does at every epoch start
+    assert sampler.epoch == 1 and list(sampler) != first
+    runs = [np.count_nonzero(np.diff(np.sort(batch)) != 1) + 1 for batch in first]
+    assert max(runs) > 1  # a batch is not one fixed block
 
 
 def test_dataloader_with_workers_delivers_every_sample_once(shard_dir):

@@ -34,7 +34,7 @@ def test_quickstart_config_chains_datagen_training_and_the_suite():
     assert cfg.model._target_.endswith("AIRPILightning")
     assert cfg.data._target_.endswith("MultisliceDataModule")
     assert list(cfg.logger) == ["csv"]
-    assert cfg.callbacks.model_checkpoint.monitor is None  # the final weights are evaluated
+    assert cfg.evaluate.checkpoint == "last"  # the final weights are evaluated (last_checkpoint)
     assert cfg.data.data_dir == "data/quickstart/kernel"
     assert "simulation=kernel" in cfg.datagen.overrides
     suite = pipeline.load_suite(cfg.evaluate.suite)
@@ -152,7 +152,7 @@ def test_miniature_quickstart_generates_trains_and_scores(tmp_path, capsys):
         run(cfg)  # inside an initialised Hydra, as under `python train.py`
     shards = pipeline.finished_shards(data_dir)
     assert len(shards) == 1 and (data_dir / "index.json").is_file()
-    ckpt = pipeline.trained_checkpoint(cfg)
+    ckpt = pipeline.trained_checkpoint(cfg, cfg.evaluate.checkpoint)
     assert ckpt.is_file() and ckpt.parent == run_dir / "checkpoints"
     assert scan.is_file()
     bench = run_dir / "bench"

@@ -276,13 +276,25 @@ def collate_batched(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
+class _EpochForwarder:
+    """Lightning calls ``set_epoch`` on ``batch_sampler.sampler`` (not on the batch sampler itself)."""
+
+    def __init__(self, owner: ChunkBatchSampler) -> None:
+        self._owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
+
+
 class ChunkBatchSampler(Sampler[list[int]]):
     """Batches made of whole blocks of consecutive samples, shuffled per epoch (chunk-aligned reads).
 
     Yields *positions* into a :class:`ShardDataset` whose ``indices`` are sorted. Blocks are
-    ``block_size`` consecutive samples of one shard; with ``shuffle`` the block order (and the order
-    of samples in the epoch) is drawn from ``(seed, epoch)``. For distributed training every replica
-    takes every ``num_replicas``-th batch.
+    ``block_size`` consecutive samples of one shard (default: a quarter of the batch, at most the shards'
+    HDF5 chunk, so that every batch mixes several blocks); with ``shuffle`` the block order (and the
+    order of samples in the epoch) is drawn from ``(seed, epoch)``; the epoch is set by Lightning through
+    ``self.sampler.set_epoch``. For distributed training every replica takes every ``num_replicas``-th
+    batch.
     """
 
     def __init__(
@@ -304,7 +316,8 @@ class ChunkBatchSampler(Sampler[list[int]]):
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
         self.rank, self.num_replicas = int(rank), int(num_replicas)
         self.epoch = 0
-        block = int(block_size or max(1, dataset.shards.chunk))
+        self.sampler = _EpochForwarder(self)
+        block = int(block_size or max(1, min(dataset.shards.chunk, self.batch_size // 4)))
         shard, local = dataset.shards.locate(dataset.indices)
         # a new block starts at each shard change, at each gap, and every `block` samples
         key = shard * (len(dataset.shards) + 1) + local // block
