@@ -25,5 +25,9 @@ def test_readme_has_exactly_two_setup_commands_both_installing_torch_first():
     setup = [c for c in _readme_commands() if c.startswith("pip install torch==")]
     assert len(setup) == 2
     run_command = next(c for c in setup if not c.endswith("pytest"))
-    script = run_command.split("&&")[-1].split()[-1]
+    words = run_command.split("&&")[-1].split()
+    script = words[words.index("python") + 1]
     assert (ROOT / script).is_file(), f"README run command names a missing file: {script}"
+    for override in words[words.index("python") + 2 :]:  # e.g. experiment=quickstart names a config
+        group, _, name = override.partition("=")
+        assert (ROOT / "conf" / group / f"{name}.yaml").is_file(), f"README: no config for {override}"
