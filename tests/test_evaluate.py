@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning
@@ -18,6 +17,7 @@ from scan4d_helpers import simulate_scan
 from evaluation.io import save_4dstem
 from evaluation.suite import PoissonScan, evaluate_main
 from models.lightning import AIRPILightning, PtychoNNLightning
+from tests.entrypoint_helpers import run_entry_point
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,19 +105,7 @@ def test_poisson_noise_is_reproducible_and_has_the_dose(folder):
 
 
 def _run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "evaluate.py"),
-            *overrides,
-            f"hydra.run.dir={tmp_path}/run",
-            "progress=false",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    return run_entry_point("evaluate.py", tmp_path, *overrides)
 
 
 def test_evaluate_py_writes_its_outputs_in_the_run_directory(folder, tmp_path):

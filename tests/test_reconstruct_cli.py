@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +13,13 @@ from scan4d_helpers import simulate_scan
 from datagen import store
 from evaluation.io import save_4dstem
 from evaluation.metrics import xc
+from tests.entrypoint_helpers import run_entry_point
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "reconstruct.py"),
-            *overrides,
-            f"hydra.run.dir={tmp_path}/run",
-            "progress=false",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    return run_entry_point("reconstruct.py", tmp_path, *overrides)
 
 
 def _calibration(s) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning
@@ -18,6 +17,7 @@ from evaluation.cli import reconstruct_main
 from evaluation.io import save_4dstem
 from evaluation.stitching import CheckpointError, identify_checkpoint, load_network
 from models.lightning import AIRPILightning, CGRDNLightning, ChangLightning, PtychoNNLightning
+from tests.entrypoint_helpers import run_entry_point
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,19 +125,7 @@ def test_network_methods_write_a_reconstruction(folder, method, extra, pixel_fac
 
 
 def _run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "reconstruct.py"),
-            *overrides,
-            f"hydra.run.dir={tmp_path}/run",
-            "progress=false",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    return run_entry_point("reconstruct.py", tmp_path, *overrides)
 
 
 def test_reconstruct_py_airpi_end_to_end(folder, tmp_path):
