@@ -16,7 +16,9 @@ from training.augment import (
     apply_dose,
     compress_intensity,
     dead_hot_pixels,
+    dihedral_transform,
     draw_no_specimen,
+    flip_about_centre,
     gaussian_readout_noise,
     make_generator,
     preprocess,
@@ -350,3 +352,109 @@ def test_module_misalignment_moves_patterns_within_the_configured_limits() -> No
     angle = torch.rad2deg(torch.atan2(c[:, 1], c[:, 0]) - torch.atan2(c0[:, 1], c0[:, 0]))
     assert float(angle.abs().max()) <= 5.0 + 0.05 and float(angle.abs().max()) > 2.5
     assert torch.allclose(c.norm(dim=-1), c0.norm(dim=-1), atol=0.02)
+
+
+# ---------------------------------------------------------------- symmetry operations of the square
+
+
+def _asymmetric_cell(length_A: float = 10.0):
+    from ase import Atoms
+
+    rng = np.random.default_rng(3)
+    xyz = np.column_stack(
+        [rng.uniform(0, length_A, 7), rng.uniform(0, length_A, 7), rng.uniform(0.5, 3.5, 7)]
+    )
+    return Atoms(
+        ["Au", "O", "Si", "Sr", "N", "Ti", "Mo"], positions=xyz, cell=[length_A, length_A, 4.0], pbc=True
+    )
+
+
+def test_dihedral_transform_equals_the_multislice_of_the_transformed_specimen():
+    """Mirror (x -> 2 c - x, y -> 2 c - y) or transpose the atoms about the centre probe position, simulate
+    again with abTEM: the result is the dihedral transform of the first sample. Exact for the transpose;
+    the mirrors agree to discretisation (~0.5 % of the wave maximum) while a plain flip (centre moved by one
+    pixel) or no transform is off by tens of percent."""
+    from datagen.kernel import KernelParameters, KernelSimulator, SimulationSettings
+    from physics import wavelength
+
+    k, energy, alpha = 32, 200e3, 20.0
+    params = KernelParameters(
+        energy_eV=energy,
+        semiangle_mrad=alpha,
+        gmax_invA=2 * alpha * 1e-3 / wavelength(energy),
+        step_A=0.4,
+        Cs_A=1e4,
+        defocus_A=50.0,  # an aberrated probe: it is transformed along with the specimen
+        num_phonons=0,
+        rms_displacement_A=0.0,
+        phonon_seed=0,
+    )
+    sim = KernelSimulator(
+        SimulationSettings(pixels=k, max_sampling_A=0.1, max_gpts=256, probe_window_diameters=5)
+    )
+    atoms, centre = _asymmetric_cell(), (4.3, 5.7)
+    first = sim.simulate(atoms, params, centre)
+    tensors = [torch.from_numpy(a)[None] for a in (first.cbed, first.wave, first.probe)]
+
+    def relative(a, b):
+        return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
+
+    def transformed(swap: bool, fx: bool, fy: bool):
+        ops = [torch.tensor([v]) for v in (swap, fx, fy)]
+        return [t[0].numpy() for t in dihedral_transform(*tensors, *ops)]
+
+    for axis in (0, 1):
+        mirrored = atoms.copy()
+        mirrored.positions[:, axis] = 2 * centre[axis] - mirrored.positions[:, axis]
+        mirrored.wrap()
+        truth = sim.simulate(mirrored, params, centre)
+        cbed, wave, probe = transformed(False, axis == 0, axis == 1)
+        assert relative(cbed, truth.cbed) < 0.01 and relative(wave, truth.wave) < 0.02
+        np.testing.assert_allclose(probe, truth.probe, atol=1e-6)
+        assert relative(np.flip(first.wave, axis), truth.wave) > 0.2  # off by one pixel
+        assert relative(first.cbed, truth.cbed) > 0.2
+
+    swapped = atoms.copy()
+    swapped.positions[:, [0, 1]] = swapped.positions[:, [1, 0]]
+    swapped.wrap()
+    truth = sim.simulate(swapped, params, centre[::-1])
+    cbed, wave, _ = transformed(True, False, False)
+    assert relative(cbed, truth.cbed) < 1e-4 and relative(wave, truth.wave) < 1e-4
+
+
+def test_dihedral_operations_are_a_group_action_on_the_kernel_layout():
+    rng = torch.Generator().manual_seed(0)
+    cbed = torch.rand(8, 9, 16, 16, generator=rng)
+    wave = torch.randn(8, 16, 16, dtype=torch.complex64, generator=rng)
+    probe = torch.randn(8, 16, 16, dtype=torch.complex64, generator=rng)
+    bits = torch.tensor([[(n >> b) & 1 for b in range(3)] for n in range(8)], dtype=torch.bool)
+    once = dihedral_transform(cbed, wave, probe, bits[:, 0], bits[:, 1], bits[:, 2])
+    # the centre pixel and the centre CBED's position stay put; flips are involutions
+    assert torch.equal(once[0][:, 4, 8, 8], cbed[:, 4, 8, 8])
+    flips = dihedral_transform(*once, torch.zeros(8, dtype=torch.bool), bits[:, 1], bits[:, 2])
+    no_flip = dihedral_transform(cbed, wave, probe, bits[:, 0], bits[:, 0] & False, bits[:, 0] & False)
+    for a, b in zip(flips, no_flip, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(flip_about_centre(flip_about_centre(wave, 1), 1), wave)
+    # a flip along x moves kernel row i to 2 - i: the neighbour at -x becomes the one at +x
+    no, yes = torch.tensor([False]), torch.tensor([True])
+    moved = dihedral_transform(cbed[:1], wave[:1], probe[:1], no, yes, no)[0]
+    assert torch.equal(moved[0, 1], flip_about_centre(cbed[0, 7], 0))
+
+
+def test_dihedral_augmentation_only_in_training_and_probe_follows():
+    k = 16
+    batch = {
+        "cbed": torch.rand(32, 9, k, k, generator=torch.Generator().manual_seed(1)),
+        "wave": torch.randn(32, k, k, dtype=torch.complex64, generator=torch.Generator().manual_seed(2)),
+        "probe": torch.randn(32, k, k, dtype=torch.complex64, generator=torch.Generator().manual_seed(3)),
+        "step_A": torch.full((32,), 0.3),
+        "index": torch.arange(32),
+    }
+    aug = AirpiAugmentation(dose_e_range=None, no_specimen_prob=0.0, dihedral=True, seed=5)
+    train = aug(batch, deterministic=False)
+    changed = (train["probe"] != batch["probe"]).flatten(1).any(1)
+    assert 0 < int(changed.sum()) < 32  # the identity is one of the 8 operations
+    assert torch.equal(train["inputs"][:, 9], train["probe"].abs())
+    evaluation = aug(batch, deterministic=True)
+    assert torch.equal(evaluation["probe"], batch["probe"]) and torch.equal(evaluation["wave"], batch["wave"])

@@ -17,9 +17,10 @@ Conventions (kernel shards, ARCHITECTURE.md contract 1)
 * ``step_A`` (B,): scan step in Angstrom. Doses are in electrons per CBED.
 
 Pipeline of :class:`AirpiAugmentation` (each step optional, probabilities per sample):
-``no-specimen replacement (3 %) -> centre shift + rotation -> Poisson dose -> scintillator/PMT response
--> Gaussian readout noise -> dead/hot pixels -> x^0.1 -> zeta step weights -> standardisation -> probe
-amplitude and phase channels`` giving the ``(B, 11, K, K)`` float32 network input.
+``symmetry operation of the square (training only, off by default) -> no-specimen replacement (3 %)
+-> centre shift + rotation -> Poisson dose -> scintillator/PMT response -> Gaussian readout noise
+-> dead/hot pixels -> x^0.1 -> zeta step weights -> standardisation -> probe amplitude and phase channels``,
+giving the ``(B, 11, K, K)`` float32 network input.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ __all__ = [
     "apply_dose",
     "compress_intensity",
     "dead_hot_pixels",
+    "dihedral_transform",
     "draw_no_specimen",
+    "flip_about_centre",
     "gaussian_readout_noise",
     "make_generator",
     "per_sample_generators",
@@ -116,6 +119,50 @@ def replace_no_specimen(cbed: Tensor, wave: Tensor, probe: Tensor, mask: Tensor)
     cbed = torch.where(_bview(m, cbed.ndim), empty, cbed)
     wave = torch.where(_bview(m, wave.ndim), probe.to(wave.dtype), wave)
     return cbed, wave
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Symmetry operations of the square grid (8-fold data augmentation)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def flip_about_centre(x: Tensor, dim: int) -> Tensor:
+    """Mirror ``x`` along ``dim`` about pixel ``K // 2``: index ``a -> (K - a) mod K``.
+
+    That is ``x -> -x`` for the centred grids of CBEDs (zero frequency at ``K // 2``), waves and probes
+    (the probe position at ``K // 2``); a plain ``torch.flip`` would move the centre by one pixel.
+    """
+    return torch.roll(torch.flip(x, (dim,)), 1, dim)
+
+
+def dihedral_transform(
+    cbed: Tensor, wave: Tensor, probe: Tensor, transpose: Tensor, flip_x: Tensor, flip_y: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Apply one of the 8 symmetry operations of the square per sample to a kernel sample.
+
+    The operation is ``transpose`` (swap x and y) first, then ``flip_x`` (x -> -x), then ``flip_y``
+    (y -> -y), each a (B,) bool. Mirroring or transposing the specimen *and* the probe maps the whole
+    experiment onto another valid one (no magnetic field; the probe, aberrations included, is transformed
+    with it and reaches the network as input), so the transformed sample is exactly what the multislice
+    gives for the transformed specimen: the real-space ``wave`` and ``probe`` (B, K, K) and every CBED
+    (B, 9, K, K) are transformed alike (a real-space mirror mirrors the diffraction plane), and the 3x3
+    kernel positions are permuted (position ``3 i + j`` sits at ``((i - 1), (j - 1))`` steps along
+    ``(x, y)``). Zeta weights depend only on the step and are unchanged.
+    """
+    b, k = cbed.shape[0], cbed.shape[-1]
+    grid = cbed.reshape(b, 3, 3, k, k)  # (B, i, j, x, y)
+
+    def select(on: Tensor, new: Tensor, old: Tensor) -> Tensor:
+        return torch.where(_bview(on.to(torch.bool), old.ndim), new, old)
+
+    grid = select(transpose, grid.transpose(1, 2).transpose(3, 4), grid)
+    wave = select(transpose, wave.transpose(1, 2), wave)
+    probe = select(transpose, probe.transpose(1, 2), probe)
+    for on, kernel_dim, dim in ((flip_x, 1, 1), (flip_y, 2, 2)):
+        grid = select(on, flip_about_centre(torch.flip(grid, (kernel_dim,)), kernel_dim + 2), grid)
+        wave = select(on, flip_about_centre(wave, dim), wave)
+        probe = select(on, flip_about_centre(probe, dim), probe)
+    return grid.reshape(b, 9, k, k), wave, probe
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,6 +359,10 @@ class AirpiAugmentation(SeededModule):
     ``*_prob`` is the probability per sample). Defaults reproduce the released AIRPI model: Poisson dose
     3 .. 3e9 e/CBED and 3 % no-specimen samples; the other distortions are off until configured.
 
+    dihedral : apply a random one of the 8 symmetry operations of the square to each training sample
+        (:func:`dihedral_transform`: CBEDs, kernel order, label and probe alike; exact for multislice
+        data), which multiplies the distinct samples of a small dataset by 8. Off by default (the
+        published training had enough data); validation/test batches are never transformed.
     dose_e_range : electrons per CBED; ``None`` = noise free (infinite dose).
     no_specimen_prob : probability that the 9 CBEDs become the probe intensity and the label the probe.
     misalignment_prob, max_shift_px, max_rotation_deg : centre shift uniform in a disc of radius
@@ -330,6 +381,7 @@ class AirpiAugmentation(SeededModule):
         self,
         dose_e_range: tuple[float, float] | None = (3.0, 3e9),
         no_specimen_prob: float = 0.03,
+        dihedral: bool = False,
         misalignment_prob: float = 0.0,
         max_shift_px: float = 1.0,
         max_rotation_deg: float = 2.0,
@@ -361,6 +413,7 @@ class AirpiAugmentation(SeededModule):
             raise ValueError(f"dose_e_range must be positive and ordered, got {dose_e_range}")
         self.dose_e_range = None if dose_e_range is None else (float(dose_e_range[0]), float(dose_e_range[1]))
         self.no_specimen_prob = no_specimen_prob
+        self.dihedral = bool(dihedral)
         self.misalignment_prob = misalignment_prob
         self.max_shift_px = max_shift_px
         self.max_rotation_deg = max_rotation_deg
@@ -456,8 +509,9 @@ class AirpiAugmentation(SeededModule):
 
         ``deterministic`` (default: ``not self.training``) seeds every sample's noise by its dataset
         ``index`` and ``eval_seed`` (validation/test); otherwise ``generator`` or the module's own
-        training generator is used. Returns a new dict: the input keys, with ``cbed`` and ``wave``
-        replaced by their augmented versions, plus ``inputs``, ``dose_e`` and ``no_specimen``.
+        training generator is used. Returns a new dict: the input keys, with ``cbed``, ``wave`` and
+        ``probe`` replaced by their augmented versions (the probe changes only with ``dihedral``), plus
+        ``inputs``, ``dose_e`` and ``no_specimen``.
         """
         cbed = batch["cbed"]
         if deterministic is None:
@@ -468,6 +522,11 @@ class AirpiAugmentation(SeededModule):
             generator = per_sample_generators(batch["index"], self.eval_seed, cbed.device)
         elif generator is None:
             generator = self.generator_for(cbed.device)
+        wave, probe = batch["wave"], batch["probe"]
+        if self.dihedral and not deterministic:
+            ops = rand(generator, cbed.shape[0], (3,), device=cbed.device, dtype=torch.float64) < 0.5
+            cbed, wave, probe = dihedral_transform(cbed, wave, probe, ops[:, 0], ops[:, 1], ops[:, 2])
         out = dict(batch)
-        out.update(self.augment(cbed, batch["probe"], batch["wave"], batch["step_A"], generator))
+        out["probe"] = probe
+        out.update(self.augment(cbed, probe, wave, batch["step_A"], generator))
         return out

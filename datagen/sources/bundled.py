@@ -17,7 +17,8 @@ The published AIRPI materials carry their Materials Project ids as ``source_id``
 ``mp-48``, MgO ``mp-1265``, MoS2 ``mp-2815``, SrTiO3 ``mp-5229``; all others are ``bundled:<name>``.
 
 Config (``conf/source/bundled.yaml``; all filters combine with AND, empty / null means no restriction):
-``ids`` (source ids, names after ``bundled:``, or formulas), ``prototypes``, ``elements`` (must contain all),
+``ids`` (source ids, names after ``bundled:``, or formulas), ``exclude_ids`` (the same kinds of names:
+held-out structures, e.g. the evaluation scans' crystals), ``prototypes``, ``elements`` (must contain all),
 ``exclude_elements`` (must contain none), ``num_elements`` and ``num_sites`` ([min, max], sites of the
 conventional cell).
 """
@@ -39,7 +40,16 @@ from datagen.sources._common import StructureRecord, StructureSourceError, check
 __all__ = ["BUNDLED_FORMAT", "bundled_entries", "load_bundled"]
 
 BUNDLED_FORMAT = "deepstem.structures/1"
-_KEYS = {"name", "ids", "prototypes", "elements", "exclude_elements", "num_elements", "num_sites"}
+_KEYS = {
+    "name",
+    "ids",
+    "exclude_ids",
+    "prototypes",
+    "elements",
+    "exclude_elements",
+    "num_elements",
+    "num_sites",
+}
 
 
 @lru_cache(maxsize=1)
@@ -69,13 +79,17 @@ def _build(index: int) -> ase.Atoms:
     return atoms
 
 
+def _names(entry: Mapping[str, Any]) -> set[str]:
+    sid = entry["source_id"]
+    return {sid, sid.removeprefix("bundled:"), entry["formula"]}
+
+
 def _wanted(entry: Mapping[str, Any], atoms: ase.Atoms, cfg: Mapping[str, Any]) -> bool:
     ids = cfg.get("ids") or []
-    if ids:
-        sid = entry["source_id"]
-        names = {sid, sid.removeprefix("bundled:"), entry["formula"]}
-        if not names.intersection(str(i) for i in ids):
-            return False
+    if ids and not _names(entry).intersection(str(i) for i in ids):
+        return False
+    if _names(entry).intersection(str(i) for i in cfg.get("exclude_ids") or []):
+        return False
     prototypes = cfg.get("prototypes") or []
     if prototypes and entry["prototype"] not in prototypes:
         return False
