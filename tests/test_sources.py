@@ -160,6 +160,9 @@ def test_filters_combine(records):
     assert {r.formula for r in perovskites} >= {"SrTiO3", "BaTiO3"} and all(
         len(r.atoms) == 5 for r in perovskites
     )
+    held_out = load_structures({"exclude_ids": ["MoS2", "mp-5229", "GaAs-zincblende"]})
+    assert len(held_out) == len(records) - 3
+    assert not {"mp-2815", "mp-5229", "bundled:GaAs-zincblende"} & {r.source_id for r in held_out}
     # the default (no filters) is the whole set, in a reproducible order
     assert [r.source_id for r in load_structures({})] == [r.source_id for r in records]
 
