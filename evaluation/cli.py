@@ -2,7 +2,8 @@
 
 Conventional methods (``epie``, ``ssb``, ``icom``, ``ricom``, ``vadf``) run from :mod:`evaluation.references`;
 network methods (``airpi``, ``chang_unet``, ``ptychonn``) load ``ckpt=PATH`` and stitch with
-:mod:`evaluation.stitching`.
+:mod:`evaluation.stitching`; without ``ckpt``, ``airpi`` uses the shipped reference model
+``pretrained/airpi_reference.ckpt`` (model card: ``pretrained/README.md``).
 
 Exit codes: 0 done; 1 bad input (scan, calibration, checkpoint of another model, ...) or a failed
 reconstruction (one line on stderr, nothing written under the output names).
@@ -42,6 +43,15 @@ __all__ = [
 
 CONVENTIONAL_METHODS = ("epie", "ssb", "icom", "ricom", "vadf")
 NETWORK_METHODS = ("airpi", "chang_unet", "ptychonn")
+PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
+#: network method -> the model shipped in pretrained/ (used when ckpt is not given); see its model card
+PRETRAINED = {"airpi": PRETRAINED_DIR / "airpi_reference.ckpt"}
+
+
+def default_checkpoint(method: str) -> Path | None:
+    """The shipped checkpoint of ``method`` (``pretrained/``), or None when there is none."""
+    path = PRETRAINED.get(method)
+    return path if path is not None and path.is_file() else None
 
 
 def _params(cfg: DictConfig, method: str) -> dict[str, Any]:
@@ -211,9 +221,14 @@ def reconstruct_main(cfg: DictConfig) -> int:
         if method in NETWORK_METHODS:
             from evaluation.stitching import load_network
 
-            if not cfg.get("ckpt"):
+            if cfg.get("ckpt"):
+                ckpt = Path(to_absolute_path(str(cfg.ckpt)))
+            elif default_checkpoint(method) is not None:
+                ckpt = default_checkpoint(method)
+                print(f"reconstruct: ckpt not given; using the shipped model {ckpt}", file=sys.stderr)
+            else:
                 return _error(f"method {method!r} needs a network checkpoint: give ckpt=PATH")
-            model = load_network(to_absolute_path(str(cfg.ckpt)), method, device)
+            model = load_network(ckpt, method, device)
         scan = load_4dstem(input_path, calibration, progress=progress, **overrides)
         start = time.perf_counter()
         result = run_method(scan, method, _params(cfg, method), progress=progress, model=model, device=device)

@@ -4,7 +4,10 @@ The suite (``conf/suite/*.yaml``, see ``conf/suite/default.yaml`` for every key)
 
 * ``scans``: name -> ``{path, generate}``: a ``deepstem.4dstem/1`` file with a ``truth`` group; when the file
   is absent and ``generate`` is given (and ``generate_missing`` is true) it is simulated with
-  :mod:`datagen.scan4d` (abTEM multislice of a twisted bilayer) and written there, so later runs reuse it;
+  :mod:`datagen.scan4d` and written there, so later runs reuse it. ``generate`` is a scan section of
+  ``conf/simulation/scan4d.yaml`` (``specimen``, ``settings``, ``edge_margin_A``; twisted bilayers and
+  crystals with point defects), or for a twisted bilayer the short form with the keys of
+  :func:`datagen.scan4d.twisted_bilayer` next to ``settings`` and ``edge_margin_A``;
 * ``doses_e_per_A2``: electron doses per area ``d``; each CBED gets ``D = d * step_x * step_y`` electrons,
   Poisson noise drawn from a seed fixed by ``(seed, scan, dose, scan row)``, so every method sees the same
   noisy data and a rerun gives the same numbers; ``.inf`` is the noise-free scan;
@@ -175,20 +178,27 @@ def _prepare_scan(name: str, entry: Mapping[str, Any], generate_missing: bool, p
         raise SuiteError(
             f"suite.scans.{name}: {path} does not exist (and no 'generate' section to simulate it)"
         )
-    from datagen.scan4d import ScanSettings, simulate_scan, twisted_bilayer, write_scan
+    from datagen.parameters import ConfigError
+    from datagen.scan4d import build_scan_specimen, plan_scans, simulate_scan, write_scan
 
     spec = dict(generate)
-    settings = dict(spec.pop("settings", {}) or {})
-    if "scan_gpts" in settings:
-        settings["scan_gpts"] = tuple(settings["scan_gpts"])
-    margin = float(spec.pop("edge_margin_A", 0.0))
+    if "specimen" not in spec:  # short form: datagen.scan4d.twisted_bilayer's keys at the top level
+        settings = spec.pop("settings", None) or {}
+        margin = spec.pop("edge_margin_A", 0.0)
+        spec = {
+            "specimen": {"kind": "twisted_bilayer", **spec},
+            "settings": settings,
+            "edge_margin_A": margin,
+        }
     if progress:
         print(f"evaluate: simulating scan {name!r} with abTEM -> {path}", file=sys.stderr)
-    try:
-        atoms = twisted_bilayer(**spec)
-        result = simulate_scan(atoms, ScanSettings(**settings), edge_margin_A=margin)
-    except TypeError as err:
-        raise SuiteError(f"suite.scans.{name}.generate: {str(err).splitlines()[0]}") from None
+    try:  # the scan section of `python datagen.py simulation=scan4d`: one planner, one specimen builder
+        job = plan_scans({"scans": {name: spec}}, seed=0)[0]
+        atoms = build_scan_specimen(job)
+        result = simulate_scan(atoms, job.settings, edge_margin_A=job.edge_margin_A)
+    except ConfigError as err:
+        where = str(err).replace(f"simulation.scans.{name}", f"suite.scans.{name}.generate", 1)
+        raise SuiteError(where.splitlines()[0]) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     write_scan(path, result, config={"suite_scan": name, "generate": dict(generate)})
     return path

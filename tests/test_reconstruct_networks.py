@@ -143,7 +143,7 @@ def test_reconstruct_py_airpi_end_to_end(folder, tmp_path):
         ("ptychonn", "cgrdn.ckpt", "holds model 'cgrdn', not 'ptychonn'"),
         ("chang_unet", "airpi.ckpt", "holds model 'airpi', not 'chang_unet'"),
         ("airpi", "scan.h5", "not a readable PyTorch checkpoint"),
-        ("airpi", None, "needs a network checkpoint"),
+        ("ptychonn", None, "needs a network checkpoint"),
     ],
 )
 def test_wrong_checkpoint_is_one_line_and_writes_nothing(folder, tmp_path, method, ckpt, message, capsys):
@@ -155,6 +155,19 @@ def test_wrong_checkpoint_is_one_line_and_writes_nothing(folder, tmp_path, metho
     assert len(lines) == 1, lines
     assert lines[0].startswith("deepstem: error:") and message in lines[0], lines[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_airpi_without_ckpt_uses_the_shipped_model(folder, tmp_path, monkeypatch, capsys):
+    import evaluation.cli
+
+    monkeypatch.setitem(evaluation.cli.PRETRAINED, "airpi", folder / "airpi.ckpt")
+    overrides = ["method=airpi", f"output={tmp_path}/out.h5", "airpi.pixels=32", "device=cpu"]
+    assert reconstruct_main(_config(folder, *overrides)) == 0
+    assert "using the shipped model" in capsys.readouterr().err
+    assert (tmp_path / "out.h5").is_file()
+    monkeypatch.setitem(evaluation.cli.PRETRAINED, "airpi", tmp_path / "missing.ckpt")
+    assert reconstruct_main(_config(folder, *overrides)) == 1
+    assert "needs a network checkpoint" in capsys.readouterr().err
 
 
 def test_reconstruct_py_checkpoint_of_another_model_exits_non_zero(folder, tmp_path):
