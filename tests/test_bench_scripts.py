@@ -1,0 +1,97 @@
+"""`scripts/bench_train.py` and `scripts/bench_reconstruct.py` at tiny sizes: one valid JSON line each.
+
+Only the structure and that the numbers are positive and finite are checked: timings depend on the
+machine, so there are no thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *arguments: str) -> dict[str, Any]:
+    """Run ``scripts/<name>`` on one thread and return its last stdout line, parsed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), "--threads", "1", *arguments],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout  # progress and per-model lines go to stderr
+    return json.loads(lines[0])
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def non_negative(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
+def test_bench_train_reports_every_model():
+    report = run_script(
+        "bench_train.py", "--steps", "1", "--warmup", "1", "--batch", "2", "--cgrdn-tile", "16"
+    )
+    assert report["benchmark"] == "train"
+    assert report["device"] == "cpu" and report["threads"] == 1
+    assert report["precision"] == "32" and report["compile"] is False
+    assert isinstance(report["machine"], dict) and report["torch"]
+    assert set(report["results"]) == {"airpi", "chang", "ptychonn", "cgrdn"}
+    shapes = {"airpi": [11, 64, 64], "chang": [1, 32, 32], "ptychonn": [1, 64, 64], "cgrdn": [1, 16, 16]}
+    for name, result in report["results"].items():
+        assert positive(result["samples_per_s"]), (name, result)
+        assert result["batch"] == 2
+        assert result["input_shape"] == shapes[name]
+        assert positive(result["params"]) and isinstance(result["params"], int)
+        assert math.isfinite(result["last_loss"])
+    assert positive(report["results"]["cgrdn"]["params_discriminator"])
+
+
+def test_bench_train_bf16_autocast():
+    report = run_script(
+        "bench_train.py", "--models", "ptychonn", "--steps", "1", "--warmup", "0", "--batch", "2",
+        "--precision", "bf16",
+    )  # fmt: skip
+    assert report["precision"] == "bf16"
+    assert positive(report["results"]["ptychonn"]["samples_per_s"])
+
+
+def test_bench_reconstruct_reports_every_method_and_the_scale_check():
+    report = run_script(
+        "bench_reconstruct.py", "--scan", "6", "6", "--detector", "32", "32", "--batch", "16",
+        "--epie-iterations", "1", "--scale-check",
+    )  # fmt: skip
+    assert report["benchmark"] == "reconstruct"
+    assert report["device"] == "cpu" and report["threads"] == 1
+    assert report["scan"] == [6, 6] and report["detector"] == [32, 32]
+    methods = {"airpi", "ptychonn", "chang", "epie", "ssb", "icom", "ricom"}
+    assert set(report["results"]) == methods
+    for name, result in report["results"].items():
+        assert "error" not in result, (name, result)
+        assert positive(result["patterns_per_s"]), (name, result)
+        assert positive(result["seconds"]), (name, result)
+        assert non_negative(result["peak_memory_MB"]), (name, result)
+        assert positive(result["peak_rss_MB"]), (name, result)
+        assert result["positions"] == 36 and result["finite_output"] is True
+    for name in ("epie", "ssb", "icom", "ricom"):
+        assert non_negative(report["results"][name]["tracemalloc_peak_MB"])
+    assert report["results"]["epie"]["iterations"] == 1
+    check = report["airpi_scale_check"]
+    assert check["scans"] == [[6, 6], [12, 12]]
+    assert math.isclose(check["data_MB"][1], 4 * check["data_MB"][0], rel_tol=0.01)
+    assert all(non_negative(v) for v in check["peak_memory_MB"]), check
+    assert all(positive(v) for v in check["patterns_per_s"]), check
