@@ -743,7 +743,10 @@ def chang_reconstruct(
     k_det, d, mask = _chang_probe_and_mask(
         geometry, pixels, bin_factor, collection_ratio, illuminated_fraction
     )
-    reach = _detector_reach_invA(geometry.shape[2:], geometry.k_pixel_invA, centre, pixels, slack_px=0.5)
+    # the input grid's outermost pixels (the dark rim at collection_ratio x alpha) may overhang the detector
+    # by half an input pixel: a detector that ends exactly at 2 alpha is what the training data assume
+    slack_px = 0.5 * (2.0 * k_det / pixels) / min(geometry.k_pixel_invA)
+    reach = _detector_reach_invA(geometry.shape[2:], geometry.k_pixel_invA, centre, pixels, slack_px=slack_px)
     if k_det > reach:
         raise ValueError(
             f"Chang input needs the detector to reach {k_det:.4g} 1/A (collection_ratio={collection_ratio} x "

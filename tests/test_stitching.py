@@ -29,7 +29,7 @@ from evaluation.stitching import (
     overlap_matrix,
     ptychonn_reconstruct,
 )
-from physics import probe
+from physics import probe, wavelength
 from training.augment import preprocess, probe_intensity
 
 K = 32  # network grid of the oracle tests (pixels)
@@ -351,3 +351,29 @@ def test_memory_grows_with_the_object_not_with_the_data(sim, tmp_path):
         peaks.append(_peak_bytes(path, sim))
     assert peaks[1] < 0.15 * sizes[1], (peaks, sizes)
     assert peaks[1] - peaks[0] < 0.02 * (sizes[1] - sizes[0]), (peaks, sizes)
+
+
+@pytest.mark.parametrize("detector_px", [64, 128])
+def test_chang_accepts_a_detector_that_ends_at_twice_the_aperture(detector_px):
+    """The simulated scans' detectors end at 2 alpha: Chang's default input (collection ratio 2) must run
+    on them (its outermost input pixels overhang the detector by up to half a pixel); 2.2 alpha must not."""
+    energy, alpha_mrad = 300e3, 20.0
+    alpha_invA = alpha_mrad * 1e-3 / wavelength(energy)
+    k = (np.arange(detector_px) - detector_px // 2) * 4 * alpha_invA / detector_px
+    disc = (np.hypot(k[:, None], k[None, :]) <= alpha_invA).astype(np.float32)  # bright field at K // 2
+    data = np.broadcast_to(disc, (4, 4, detector_px, detector_px)).copy()
+    scan = Scan4D(
+        data=data,
+        energy_eV=energy,
+        semiangle_mrad=alpha_mrad,
+        scan_step_A=(0.3, 0.3),
+        k_pixel_invA=(4 * alpha_invA / detector_px,) * 2,
+    )
+
+    def zero_phase(inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(inputs), 32, 32)
+
+    recon = chang_reconstruct(scan, zero_phase, progress=False)
+    assert np.isfinite(recon.phase).all()
+    with pytest.raises(ValueError, match="Chang input needs the detector to reach"):
+        chang_reconstruct(scan, zero_phase, collection_ratio=2.2, progress=False)
