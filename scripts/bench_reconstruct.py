@@ -16,11 +16,8 @@ data themselves are not resident memory of the method unless the method reads th
 Methods run through :func:`evaluation.cli.run_method` with the shipped defaults of ``conf/reconstruct.yaml``
 (ePIE ``iterations`` from ``--epie-iterations``, network ``batch_size`` from ``--batch``). Networks
 (``airpi``, ``ptychonn``, ``chang`` = ``chang_unet``) are built from ``conf/model/*.yaml`` with untrained
-weights (speed does not depend on them) and stitched by :mod:`evaluation.stitching`. Chang gets the
-detector's calibrated zero-frequency pixel (``detector_centre_px = K // 2``): its 32 px input grid over
-+-2 alpha only fits a detector reaching exactly 2 alpha about that pixel (the centre of mass of the mean
-CBED lies a fraction of a pixel below it and the reach check fails); AIRPI and PtychoNN find the centre from
-the mean CBED as by default.
+weights (speed does not depend on them) and stitched by :mod:`evaluation.stitching`, each finding the
+detector centre from the mean CBED as by default.
 
 Timed (``seconds``, ``patterns_per_s = positions / seconds``): the whole ``run_method`` call: reading the
 file (page cache warm: it was just written), the mean-CBED pass, resampling, inference and stitching or the
@@ -223,15 +220,7 @@ def child(method: str, scan_path: Path, device: str, batch: int, epie_iterations
     run_device = device if network else "cpu"  # the references are NumPy code on the host
 
     fixed: dict[str, Any] = {}
-    if method == "chang":
-        # The Chang input grid (32 px over +-2 alpha) must lie on the detector; with the detector reaching
-        # exactly 2 alpha (40 mrad) that holds only for the exact zero-frequency pixel, not for the centre
-        # of mass of the mean CBED, which the dark field pulls below K // 2 (the Nyquist row of an even
-        # grid has no mirror): give the calibrated centre, as `chang_unet.detector_centre_px` allows.
-        fixed["detector_centre_px"] = [scan.shape[2] // 2, scan.shape[3] // 2]
-        result_extra = {"detector_centre_px": fixed["detector_centre_px"]}
-    else:
-        result_extra = {}
+    result_extra: dict[str, Any] = {}
 
     def call(overrides: dict[str, Any] | None = None) -> Any:
         params = {**_method_params(method, batch, epie_iterations), **fixed, **(overrides or {})}
