@@ -230,6 +230,11 @@ def reconstruct_main(cfg: DictConfig) -> int:
                 return _error(f"method {method!r} needs a network checkpoint: give ckpt=PATH")
             model = load_network(ckpt, method, device)
         scan = load_4dstem(input_path, calibration, progress=progress, **overrides)
+        if model is not None:
+            from evaluation.stitching import optics_mismatch
+
+            for mismatch in optics_mismatch(model, scan):
+                print(f"reconstruct: warning: {input_path.name}: {mismatch}", file=sys.stderr)
         start = time.perf_counter()
         result = run_method(scan, method, _params(cfg, method), progress=progress, model=model, device=device)
         elapsed = time.perf_counter() - start

@@ -166,7 +166,24 @@ def load_network(path: str | Path, method: str, device: str | torch.device = "cp
     except (TypeError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: the {method} checkpoint does not load: {first}") from None
+    # what the exporter recorded (scripts/export_checkpoint.py: provenance, the optics it was trained for)
+    model.deepstem_info = dict(checkpoint.get("deepstem") or {})
     return model.to(resolve_device(device)).eval()
+
+
+def optics_mismatch(model: Any, scan: Any, tolerance: float = 0.02) -> list[str]:
+    """Calibration values of ``scan`` that differ by more than ``tolerance`` (relative) from the optics the
+    model's exporter recorded (``trained_for``: ``energy_eV``, ``semiangle_mrad``); empty when none are
+    recorded. A specialist model (e.g. pretrained/airpi_reference.ckpt: 300 kV, 20 mrad) is not meant for
+    other optics."""
+    trained = (getattr(model, "deepstem_info", None) or {}).get("trained_for") or {}
+    found = []
+    for key in ("energy_eV", "semiangle_mrad"):
+        if key in trained and getattr(scan, key, None) is not None:
+            want, have = float(trained[key]), float(getattr(scan, key))
+            if abs(have - want) > tolerance * abs(want):
+                found.append(f"{key}={have:g} (model trained for {want:g})")
+    return found
 
 
 def model_predictor(model: torch.nn.Module, method: str) -> Predictor:

@@ -1,15 +1,16 @@
 """Export a trained Lightning checkpoint as a small inference checkpoint (what ``pretrained/`` ships).
 
 ``python scripts/export_checkpoint.py RUN/checkpoints/last.ckpt pretrained/airpi_reference.ckpt
-[--config RUN/.hydra/config.yaml] [--metrics RUN/evaluate/metrics.json]``
+[--config RUN/.hydra/config.yaml] [--trained-for energy_eV=300000 semiangle_mrad=20]``
 
 Keeps what :func:`evaluation.stitching.load_network` and ``LightningModule.load_from_checkpoint`` need
 (``state_dict`` with the batch-norm running statistics, ``hyper_parameters``) plus the epoch, the global step
 and a ``deepstem`` section (source checkpoint name, export time, the training run's resolved config as YAML
-text); drops the optimiser, scheduler, callback and loop states (for AIRPI ~2/3 of the file). Every value is
-a tensor or a plain Python container, so ``torch.load(..., weights_only=True)`` reads it. Written under a
-temporary name and renamed: an interrupted export leaves no partial file under the final name. The
-resolved config is passed through the provenance redaction, so no API key reaches the file.
+text, ``trained_for``: the optics of the training data, which ``reconstruct.py`` compares with a scan's
+calibration and warns about); drops the optimiser, scheduler, callback and loop states (for AIRPI ~2/3 of
+the file). Every value is a tensor or a plain Python container, so ``torch.load(..., weights_only=True)``
+reads it. Written under a temporary name and renamed: an interrupted export leaves no partial file under the
+final name. The resolved config is passed through the provenance redaction, so no API key reaches the file.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def plain(value: Any) -> Any:
     return value
 
 
-def export(source: Path, target: Path, config_yaml: str | None = None) -> dict[str, Any]:
+def export(
+    source: Path, target: Path, config_yaml: str | None = None, trained_for: Mapping[str, float] | None = None
+) -> dict[str, Any]:
     """Write the slim checkpoint of ``source`` to ``target``; returns what was written."""
     checkpoint = torch.load(source, map_location="cpu", weights_only=False)  # our own training run
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
@@ -49,6 +52,7 @@ def export(source: Path, target: Path, config_yaml: str | None = None) -> dict[s
             "source_checkpoint": source.name,
             "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "config_yaml": config_yaml or "",
+            "trained_for": {str(k): float(v) for k, v in (trained_for or {}).items()},
         },
     }
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", type=Path, help="Lightning checkpoint of a training run")
     parser.add_argument("target", type=Path, help="output file, e.g. pretrained/airpi_reference.ckpt")
     parser.add_argument("--config", type=Path, help="the run's resolved config (.hydra/config.yaml)")
+    parser.add_argument(
+        "--trained-for",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="optics of the training data (energy_eV, semiangle_mrad), checked against scans",
+    )
     args = parser.parse_args(argv)
+    try:
+        trained_for = {k: float(v) for k, v in (item.split("=", 1) for item in args.trained_for)}
+    except ValueError:
+        print(f"export_checkpoint: --trained-for takes KEY=NUMBER, got {args.trained_for}", file=sys.stderr)
+        return 1
     if not args.source.is_file():
         print(f"export_checkpoint: {args.source}: no such file", file=sys.stderr)
         return 1
@@ -77,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from datagen.provenance import config_yaml as redacted_yaml
 
         config_yaml = redacted_yaml(OmegaConf.load(args.config))
-    slim = export(args.source, args.target, config_yaml)
+    slim = export(args.source, args.target, config_yaml, trained_for)
     size_mb = args.target.stat().st_size / 1e6
     params = sum(v.numel() for k, v in slim["state_dict"].items() if v.is_floating_point())
     print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import lightning
@@ -14,7 +15,7 @@ from scan4d_helpers import simulate_scan
 
 from datagen import store
 from evaluation.cli import reconstruct_main
-from evaluation.io import save_4dstem
+from evaluation.io import load_4dstem, save_4dstem
 from evaluation.stitching import CheckpointError, identify_checkpoint, load_network
 from models.lightning import AIRPILightning, CGRDNLightning, ChangLightning, PtychoNNLightning
 from tests.entrypoint_helpers import run_entry_point
@@ -182,3 +183,34 @@ def test_reconstruct_py_checkpoint_of_another_model_exits_non_zero(folder, tmp_p
 def test_load_network_names_the_model_it_found(folder):
     with pytest.raises(CheckpointError, match="holds model 'chang_unet'"):
         load_network(folder / "chang_unet.ckpt", "airpi")
+
+
+def test_export_checkpoint_is_slim_loads_safely_and_warns_about_other_optics(folder, tmp_path, capsys):
+    """scripts/export_checkpoint.py: optimiser state dropped, weights_only-loadable, same weights, config
+    redacted, and reconstruct.py warns when the scan's optics differ from ``--trained-for``."""
+    full = torch.load(folder / "airpi.ckpt", weights_only=False)
+    full["optimizer_states"] = [{"state": {i: torch.zeros(1000) for i in range(50)}}]
+    source = tmp_path / "last.ckpt"
+    torch.save(full, source)
+    (tmp_path / "config.yaml").write_text("logger:\n  wandb:\n    api_key: sk-do-not-ship\nseed: 3\n")
+    target = tmp_path / "pretrained" / "airpi.ckpt"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export_checkpoint.py"
+    scan = load_4dstem(folder / "scan.h5")
+    result = subprocess.run(
+        [sys.executable, str(script), str(source), str(target), "--config", str(tmp_path / "config.yaml"),
+         "--trained-for", f"energy_eV={scan.energy_eV * 1.5}", f"semiangle_mrad={scan.semiangle_mrad}"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert target.stat().st_size < source.stat().st_size / 2
+    slim = torch.load(target, weights_only=True)
+    assert "optimizer_states" not in slim and "sk-do-not-ship" not in slim["deepstem"]["config_yaml"]
+    assert "seed: 3" in slim["deepstem"]["config_yaml"]
+    for key, value in full["state_dict"].items():
+        assert torch.equal(slim["state_dict"][key], value)
+    model = load_network(target, "airpi")
+    assert model.deepstem_info["trained_for"]["semiangle_mrad"] == pytest.approx(scan.semiangle_mrad)
+    overrides = ["method=airpi", f"ckpt={target}", f"output={tmp_path}/out.h5", "airpi.pixels=32"]
+    assert reconstruct_main(_config(folder, *overrides)) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "energy_eV" in warnings[0] and "semiangle" not in warnings[0]
