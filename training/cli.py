@@ -76,7 +76,9 @@ def load_weights(model: Any, path: str | Path) -> None:
     """Initialise ``model`` from a checkpoint's weights (fresh optimiser and schedule: fine-tuning)."""
     import torch
 
-    path = Path(path)
+    from training.pipeline import absolute_path
+
+    path = absolute_path(path)  # relative to where train.py was started
     if not path.is_file():
         raise ConfigError(f"train.py: init_from={path}: no such checkpoint")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 __all__ = [
     "CONF_DIR",
     "MODEL_METHODS",
+    "absolute_path",
     "compose_datagen",
     "evaluate_checkpoint",
     "finished_shards",
@@ -54,7 +55,7 @@ def _error(message: str) -> Exception:
     return ConfigError(message)
 
 
-def _absolute(path: str | Path) -> Path:
+def absolute_path(path: str | Path) -> Path:
     """``path`` from the directory the command was started in (Hydra's original cwd when running)."""
     try:
         from hydra.utils import to_absolute_path
@@ -98,7 +99,7 @@ def prepare_data(cfg: DictConfig) -> Path | None:
     data_dir = cfg.data.get("data_dir")
     if not isinstance(data_dir, str) or any(c in data_dir for c in "*?["):
         raise _error(f"train.py: datagen needs data.data_dir to be one folder, got {data_dir!r}")
-    folder = _absolute(data_dir)
+    folder = absolute_path(data_dir)
     if finished_shards(folder):
         log.info("datagen: %s already holds shards; not generating", folder)
         return None
@@ -150,7 +151,7 @@ def trained_checkpoint(cfg: DictConfig, which: str = "best") -> Path:
         raise _error(f"train.py: evaluate.checkpoint must be best, last or a path, got {which!r}")
     callback = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
     dirpath = callback.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints"
-    folder = _absolute(dirpath)
+    folder = absolute_path(dirpath)
     ckpts = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
     last = [p for p in ckpts if p.name.startswith("last")]
     others = [p for p in ckpts if not p.name.startswith("last")]
@@ -205,7 +206,7 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: str | Path | None = None) -> dict
     method = MODEL_METHODS.get(_class_name(cfg.model, "model"))
     if ckpt is None:
         choice = str(section.get("checkpoint") or "best")
-        ckpt = trained_checkpoint(cfg, choice) if choice in ("best", "last") else _absolute(choice)
+        ckpt = trained_checkpoint(cfg, choice) if choice in ("best", "last") else absolute_path(choice)
     ckpt = Path(ckpt)
     filled = 0
     for label, entry in (suite.get("methods") or {}).items():
