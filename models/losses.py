@@ -176,7 +176,8 @@ class AIRPILoss(nn.Module):
         """Unweighted loss terms (scalars).
 
         ``wave_pred``, ``wave_true``, ``probe``: complex real-space waves (B, H, W); ``phase_pred``: the
-        network's unwrapped phase output (B, H, W), which the phase penalty acts on.
+        network's unwrapped phase output (B, H, W), ``arg wave_pred`` (the phase terms in real space and the
+        object phase use it directly, which keeps their gradients bounded; the phase penalty acts on it).
         """
         wave_pred = wave_pred.to(torch.complex64)
         wave_true = wave_true.to(torch.complex64)
@@ -185,16 +186,22 @@ class AIRPILoss(nn.Module):
         scale = float(npix) if self.intensity_scale == "pixels" else float(self.intensity_scale)
         eps = self.phase_eps / math.sqrt(npix)
         out: dict[str, torch.Tensor] = {}
+        phase_pred = phase_pred.float()
         for space, pred, true in (
             ("r", wave_pred, wave_true),
             ("k", _fft2c(wave_pred), _fft2c(wave_true)),
         ):
             out[f"intensity_{space}"] = F.mse_loss(scale * pred.abs() ** 2, scale * true.abs() ** 2)
-            sin_p, cos_p = _unit_phasor(pred, eps)
+            if space == "r":  # the predicted phase itself: no arg() of a vanishing amplitude
+                sin_p, cos_p = torch.sin(phase_pred), torch.cos(phase_pred)
+            else:
+                sin_p, cos_p = _unit_phasor(pred, eps)
             sin_t, cos_t = _unit_phasor(true, eps)
             out[f"phase_{space}"] = F.mse_loss(sin_p, sin_t) + F.mse_loss(cos_p, cos_t)
         mask = illuminated_mask(probe, self.mask_threshold)
-        obj_pred = object_phase(wave_pred, probe)
+        # arg(psi_out / psi_in) from the predicted phase (equal where |psi_out| > 0): atan2 of a wave whose
+        # amplitude is clamped to 0 has an unbounded gradient, which turned training into NaN
+        obj_pred = wrap_phase(phase_pred - torch.angle(probe))
         obj_true = object_phase(wave_true, probe)
         diff = wrap_phase(obj_pred - obj_true)
         out["object"] = ((mask * diff**2).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)).mean()

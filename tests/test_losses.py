@@ -117,13 +117,35 @@ def test_airpi_loss_anticorrelated_object_and_penalties() -> None:
     ones = torch.ones_like(obj)
     true = probe * torch.polar(ones, obj)
     pred = probe * torch.polar(ones, -obj) * math.sqrt(1.5)  # integrated intensity 1.5
-    phase_out = torch.full_like(obj, 4.0)  # the net's raw phase output, 4 > pi everywhere
+    # the net's raw (unwrapped) phase output: arg(pred) + 2 pi, i.e. the same wave, but outside +-pi
+    phase_out = torch.angle(pred) + 2 * math.pi
     _, terms = AIRPILoss()(pred, true, probe, phase_out)
     assert terms["xc"].item() == pytest.approx(1.0, abs=1e-5)
     expected_obj = ((mask * (2 * obj) ** 2).sum((1, 2)) / mask.sum((1, 2))).mean()
     assert terms["object"].item() == pytest.approx(expected_obj.item(), rel=1e-4)
     assert terms["intensity_penalty"].item() == pytest.approx(0.5, rel=1e-5)
-    assert terms["phase_penalty"].item() == pytest.approx(4.0 - math.pi, rel=1e-6)
+    expected_penalty = torch.relu(phase_out.abs() - math.pi).mean()
+    assert expected_penalty > 1.0
+    assert terms["phase_penalty"].item() == pytest.approx(expected_penalty.item(), rel=1e-6)
+    # the phase terms see the wave's phase, whichever 2 pi branch the output is on
+    _, same = AIRPILoss()(pred, true, probe, torch.angle(pred))
+    for name in ("phase_r", "object", "xc"):
+        assert terms[name].item() == pytest.approx(same[name].item(), rel=1e-5, abs=1e-7)
+
+
+def test_airpi_loss_gradients_stay_finite_where_the_amplitude_vanishes() -> None:
+    """A predicted amplitude clamped to zero inside the probe (a badly initialised net) must not give NaN."""
+    probe = _disc_probe()
+    true, _ = _exit_wave(probe)
+    out = torch.zeros(true.shape[0], 2, *true.shape[-2:], requires_grad=True)
+    with torch.no_grad():
+        out[:, 0] = -0.5  # clamped: |psi| = 0 everywhere
+        out[:, 1] = 0.3
+    from models.airpi import output_to_wave
+
+    total, _ = AIRPILoss()(output_to_wave(out), true, probe, out[:, 1])
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(out.grad).all() and out.grad[:, 1].abs().sum() > 0
 
 
 def test_airpi_loss_weights_are_configurable() -> None:
