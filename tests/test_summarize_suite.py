@@ -1,0 +1,42 @@
+"""scripts/summarize_suite.py: dose x method tables from a suite's metrics.json rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "summarize_suite.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("summarize_suite", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(dose, method, xc, frc):
+    return {"scan": "s", "dose_e_per_A2": dose, "method": method, "xc": xc, "frc_0.143_A": frc}
+
+
+def test_rows_are_doses_noise_free_first_and_best_follows_the_metric(tmp_path, capsys):
+    rows = [
+        _row(1000.0, "ssb", 0.5, 1.2),
+        _row("inf", "ssb", 0.9, 0.6),
+        _row(1e5, "ssb", 0.8, 0.7),
+        _row(1000.0, "airpi", 0.6, 1.5),
+        _row("inf", "airpi", 0.7, 0.5),
+        _row(1e5, "airpi", float("nan"), 0.9),
+    ]
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"rows": rows}))
+    assert _module().main([str(path)]) == 0
+    text = capsys.readouterr().out
+    xc_table, frc_table = text.split("s: frc_0.143_A")
+    lines = [line for line in xc_table.splitlines() if line.startswith("| ") and "dose" not in line]
+    assert [line.split("|")[1].strip() for line in lines] == ["inf", "1e+05", "1e+03"]
+    assert lines[0].endswith("| ssb |") and lines[1].endswith("| ssb |") and lines[2].endswith("| airpi |")
+    frc_lines = [line for line in frc_table.splitlines() if line.startswith("| ") and "dose" not in line]
+    assert frc_lines[0].endswith("| airpi |") and frc_lines[2].endswith("| ssb |")  # smaller is better
+    assert _module().main([str(tmp_path / "missing.json")]) == 1
