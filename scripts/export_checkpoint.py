@@ -1,7 +1,7 @@
 """Export a trained Lightning checkpoint as a small inference checkpoint (what ``pretrained/`` ships).
 
 ``python scripts/export_checkpoint.py RUN/checkpoints/last.ckpt pretrained/airpi_reference.ckpt
-[--config RUN/.hydra/config.yaml] [--trained-for energy_eV=300000 semiangle_mrad=20]``
+[--config RUN/config.yaml] [--trained-for energy_eV=300000 semiangle_mrad=20]``
 
 Keeps what :func:`evaluation.stitching.load_network` and ``LightningModule.load_from_checkpoint`` need
 (``state_dict`` with the batch-norm running statistics, ``hyper_parameters``) plus the epoch, the global step
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, help="Lightning checkpoint of a training run")
     parser.add_argument("target", type=Path, help="output file, e.g. pretrained/airpi_reference.ckpt")
-    parser.add_argument("--config", type=Path, help="the run's resolved config (.hydra/config.yaml)")
+    parser.add_argument("--config", type=Path, help="the run's resolved config (RUN/config.yaml)")
     parser.add_argument(
         "--trained-for",
         nargs="*",
@@ -88,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     config_yaml = None
     if args.config is not None:
-        from omegaconf import OmegaConf
+        import yaml
 
         from datagen.provenance import config_yaml as redacted_yaml
 
-        config_yaml = redacted_yaml(OmegaConf.load(args.config))
+        # as written (a run's .hydra/config.yaml keeps ${hydra:...} interpolations that resolve only inside
+        # that run; the run folder's config.yaml is the resolved one)
+        config_yaml = redacted_yaml(yaml.safe_load(args.config.read_text()))
     slim = export(args.source, args.target, config_yaml, trained_for)
     size_mb = args.target.stat().st_size / 1e6
     params = sum(v.numel() for k, v in slim["state_dict"].items() if v.is_floating_point())

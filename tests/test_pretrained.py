@@ -1,0 +1,54 @@
+"""The shipped reference model (pretrained/airpi_reference.ckpt, made by experiment=cpu_reference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scan4d_helpers import simulate_scan
+
+from evaluation.cli import PRETRAINED, default_checkpoint, run_method
+from evaluation.io import Scan4D
+from evaluation.stitching import identify_checkpoint, load_network, optics_mismatch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "pretrained" / "airpi_reference.ckpt"
+
+
+def test_shipped_model_is_small_safe_to_load_and_documented():
+    assert SHIPPED.is_file() and default_checkpoint("airpi") == SHIPPED == PRETRAINED["airpi"]
+    assert SHIPPED.stat().st_size < 20e6
+    checkpoint = torch.load(SHIPPED, map_location="cpu", weights_only=True)  # no pickled objects
+    assert identify_checkpoint(checkpoint) == "airpi" and "optimizer_states" not in checkpoint
+    info = checkpoint["deepstem"]
+    assert info["trained_for"] == {"energy_eV": 300000.0, "semiangle_mrad": 20.0}
+    assert "task_name: cpu_reference" in info["config_yaml"]
+    for secret in ("api_key: ", "MP_API_KEY=", "WANDB_API_KEY="):
+        assert secret not in info["config_yaml"]
+    card = (ROOT / "pretrained" / "README.md").read_text()
+    assert "experiment=cpu_reference" in card and "docs/results.md" in card
+
+
+def test_shipped_model_reconstructs_a_scan_and_flags_other_optics():
+    """On a weak phase object at the optics it was trained for, the stitched phase is finite and on the
+    object's grid; at 80 kV the mismatch is reported."""
+    torch.set_num_threads(1)
+    model = load_network(SHIPPED, "airpi", "cpu")
+    sim = simulate_scan(scan_px=8, cbed_px=64, energy_eV=300e3, semiangle_mrad=20.0, gmax_over_alpha=2.0)
+    scan = Scan4D(
+        data=sim.data,
+        energy_eV=sim.energy_eV,
+        semiangle_mrad=sim.semiangle_mrad,
+        scan_step_A=(sim.scan_step_A, sim.scan_step_A),
+        k_pixel_invA=(sim.k_pixel_invA, sim.k_pixel_invA),
+    )
+    assert optics_mismatch(model, scan) == []
+    recon = run_method(scan, "airpi", {"batch_size": 16}, progress=False, model=model, device="cpu")
+    assert np.isfinite(recon.phase).all() and recon.phase.shape[0] >= 8
+    assert recon.pixel_size_A[0] == pytest.approx(sim.scan_step_A, rel=1e-6)
+    other = Scan4D(
+        data=sim.data, energy_eV=80e3, semiangle_mrad=20.0, scan_step_A=(0.3, 0.3), k_pixel_invA=(0.1, 0.1)
+    )
+    assert [m.split("=")[0] for m in optics_mismatch(model, other)] == ["energy_eV"]
