@@ -39,8 +39,9 @@ def test_quickstart_config_chains_datagen_training_and_the_suite():
     assert "simulation=kernel" in cfg.datagen.overrides
     suite = pipeline.load_suite(cfg.evaluate.suite)
     methods = {label: entry.method for label, entry in suite.methods.items()}
-    assert methods == {"ssb": "ssb", "icom": "icom", "airpi": "airpi"}
+    assert methods == {"ssb": "ssb", "icom": "icom", "airpi": "airpi", "airpi_reference": "airpi"}
     assert suite.methods.airpi.ckpt is None  # filled with the run's checkpoint
+    assert (ROOT / suite.methods.airpi_reference.ckpt).is_file()  # the shipped model, scored as it is
     assert any(math.isinf(float(d)) for d in suite.doses_e_per_A2) and 1e3 <= min(suite.doses_e_per_A2) <= 1e5
     # the default train config does neither
     plain = compose_train([])
@@ -158,14 +159,14 @@ def test_miniature_quickstart_generates_trains_and_scores(tmp_path, capsys):
     bench = run_dir / "bench"
     content = json.loads((bench / "metrics.json").read_text())
     rows = content["rows"]
-    assert {r["method"] for r in rows} == {"ssb", "icom", "airpi"}
+    assert {r["method"] for r in rows} == {"ssb", "icom", "airpi", "airpi_reference"}
     assert {r["dose_e_per_A2"] for r in rows} == {"inf", 1e4}
     assert all(np.isfinite(r["xc"]) and -1 <= r["xc"] <= 1 for r in rows)
     assert next(r for r in rows if r["method"] == "airpi")["ckpt"] == str(ckpt)
     # SSB recovers a noise-free weak phase object well even on a tiny scan
     assert next(r for r in rows if r["method"] == "ssb" and r["dose_e_per_A2"] == "inf")["xc"] > 0.5
     table = (bench / "results.md").read_text()
-    for method in ("ssb", "icom", "airpi"):
+    for method in ("ssb", "icom", "airpi", "airpi_reference"):
         assert f"| {method} |" in table
     assert table in capsys.readouterr().out  # the table is printed
     assert (bench / "figures" / "recon_mos2_twisted.png").is_file()
