@@ -219,16 +219,13 @@ def child(method: str, scan_path: Path, device: str, batch: int, epie_iterations
     model = _network(method, device, batch) if network else None
     run_device = device if network else "cpu"  # the references are NumPy code on the host
 
-    fixed: dict[str, Any] = {}
-    result_extra: dict[str, Any] = {}
-
     def call(overrides: dict[str, Any] | None = None) -> Any:
-        params = {**_method_params(method, batch, epie_iterations), **fixed, **(overrides or {})}
+        params = {**_method_params(method, batch, epie_iterations), **(overrides or {})}
         return run_method(
             scan, NETWORKS.get(method, method), params, progress=False, model=model, device=run_device
         )
 
-    result: dict[str, Any] = {"device": run_device, **result_extra}
+    result: dict[str, Any] = {"device": run_device}
     preparation = 0.0
     if method == "epie":
         start = time.perf_counter()
