@@ -223,8 +223,7 @@ def reconstruct_main(cfg: DictConfig) -> int:
 
             if cfg.get("ckpt"):
                 ckpt = Path(to_absolute_path(str(cfg.ckpt)))
-            elif default_checkpoint(method) is not None:
-                ckpt = default_checkpoint(method)
+            elif (ckpt := default_checkpoint(method)) is not None:
                 print(f"reconstruct: ckpt not given; using the shipped model {ckpt}", file=sys.stderr)
             else:
                 return _error(f"method {method!r} needs a network checkpoint: give ckpt=PATH")
