@@ -95,3 +95,71 @@ def test_shifted_copy_registers():
     mid = slice(5, 30)
     assert registered[mid].min() > 0.97
     assert unregistered[mid].mean() < 0.5
+
+
+# ------------------------------------------------------------------------------------------------------
+# leakage of the edge treatment (issue 12): hard band limits and a Gaussian blur with an analytic FRC
+
+
+def _hard_band(n: int, pixel_A: float, cutoff_invA: float, seed: int) -> np.ndarray:
+    """White noise with every frequency |k| >= cutoff removed (periodic on the n x n grid)."""
+    rng = np.random.default_rng(seed)
+    f = np.fft.fftfreq(n, pixel_A)
+    k = np.hypot(f[:, None], f[None, :])
+    return np.fft.ifft2(np.fft.fft2(rng.normal(size=(n, n))) * (k < cutoff_invA)).real
+
+
+def _noisy_pair(image: np.ndarray, relative_noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sd = relative_noise * image.std()
+    return image + rng.normal(size=image.shape) * sd, image + rng.normal(size=image.shape) * sd
+
+
+def test_hard_band_limit_crosses_half_at_the_cut():
+    """0.1 A pixels, cut at 1.5 1/A, noise 1e-3 of the signal: FRC = 1 below the cut, ~0 above, so it
+    crosses 0.5 at 1 / 1.5 = 0.667 A. A Tukey window smeared the cut out to 0.49 A (Hann: 0.61 A)."""
+    a, b = _noisy_pair(_hard_band(256, 0.1, 1.5, seed=1), 1e-3, seed=2)
+    freq, frc, counts = fourier_ring_correlation(a, b, 0.1, register=False)
+    assert resolution(freq, frc, 0.5) == pytest.approx(1 / 1.5, rel=0.02)
+    assert resolution(freq, frc, 0.143) == pytest.approx(1 / 1.5, rel=0.03)
+    beyond = freq > 1.1 * 1.5  # only noise there: |FRC| within the scatter of rings of `counts` pixels
+    assert np.all(np.abs(frc[beyond]) < 4 / np.sqrt(counts[beyond]))
+
+
+def test_hard_band_limit_of_a_cropped_field_leaks_less_than_the_thresholds():
+    """A crop of a band-limited field is not periodic (its edges jump): the FRC tapers it (Hann, sidelobes
+    falling as 1/k^3). With the error of a good reconstruction (10 % of the signal) the 0.5 crossing stays
+    within two rings of the cut and beyond 1.2 x the cut the FRC is noise (below the half-bit curve)."""
+    field = _hard_band(512, 0.1, 1.5, seed=3)[100:356, 50:306]
+    a, b = _noisy_pair(field, 0.1, seed=4)
+    freq, frc, counts = fourier_ring_correlation(a, b, 0.1, register=False)
+    assert resolution(freq, frc, 0.5) == pytest.approx(1 / 1.5, rel=0.07)
+    beyond = freq > 1.2 * 1.5
+    assert np.abs(frc[beyond]).mean() < 0.05 and np.all(frc[beyond] < half_bit_threshold(counts[beyond]))
+    # without any treatment the jumps at the edges correlate out to Nyquist
+    _, raw, _ = fourier_ring_correlation(a, b, 0.1, register=False, window=None)
+    assert raw[beyond].mean() > 0.3
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_gaussian_blur_follows_the_analytic_frc(periodic):
+    """a = o + n1, b = G * o + n2 with o white (variance 1), G a Gaussian of sigma s (transfer
+    H(k) = exp(-2 pi^2 s^2 k^2)) and white noise of variances v1, v2: per Fourier pixel
+    FRC(k) = H / sqrt((1 + v1) (H^2 + v2))."""
+    n, pixel, sigma_A, v1, v2 = 256, 0.1, 0.25, 1e-2, 1e-5
+    size = n if periodic else 2 * n
+    rng = np.random.default_rng(5)
+    f = np.fft.fftfreq(size, pixel)
+    transfer = np.exp(-2 * np.pi**2 * sigma_A**2 * (f[:, None] ** 2 + f[None, :] ** 2))
+    obj = rng.normal(size=(size, size))
+    blurred = np.fft.ifft2(np.fft.fft2(obj) * transfer).real
+    window = slice(0, n) if periodic else slice(n // 3, n // 3 + n)
+    a = obj[window, window] + rng.normal(size=(n, n)) * np.sqrt(v1)
+    b = blurred[window, window] + rng.normal(size=(n, n)) * np.sqrt(v2)
+    freq, frc, counts = fourier_ring_correlation(a, b, pixel, register=False)
+    h = np.exp(-2 * np.pi**2 * sigma_A**2 * freq**2)
+    expected = h / np.sqrt((1 + v1) * (h**2 + v2))
+    scatter = 3 / np.sqrt(counts)  # each ring averages ~2 pi r independent Fourier pixels
+    inside = freq > 4 / (n * pixel)
+    assert np.all(np.abs(frc - expected)[inside] < scatter[inside] + (0.0 if periodic else 0.03))
+    assert resolution(freq, frc, 0.5) == pytest.approx(resolution(freq, expected, 0.5), rel=0.02)

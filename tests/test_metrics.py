@@ -86,3 +86,46 @@ def test_resample_to_grid_follows_origin_and_pixel():
     np.testing.assert_allclose(coarse[:, 3], damping * expected, atol=5e-3)
     outside = resample_to_grid(fine, pixel, (-1.0, -0.5), (5, 5), 0.3, (100.0, 0.0))
     assert np.all(np.isnan(outside))
+
+
+def test_fourier_resample_is_exact_for_band_limited_content_and_cuts_the_rest():
+    """A non-periodic field of two plane waves, one below and one above the target grid's Nyquist: on a
+    grid whose Nyquist holds both they are kept (no Gaussian damping, no edge ringing), with a band
+    limit between them the fast one is removed."""
+    from evaluation.metrics import fourier_resample
+
+    pixel, n = 0.06, 150  # 9 A field, not a whole number of periods of either wave
+    x = -1.0 + np.arange(n) * pixel
+    slow = np.cos(2 * np.pi * 0.8 * x[:, None] + 0.3) * np.cos(2 * np.pi * 0.55 * x[None, :])
+    fast = 0.5 * np.sin(2 * np.pi * 2.6 * x[:, None] + 2 * np.pi * 1.9 * x[None, :])
+    target, origin, shape = 0.164, (0.3, -0.2), (40, 45)  # Nyquist 3.05 1/A: 2.6 and 1.9 1/A inside
+    xt = origin[0] + np.arange(shape[0]) * target
+    yt = origin[1] + np.arange(shape[1]) * target
+    slow_t = np.cos(2 * np.pi * 0.8 * xt[:, None] + 0.3) * np.cos(2 * np.pi * 0.55 * yt[None, :])
+    fast_t = 0.5 * np.sin(2 * np.pi * 2.6 * xt[:, None] + 2 * np.pi * 1.9 * yt[None, :])
+    both = fourier_resample(slow + fast, pixel, (-1.0, -1.0), shape, target, origin)
+    np.testing.assert_allclose(both, slow_t + fast_t, atol=0.05)  # the leakage of a finite field
+    cut = fourier_resample(slow + fast, pixel, (-1.0, -1.0), shape, target, origin, band_limit_invA=1.5)
+    np.testing.assert_allclose(cut, slow_t, atol=0.03)
+    # the linear interpolation with Gaussian anti-aliasing (the old way onto a coarser grid) damps both
+    old = resample_to_grid(slow + fast, pixel, (-1.0, -1.0), shape, target, origin)
+    assert np.nanmax(np.abs(old - (slow_t + fast_t))) > 0.3
+    # outside the source field: NaN
+    outside = fourier_resample(slow, pixel, (-1.0, -1.0), (3, 3), target, (7.8, 0.0))
+    assert np.all(np.isnan(outside[1:])) and np.all(np.isfinite(outside[0]))
+
+
+def test_fourier_resample_upsamples_a_scan_grid_image_by_sinc_interpolation():
+    """An image on a coarse periodic grid (as SSB's on the scan grid) upsampled 3x: the samples are kept
+    and the values between them are the trigonometric interpolant (no content beyond the coarse Nyquist)."""
+    from evaluation.metrics import fourier_resample
+
+    rng = np.random.default_rng(7)
+    coarse = rng.normal(size=(16, 16))
+    fine = fourier_resample(coarse, 0.3, (0.0, 0.0), (46, 46), 0.1, (0.0, 0.0))
+    np.testing.assert_allclose(fine[::3, ::3], coarse, atol=1e-9)
+    # the trigonometric interpolant (scipy's FFT resampling splits the Nyquist bin the same way)
+    from scipy.signal import resample
+
+    expected = resample(resample(coarse, 48, axis=0), 48, axis=1)
+    np.testing.assert_allclose(fine, expected[:46, :46], atol=1e-9)
