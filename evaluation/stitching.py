@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from evaluation.references import Reconstruction
 from evaluation.references._common import check_scan_array, iter_scan_rows, pair, pattern_centre
+from models.checkpoints import CheckpointError, load_checkpoint  # the one class for a refused checkpoint
 from physics import probe, wavelength
 
 __all__ = [
@@ -85,10 +86,6 @@ NETWORK_CLASSES = {
     "ptychonn": ("models.lightning", "PtychoNNLightning"),
 }
 Predictor = Callable[..., Any]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used for the requested method (one-line message)."""
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -141,16 +138,8 @@ def load_network(path: str | Path, method: str, device: str | torch.device = "cp
         raise CheckpointError(
             f"unknown network method {method!r}; choose one of {', '.join(NETWORK_CLASSES)}"
         )
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # Lightning checkpoints may pickle hparams containers
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many kinds for a non-checkpoint
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__})") from None
-    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+    checkpoint = load_checkpoint(path)  # weights only: a file that could run code is refused, never retried
+    if "state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
     held = identify_checkpoint(checkpoint)
     if held != method:

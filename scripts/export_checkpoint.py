@@ -39,8 +39,13 @@ def export(
     source: Path, target: Path, config_yaml: str | None = None, trained_for: Mapping[str, float] | None = None
 ) -> dict[str, Any]:
     """Write the slim checkpoint of ``source`` to ``target``; returns what was written."""
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)  # our own training run
-    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+    from models.checkpoints import CheckpointError, load_checkpoint
+
+    try:
+        checkpoint = load_checkpoint(source)  # weights only: a crafted file cannot run code here either
+    except CheckpointError as err:
+        raise SystemExit(f"export_checkpoint: {err}") from None
+    if "state_dict" not in checkpoint:
         raise SystemExit(f"export_checkpoint: {source}: not a Lightning checkpoint (no 'state_dict')")
     slim = {
         "state_dict": {k: v.detach().clone() for k, v in checkpoint["state_dict"].items()},

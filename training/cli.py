@@ -4,9 +4,10 @@ callbacks, check that model and data fit together, train, test, and return the m
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from omegaconf import DictConfig, open_dict
@@ -15,7 +16,10 @@ from datagen.provenance import config_yaml
 from datagen.store import StoreError
 from training.datasets import ShardReadError
 
-__all__ = ["PAIRINGS", "ConfigError", "check_pairing", "load_weights", "train"]
+if TYPE_CHECKING:
+    from training.run_report import TrainingSummary
+
+__all__ = ["PAIRINGS", "ConfigError", "check_pairing", "checked_resume_path", "fit", "load_weights", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,14 @@ _CONFIG_NAMES = {
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one line naming the parameter."""
+    """A configuration that cannot run; the message is one line naming the parameter.
+
+    train.py prints it as ``deepstem: error: <message>`` (:func:`physics.runtime.report_error`), so a
+    leading ``train.py: `` of older messages is dropped here.
+    """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(str(message).removeprefix("train.py: "))
 
 
 def _class_name(node: Any, group: str) -> str:
@@ -73,15 +84,21 @@ def check_pairing(cfg: DictConfig) -> None:
 
 
 def load_weights(model: Any, path: str | Path) -> None:
-    """Initialise ``model`` from a checkpoint's weights (fresh optimiser and schedule: fine-tuning)."""
-    import torch
+    """Initialise ``model`` from a checkpoint's weights (fresh optimiser and schedule: fine-tuning).
 
+    The file is read weights-only (:func:`models.checkpoints.load_checkpoint`): a checkpoint that would
+    run code when unpickled is refused with one line naming it.
+    """
+    from models.checkpoints import CheckpointError, load_checkpoint
     from training.pipeline import absolute_path
 
     path = absolute_path(path)  # relative to where train.py was started
     if not path.is_file():
         raise ConfigError(f"train.py: init_from={path}: no such checkpoint")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ConfigError(f"train.py: init_from={err}") from None
     state = checkpoint.get("state_dict", checkpoint)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -89,6 +106,34 @@ def load_weights(model: Any, path: str | Path) -> None:
             f"train.py: init_from={path} holds weights of another model "
             f"({len(missing)} missing, {len(unexpected)} unexpected keys for {type(model).__name__})"
         )
+
+
+# ckpt_path values that Lightning resolves itself (it then loads them with the weights_only we pass)
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def checked_resume_path(ckpt_path: Any) -> str | None:
+    """``ckpt_path`` for ``trainer.fit``, after reading the file with the safe loader.
+
+    Lightning is also called with ``weights_only=True``, so that it cannot unpickle code either; checking
+    first turns a refused or unreadable file into one line naming it instead of a traceback.
+    """
+    from models.checkpoints import CheckpointError, check_checkpoint
+    from training.pipeline import absolute_path
+
+    if ckpt_path in (None, ""):
+        return None
+    text = str(ckpt_path)
+    if text in _LIGHTNING_CKPT_NAMES or text.startswith("registry:"):
+        return text
+    path = absolute_path(text)  # relative to where train.py was started
+    if not path.is_file():
+        raise ConfigError(f"train.py: ckpt_path={path}: no such checkpoint")
+    try:
+        check_checkpoint(path)
+    except CheckpointError as err:
+        raise ConfigError(f"train.py: ckpt_path={err}") from None
+    return str(path)
 
 
 def _instantiate_all(nodes: DictConfig | None) -> list:
@@ -101,10 +146,25 @@ def _instantiate_all(nodes: DictConfig | None) -> list:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and optionally test) the configured model; returns the final callback metrics."""
+    return fit(cfg)[0]
+
+
+def fit(cfg: DictConfig) -> tuple[dict[str, float], TrainingSummary]:
+    """Fit (and optionally test) the configured model; returns the final callback metrics and the
+    :class:`training.run_report.TrainingSummary` printed at the end (epochs, caps, outputs, W&B)."""
     import lightning as L
     from hydra.utils import instantiate
 
+    from physics.runtime import configure_threads
+    from training.config_checks import loader_workers, validate_config
+    from training.run_report import PlateauWithoutValidation, single_lightning_log, summarize
+
+    validate_config(cfg)  # before anything is built or written
     check_pairing(cfg)
+    resume = checked_resume_path(cfg.get("ckpt_path"))  # before any work: a refused file is one line
+    single_lightning_log()
+    workers = loader_workers(cfg)
+    threads = configure_threads(cfg.get("threads", "auto"), workers)
     L.seed_everything(int(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -122,25 +182,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = instantiate(cfg.model)
     if cfg.get("init_from"):
         load_weights(model, cfg.init_from)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), PlateauWithoutValidation()]
     loggers = _instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(yaml.safe_load(resolved))
 
-    log.info("training %s on %s", type(model).__name__, type(datamodule).__name__)
-    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    log.info(
+        "training %s on %s (%d intra-op threads, %d loader workers)",
+        type(model).__name__, type(datamodule).__name__, threads, workers,
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(model=model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    seconds = time.perf_counter() - start
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test") and not trainer.fast_dev_run:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     (output_dir / "metrics.yaml").write_text(yaml.safe_dump(metrics, sort_keys=True))
+    summary = summarize(trainer, cfg, loggers, seconds, threads, workers)
     for logger in loggers:
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "finish"):
             experiment.finish()
-    return metrics
+    print("\n".join(summary.lines()), flush=True)
+    return metrics, summary
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -149,11 +216,13 @@ def run(cfg: DictConfig) -> float | None:
     With ``datagen`` / ``evaluate`` set (e.g. experiment=quickstart) the training data are generated
     first and the trained checkpoint is benchmarked afterwards (:mod:`training.pipeline`).
     """
+    from training.config_checks import validate_config
     from training.pipeline import evaluate_checkpoint, prepare_data
 
+    validate_config(cfg)  # before datagen, training and evaluation: a bad value is one line
     prepare_data(cfg)
-    metrics = train(cfg)
-    evaluate_checkpoint(cfg)
+    metrics, summary = fit(cfg)
+    evaluate_checkpoint(cfg, training=summary)
     name = cfg.get("optimized_metric")
     if name:
         if name not in metrics:

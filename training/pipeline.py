@@ -126,13 +126,13 @@ def prepare_data(cfg: DictConfig) -> Path | None:
 
 def _best_of_last(last: Path) -> Path | None:
     """The ``best_model_path`` that ModelCheckpoint recorded in ``last`` (None if none is there)."""
-    import torch
+    from models.checkpoints import CheckpointError, load_checkpoint
 
     try:
-        checkpoint = torch.load(last, map_location="cpu", weights_only=False)  # written by this run
-    except Exception:  # not a readable checkpoint: fall back to the files
+        checkpoint = load_checkpoint(last)  # weights only, like every checkpoint deepstem reads
+    except CheckpointError:  # not a readable (or not a safe) checkpoint: fall back to the files
         return None
-    states = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
+    states = checkpoint.get("callbacks")
     for key, state in (states or {}).items():
         if str(key).startswith("ModelCheckpoint") and isinstance(state, Mapping):
             best = state.get("best_model_path")
