@@ -12,7 +12,9 @@ Conventions (see also ``physics.optics`` and ARCHITECTURE.md, "Kernel training s
   ``((i - 1) step, (j - 1) step)`` along ``(x, y)`` from the centre position.
 * ``cbed`` is the incoherent phonon mean of ``|psi(k)|^2`` as a fraction of the incident electrons per
   output pixel: each output pixel is the exact area-weighted sum of the simulation's reciprocal pixels
-  inside it, so the total is preserved (it is 1 minus what leaves the ``+-gmax`` square).
+  inside it, so the total is preserved (it is 1 minus what leaves the ``+-gmax`` square, and never above
+  1: the multislice runs with :class:`datagen.unitary_potential.UnitaryPotential`, whose slices conserve
+  the flux that abTEM's band-limited transmission functions would otherwise raise by up to ~2 %).
 * ``wave`` is the coherent phonon mean of the centre position's exit wave, normalised like the CBED
   (``sum |wave|^2`` is the coherently scattered fraction inside ``+-gmax``), by default referred back
   to the probe's plane (``wave_plane``); ``probe`` is :func:`physics.probe` on the same grid
@@ -288,7 +290,9 @@ class KernelSimulator:
         else:
             phonons = atoms
         grid = plan_grid(params, s)
-        potential = abtem.Potential(
+        from datagen.unitary_potential import UnitaryPotential
+
+        potential = UnitaryPotential(  # abTEM's band-limited slices made |t| = 1: no CBED above 1
             phonons,
             gpts=(grid.gpts, grid.gpts),
             slice_thickness=float(s.slice_thickness_A),

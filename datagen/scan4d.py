@@ -219,6 +219,7 @@ def simulate_scan(atoms, settings: ScanSettings, edge_margin_A: float = 0.0) -> 
     import abtem
 
     from datagen.kernel import rebin_matrix
+    from datagen.unitary_potential import UnitaryPotential
 
     start_time = time.perf_counter()
     abtem.config.set({"precision": "float32", "device": settings.device, "diagnostics.progress_bar": False})
@@ -238,7 +239,7 @@ def simulate_scan(atoms, settings: ScanSettings, edge_margin_A: float = 0.0) -> 
         )
     else:
         specimen = atoms
-    potential = abtem.Potential(
+    potential = UnitaryPotential(  # flux-conserving slices: no pattern holds more than the beam
         specimen,
         sampling=float(settings.sampling_A),
         slice_thickness=float(settings.slice_thickness_A),
@@ -290,6 +291,13 @@ def write_scan(path: str | Path, result: ScanResult, config: Any = None, overwri
     from evaluation.io import save_4dstem
 
     s = result.settings
+    totals = np.asarray(result.data, dtype=np.float64).sum(axis=(-2, -1))
+    if totals.size and totals.max() > 1.0 + 1e-5:
+        i, j = np.unravel_index(int(np.argmax(totals)), totals.shape)
+        raise ValueError(
+            f"scan4d: {path}: the pattern at scan position ({i}, {j}) sums to {totals[i, j]:.6f} of the "
+            "incident electrons (more than the beam)"
+        )
     return save_4dstem(
         path,
         result.data,

@@ -145,6 +145,7 @@ def create(
                 handle.attrs[key] = value
             yield handle
             _verify(handle, spec, path)
+            _check_flux(handle, spec, path)
         os.replace(temporary, path)
     finally:
         if temporary.exists():
@@ -184,6 +185,34 @@ def _verify(handle: h5py.File, spec: Schema, path: Path) -> None:
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{name}: {n}" for name, n in lengths.items())
         raise StoreError(f"{path}: per-sample datasets disagree on the number of samples ({detail})")
+
+
+FLUX_TOLERANCE = 1e-5
+"""How far (float32 rounding) a stored CBED's total may exceed the incident electrons (1)."""
+
+
+def _check_flux(handle: h5py.File, spec: Schema, path: Path) -> None:
+    """A kernel shard's CBEDs are fractions of the incident electrons: none may sum to more than 1."""
+    if spec.id != KERNEL.id or "cbed" not in handle:
+        return
+    cbed = handle["cbed"]
+    for start in range(0, cbed.shape[0], 256):
+        totals = np.asarray(cbed[start : start + 256], dtype=np.float64).sum(axis=(-2, -1))
+        over = np.argwhere(totals > 1.0 + FLUX_TOLERANCE)
+        if len(over):
+            i, n = int(over[0][0]) + start, int(over[0][1])
+            index = int(handle["sample_index"][i]) if "sample_index" in handle else i
+            names = [
+                str(v.decode() if isinstance(v, bytes) else v)
+                for key in ("formula", "source_id")
+                if key in handle
+                for v in [handle[key][i]]
+            ]
+            raise StoreError(
+                f"{path}: sample {index} ({', '.join(names) or 'no source'}): CBED {n} sums to "
+                f"{totals[i - start, n]:.6f} of the incident electrons (more than the beam, tolerance "
+                f"{FLUX_TOLERANCE:g})"
+            )
 
 
 @contextmanager

@@ -132,3 +132,17 @@ def test_written_scan_reads_back_with_truth(tmp_path):
         assert scan.truth_origin_A == pytest.approx(result.truth_origin_A)
     finally:
         scan.close()
+
+
+def test_no_pattern_holds_more_electrons_than_the_beam():
+    """Gold on a coarse grid: abTEM's band-limited slices raised patterns above 1; now at most 1."""
+    from ase.build import bulk
+
+    au = bulk("Au", "fcc", a=4.078, cubic=True).repeat((2, 2, 4))
+    settings = ScanSettings(
+        energy_eV=300e3, semiangle_mrad=20.0, sampling_A=0.15, detector_px=32, detector_max_angle_mrad=40.0,
+        num_phonons=0, slice_thickness_A=2.0, scan_gpts=(4, 4), scan_step_A=0.5,
+    )  # fmt: skip
+    totals = simulate_scan(au, settings).data.astype(np.float64).sum(axis=(-2, -1))
+    assert totals.max() <= 1.0 + 1e-5, totals.max()
+    assert totals.min() > 0.5
