@@ -8,14 +8,11 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="datagen")
 def main(cfg: DictConfig) -> None:
-    from datagen.cli import run
-    from datagen.parameters import ConfigError
+    from datagen.cli import command
 
-    try:
-        run(cfg)
-    except ConfigError as err:
-        sys.stderr.write(f"datagen: error: {err}\n")
-        sys.exit(2)
+    code = command(cfg)  # every deepstem error is one `deepstem: error:` line and exit status 2
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

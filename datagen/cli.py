@@ -1,17 +1,24 @@
 """`python datagen.py`: compute one shard of a dataset (resumable), then update the dataset index.
 
-``run(cfg)`` is the whole command; ``datagen.py`` only hands it Hydra's config and turns
-:class:`~datagen.parameters.ConfigError` into one line on stderr and exit status 2. The simulation
+``run(cfg)`` is the whole command; ``datagen.py`` hands Hydra's config to :func:`command`, which turns
+every error deepstem reports itself (:class:`~datagen.parameters.ConfigError`,
+:class:`~datagen.store.StoreError`, :class:`~datagen.shards.ShardLockError`, ``OSError`` with its path)
+into one ``deepstem: error:`` line on stderr and exit status 2. The simulation
 config's ``runner`` picks the work: ``kernel`` (:func:`run_kernel`, here), ``datagen.haadf:run``,
 ``datagen.stock_images:run``, ``datagen.scan4d:run``. Sharded runners share :func:`run_shard` (skip,
 resume from checkpoints, progress bar, closing :class:`RunSummary`, index) with a
 :class:`datagen.shards.ShardLayout` for their schema, and the public helpers below (config validation,
 fingerprint, structure source, progress bar, summary).
+
+A finished output is reused only when the fingerprint of what made it (seed, simulation, source, sample
+count) matches the current config; a mismatch stops with one line naming the differing keys. One job owns
+a shard at a time (:class:`datagen.shards.ShardLock`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,17 +28,24 @@ from typing import Any
 
 import numpy as np
 
+from datagen import store
 from datagen.parameters import ConfigError, DrawnSample, ParameterSpace, sample_rng
 from datagen.provenance import config_yaml
 from datagen.shards import (
     KERNEL_LAYOUT,
     PartialShard,
     ShardLayout,
+    ShardLock,
+    ShardLockError,
     assemble_shard,
+    fingerprint_differences,
+    inspect_shard,
+    remove_stale_temporaries,
     shard_name,
     shard_range,
     write_index,
 )
+from physics.runtime import configure_threads, report_error
 
 __all__ = [
     "KernelSampleMaker",
@@ -40,6 +54,8 @@ __all__ = [
     "SampleFailed",
     "as_config_error",
     "attempt",
+    "check_reuse",
+    "command",
     "config_fingerprint",
     "log_summary",
     "output_folder",
@@ -54,6 +70,14 @@ __all__ = [
 ]
 
 log = logging.getLogger("deepstem.datagen")
+
+FFTW_PLANNING = ("FFTW_ESTIMATE", "FFTW_MEASURE", "FFTW_PATIENT", "FFTW_EXHAUSTIVE")
+DEFAULT_FFTW_PLANNING = "FFTW_ESTIMATE"
+"""abTEM's FFTW planner effort. FFTW_MEASURE (abTEM's default) picks plans by timing them, so two
+processes may round differently (2.3e-6 relative was seen between two runs); FFTW_ESTIMATE plans
+deterministically, which makes every sample bit-identical from ``(seed, index)`` on one machine and
+build. abTEM modules that set their own config (datagen.haadf, datagen.scan4d) get it process-wide."""
+ABTEM_RUNNERS = ("datagen.haadf", "datagen.scan4d")
 
 
 class SampleFailed(RuntimeError):
@@ -135,6 +159,7 @@ class KernelSampleMaker:
         device: str = "cpu",
         scheduler: str = "threads",
         build_specimen: Callable[..., Any] | None = None,
+        fftw_planning: str = DEFAULT_FFTW_PLANNING,
     ) -> None:
         from datagen.kernel import KernelSimulator
 
@@ -154,7 +179,9 @@ class KernelSampleMaker:
             raise ConfigError("simulation.specimen.max_strain", f"must be >= 0, got {self.max_strain}")
         self.structures = list(structures)
         self.seed = int(seed)
-        self.simulator = KernelSimulator(self.space.settings, device=device, scheduler=scheduler)
+        self.simulator = KernelSimulator(
+            self.space.settings, device=device, scheduler=scheduler, fftw_planning=fftw_planning
+        )
         if build_specimen is None:
             from datagen.specimen import build_specimen
         self._build_specimen = build_specimen
@@ -264,8 +291,8 @@ def validate_root(cfg: Mapping[str, Any]) -> tuple[int, int, int, int]:
         raise ConfigError(
             "shard_index", f"must be in 0..{num_shards - 1} (num_shards={num_shards}), got {shard_index}"
         )
-    if num_samples < 0:
-        raise ConfigError("simulation.num_samples", f"must be >= 0, got {num_samples}")
+    if num_samples < 1:
+        raise ConfigError("simulation.num_samples", f"must be >= 1, got {num_samples}")
     if seed < 0:
         raise ConfigError("seed", f"must be >= 0, got {seed}")
     if cfg.get("device", "cpu") not in ("cpu", "gpu"):
@@ -276,6 +303,23 @@ def validate_root(cfg: Mapping[str, Any]) -> tuple[int, int, int, int]:
     checkpoint = integer("checkpoint_every", cfg.get("checkpoint_every", 8))
     if checkpoint < 1:
         raise ConfigError("checkpoint_every", f"must be >= 1, got {checkpoint}")
+    from physics.runtime import resolve_threads
+
+    try:
+        resolve_threads(cfg.get("threads", "auto"), 0)
+    except ValueError as err:
+        raise ConfigError("threads", str(err).removeprefix("threads ")) from None
+    planning = cfg.get("fftw_planning", DEFAULT_FFTW_PLANNING)
+    if planning not in FFTW_PLANNING:
+        raise ConfigError("fftw_planning", f"must be one of {', '.join(FFTW_PLANNING)}, got {planning!r}")
+    try:
+        stale = float(cfg.get("lock_stale_s", 900))
+    except (TypeError, ValueError):
+        stale = float("nan")
+    if not stale > 0:
+        raise ConfigError(
+            "lock_stale_s", f"must be a positive number of seconds, got {cfg.get('lock_stale_s')!r}"
+        )
     return seed, num_shards, shard_index, num_samples
 
 
@@ -299,16 +343,54 @@ def run(cfg: Any, maker: KernelSampleMaker | None = None) -> Any:
     """
     container = plain_config(cfg)
     runner = str((container.get("simulation") or {}).get("runner", "kernel"))
+    if runner != "kernel":
+        import importlib
+
+        module_name, _, function_name = runner.partition(":")
+        try:
+            function = getattr(importlib.import_module(module_name), function_name or "run")
+        except (ImportError, AttributeError) as err:
+            raise ConfigError("simulation.runner", f"cannot load {runner!r}: {err}") from None
+    _configure_threads(container)
     if runner == "kernel":
         return run_kernel(cfg, maker)
-    import importlib
+    if module_name in ABTEM_RUNNERS:
+        import abtem
 
-    module_name, _, function_name = runner.partition(":")
-    try:
-        function = getattr(importlib.import_module(module_name), function_name or "run")
-    except (ImportError, AttributeError) as err:
-        raise ConfigError("simulation.runner", f"cannot load {runner!r}: {err}") from None
+        abtem.config.set({"fftw.planning_effort": container.get("fftw_planning", DEFAULT_FFTW_PLANNING)})
     return function(cfg)
+
+
+def _configure_threads(container: Mapping[str, Any]) -> int:
+    """The root ``threads`` (default auto: the cores left after one per worker process), applied with
+    :func:`physics.runtime.configure_threads` before any work."""
+    try:
+        workers = int(container.get("workers", 1))
+    except (TypeError, ValueError):
+        raise ConfigError("workers", f"must be an integer, got {container.get('workers')!r}") from None
+    try:
+        return configure_threads(container.get("threads", "auto"), workers if workers > 1 else 0)
+    except ValueError as err:
+        raise ConfigError("threads", str(err).removeprefix("threads ")) from None
+
+
+def command(cfg: Any, maker: KernelSampleMaker | None = None) -> int:
+    """`python datagen.py`: :func:`run`, with every error deepstem reports itself as one line on stderr.
+
+    Returns the exit status: 0, or ``physics.runtime.EXIT_ERROR`` after printing
+    ``deepstem: error: <message>`` (bad config, unreadable or foreign files, a shard owned by another job,
+    an out_dir that cannot be written). Anything else is a bug and keeps its traceback.
+    """
+    try:
+        run(cfg, maker)
+    except (ConfigError, store.StoreError, ShardLockError) as err:
+        return report_error(err)
+    except OSError as err:
+        where = err.filename if err.filename is not None else ""
+        reason = err.strerror or " ".join(str(err).split()) or type(err).__name__
+        hint = "; choose a writable out_dir" if isinstance(err, PermissionError | NotADirectoryError) else ""
+        return report_error(f"{where}: {reason}{hint}" if where else f"{reason}{hint}")
+    return 0
 
 
 def output_folder(container: Mapping[str, Any]) -> Path:
@@ -341,6 +423,7 @@ def run_kernel(cfg: Any, maker: KernelSampleMaker | None = None) -> RunSummary:
                     seed,
                     device=str(container.get("device", "cpu")),
                     scheduler=str(container.get("scheduler", "threads")),
+                    fftw_planning=str(container.get("fftw_planning", DEFAULT_FFTW_PLANNING)),
                 )
             except ConfigError:
                 raise
@@ -384,21 +467,103 @@ def run_shard(
     summary = RunSummary(shard=name, noun=noun)
     final = out_dir / name
     overwrite = bool(container.get("overwrite", False))
-    partial = PartialShard(out_dir, shard_index, num_shards, config_fingerprint(container), layout)
-    if final.exists() and not overwrite:
-        partial.remove()  # a stale checkpoint of a shard that was finished
+    fingerprint = config_fingerprint(container)
+    partial = PartialShard(out_dir, shard_index, num_shards, fingerprint, layout)
+    stale_s = float(container.get("lock_stale_s", 900))
+    lock = ShardLock(out_dir, shard_index, num_shards, stale_s=stale_s)
+
+    def skip() -> RunSummary:
         summary.skipped_existing = True
         summary.wall_s = time.perf_counter() - started
         log_summary(summary)
         write_index(out_dir, layout)
         return summary
-    if overwrite:
-        partial.remove()
+
+    if final.exists() and not overwrite and _reusable(final, layout, fingerprint, indices):
+        return skip()
+    lock.check()  # another live job computes this shard: stop before building anything
     results = prepare()
-    try:
-        partial.open()
-    except ValueError as err:
-        raise ConfigError("out_dir", str(err)) from None
+    with lock:
+        if final.exists() and not overwrite and _reusable(final, layout, fingerprint, indices, lock):
+            partial.remove()  # finished by another job meanwhile; its checkpoints are stale
+            return skip()
+        remove_stale_temporaries(out_dir, name, stale_s)
+        if overwrite:
+            partial.remove()
+        try:
+            partial.open()
+        except ValueError as err:
+            raise ConfigError("out_dir", str(err)) from None
+        summary.written, summary.resumed = 0, 0
+        _compute(container, partial, lock, results, indices, summary, noun, seed)
+        shard_attrs = {
+            "global_seed": seed,
+            "shard_index": shard_index,
+            "num_shards": num_shards,
+            "first_index": indices.start,
+            "stop_index": indices.stop,
+            "failed_indices": json_dumps(sorted(summary.failed)),
+            "rejected": json_dumps(dict(summary.rejected)),
+            **(attrs or {}),
+        }
+        lock.verify()
+        assemble_shard(partial, cfg, shard_attrs, indices, overwrite=True)
+    write_index(out_dir, layout)
+    summary.wall_s = time.perf_counter() - started
+    log_summary(summary)
+    return summary
+
+
+def _reusable(
+    final: Path, layout: ShardLayout, fingerprint: str, indices: range, lock: ShardLock | None = None
+) -> bool:
+    """True for a whole shard of this configuration; a mismatch is a :class:`ConfigError` naming the keys.
+
+    A shard that is not whole (truncated, unreadable) is moved aside to a hidden ``.<name>.broken`` when
+    ``lock`` is held, so that it is recomputed; without the lock it is left for the lock holder.
+    """
+    found = inspect_shard(final, layout, fingerprint, indices, fingerprint_of_config=config_fingerprint)
+    if found.differences:
+        raise _mismatch(final, found.differences)
+    if found.whole:
+        return True
+    if lock is not None:
+        aside = final.with_name(f".{final.name}.broken")
+        os.replace(final, aside)
+        log.warning(
+            "%s is not a whole shard (%s): moved to %s, recomputing it", final, found.reason, aside.name
+        )
+    return False
+
+
+def check_reuse(path: str | os.PathLike, stored: Any, current: Any) -> None:
+    """Refuse to reuse the existing output ``path`` when the fingerprint it was made with (``stored``:
+    YAML text or a mapping) differs from ``current``: a one-line :class:`ConfigError` naming the keys."""
+    differences = fingerprint_differences(stored, current)
+    if differences:
+        raise _mismatch(Path(path), differences)
+
+
+def _mismatch(path: Path, differences: str) -> ConfigError:
+    return ConfigError(
+        "out_dir",
+        f"{path} was made with another configuration ({differences}); "
+        "recompute it with overwrite=true, or write to another out_dir",
+    )
+
+
+def _compute(
+    container: Mapping[str, Any],
+    partial: PartialShard,
+    lock: ShardLock,
+    results: Callable[[Sequence[int]], Iterator[Result]],
+    indices: range,
+    summary: RunSummary,
+    noun: str,
+    seed: int,
+) -> None:
+    """Compute the samples of ``indices`` not yet checkpointed, checkpointing every ``checkpoint_every``."""
+    name = summary.shard
     done = partial.done() & set(indices)
     summary.resumed = len(done)
     todo = [i for i in indices if i not in done]
@@ -408,10 +573,10 @@ def run_shard(
         noun,
         indices.start,
         indices.stop - 1,
-        num_samples,
+        int((container.get("simulation") or {}).get("num_samples", 0)),
         len(todo),
         len(done),
-        out_dir,
+        partial.out_dir,
     )
     checkpoint_every = int(container.get("checkpoint_every", 8))
     pending: list[dict[str, Any]] = []
@@ -433,27 +598,13 @@ def run_shard(
                 log.error("%s %d (seed %d, index %d) failed: %s", noun.rstrip("s"), index, seed, index, error)
             progress.update(1)
             if len(pending) >= checkpoint_every:
+                lock.verify()  # a job that lost the shard to another one writes nothing more
                 partial.save(pending)
                 pending = []
     finally:
-        if pending:
+        if pending and lock.owned():
             partial.save(pending)
         progress.close()
-    shard_attrs = {
-        "global_seed": seed,
-        "shard_index": shard_index,
-        "num_shards": num_shards,
-        "first_index": indices.start,
-        "stop_index": indices.stop,
-        "failed_indices": json_dumps(sorted(summary.failed)),
-        "rejected": json_dumps(dict(summary.rejected)),
-        **(attrs or {}),
-    }
-    assemble_shard(partial, cfg, shard_attrs, indices, overwrite=overwrite)
-    write_index(out_dir, layout)
-    summary.wall_s = time.perf_counter() - started
-    log_summary(summary)
-    return summary
 
 
 def _foreign_shards(out_dir: Path, layout: ShardLayout) -> str | None:
@@ -495,6 +646,7 @@ def _init_worker(container: dict, seed: int) -> None:
         seed,
         device=str(container.get("device", "cpu")),
         scheduler="synchronous",  # the processes are the parallelism
+        fftw_planning=str(container.get("fftw_planning", DEFAULT_FFTW_PLANNING)),
     )
 
 

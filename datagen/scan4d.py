@@ -461,6 +461,42 @@ def _crystal(spec: dict, structures: Any, where: str):
     return build_specimen(record.atoms, **options).atoms
 
 
+def check_scan_reuse(path: Path, job: ScanJob, container: dict) -> None:
+    """Refuse to reuse a finished scan file made with another specimen, settings, seed or (for a crystal)
+    structure source: one-line ``ConfigError`` naming the keys (:func:`datagen.cli.check_reuse`)."""
+    import json
+    from dataclasses import asdict
+
+    import yaml
+
+    from datagen.cli import check_reuse
+    from datagen.store import read_config
+
+    def made_with(provenance: dict) -> dict:
+        settings = provenance.get("settings") or {}
+        made = {
+            "scan": provenance.get("scan"),
+            "phonon_seed": provenance.get("phonon_seed"),
+            "specimen": provenance.get("specimen"),
+            "settings": {k: v for k, v in settings.items() if k not in ("extra", "device")},
+            "edge_margin_A": provenance.get("edge_margin_A"),
+        }
+        if (made["specimen"] or {}).get("kind") == "crystal":
+            made["source"] = (provenance.get("datagen") or {}).get("source")
+        return json.loads(json.dumps(made, default=list))  # tuples as lists, as the stored YAML has them
+
+    current = {
+        "scan": job.name,
+        "phonon_seed": job.settings.seed,
+        "specimen": job.specimen,
+        "settings": asdict(job.settings),
+        "edge_margin_A": job.edge_margin_A,
+        "datagen": container,
+    }
+    stored = yaml.safe_load(read_config(path)) or {}
+    check_reuse(path, made_with(stored if isinstance(stored, dict) else {}), made_with(current))
+
+
 def write_scan_index(out_dir: str | Path) -> Path:
     """``index.json`` listing the finished scans of ``out_dir`` (name, file, scan and detector shape)."""
     import json
@@ -531,6 +567,8 @@ def run(cfg: Any) -> Any:
         shard=f"scan4d shard {shard_index + 1}/{num_shards}", noun="scans", resumed_label="already written"
     )
     todo = [j for j in mine if overwrite or not (out_dir / f"{j.name}{SCAN_SUFFIX}").is_file()]
+    for job in (j for j in mine if j not in todo):  # reused only if made with this scan's settings
+        check_scan_reuse(out_dir / f"{job.name}{SCAN_SUFFIX}", job, container)
     summary.resumed = len(mine) - len(todo)
     if mine and not todo:
         summary.skipped_existing = True

@@ -146,10 +146,24 @@ def create(
             yield handle
             _verify(handle, spec, path)
             _check_flux(handle, spec, path)
+        _fsync(temporary)  # the data reaches the disk before the name does
         os.replace(temporary, path)
+        _fsync(path.parent)
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder, after a rename in it) to the disk; folders that refuse are skipped."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
 
 
 def write(

@@ -91,7 +91,7 @@ def test_bad_configuration_exits_non_zero_with_one_line(tmp_path, override, para
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"datagen: error: {parameter}:")
+    assert lines[0].startswith(f"deepstem: error: {parameter}:")
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "data").exists()
 

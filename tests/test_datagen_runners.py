@@ -176,7 +176,7 @@ def test_datagen_command_exits_with_one_line_for_a_bad_stock_config(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.startswith("datagen: error:")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("deepstem: error:")]
     assert len(lines) == 1 and "simulation.forward_model" in lines[0]
 
 

@@ -14,7 +14,7 @@ from datagen.store import StoreError
 def kernel_datasets(n: int = 3, k: int = 8) -> dict:
     rng = np.random.default_rng(0)
     return {
-        "cbed": rng.random((n, 9, k, k), dtype=np.float32),
+        "cbed": rng.random((n, 9, k, k), dtype=np.float32) / np.float32(k * k),  # each CBED below the beam
         "wave": (rng.normal(size=(n, k, k)) + 1j * rng.normal(size=(n, k, k))).astype(np.complex64),
         "probe": np.ones((n, k, k), np.complex64),
         "energy_eV": np.full(n, 200e3),
