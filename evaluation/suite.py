@@ -47,6 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation.frc import fourier_ring_correlation, half_bit_threshold, resolution
 from evaluation.io import Scan4D, ScanError, load_4dstem
 from evaluation.metrics import resample_to_grid, xc
+from physics.dose import expected_counts
 
 __all__ = ["PoissonScan", "evaluate_main", "run_suite", "score"]
 
@@ -58,9 +59,10 @@ class SuiteError(ValueError):
 
 
 class PoissonScan:
-    """A lazily read noisy copy of a scan: rows are drawn on demand as ``Poisson(D * I / sum I)``.
+    """A lazily read noisy copy of a scan: rows are drawn on demand as ``Poisson(D * I)``.
 
-    ``data`` (Rx, Ry, Kx, Ky) noise-free intensities (any scale); ``dose_per_cbed`` electrons per CBED.
+    ``data`` (Rx, Ry, Kx, Ky) noise-free intensities as fractions of the incident electrons per pixel;
+    ``dose_per_cbed`` ``D`` incident electrons per position (a pattern's mean total is ``D * sum(I)``).
     Row ``r`` always gets the same noise: its generator is seeded by ``(*seed, r)``. Indexing follows
     NumPy with the first index a row slice or integer (the way every reader here streams scans).
     """
@@ -77,10 +79,9 @@ class PoissonScan:
 
     def _row(self, r: int) -> np.ndarray:
         clean = np.asarray(self.data[r : r + 1], dtype=np.float64)[0]
-        total = clean.sum(axis=(-2, -1), keepdims=True)
-        rate = np.divide(clean * self.dose, total, out=np.zeros_like(clean), where=total > 0)
+        rate = expected_counts(clean, self.dose)  # Poisson(D * I), physics.dose
         rng = np.random.default_rng(np.random.SeedSequence([*self.seed, r]))
-        return rng.poisson(np.clip(rate, 0, None)).astype(np.float32)
+        return rng.poisson(rate).astype(np.float32)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         first, rest = (key[0], tuple(key[1:])) if isinstance(key, tuple) else (key, ())

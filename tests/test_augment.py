@@ -79,6 +79,7 @@ def test_poisson_dose_total_counts_mean_and_variance(dose_e: float) -> None:
     n, k = 12000, 8
     gen = make_generator(1)
     cbed = torch.rand(n // 9 + 1, 9, k, k, generator=make_generator(2))[: n // 9]
+    cbed = cbed / cbed.sum(dim=(-2, -1), keepdim=True)  # the whole beam on the detector: mean D
     counts = apply_dose(cbed, dose_e, gen).double()
     assert torch.all(counts == counts.round()) and torch.all(counts >= 0)
     totals = counts.sum(dim=(-2, -1)).flatten()
@@ -93,12 +94,47 @@ def test_poisson_dose_total_counts_mean_and_variance(dose_e: float) -> None:
 def test_poisson_dose_per_pixel_follows_intensity(dose_e: float) -> None:
     b, k = 40, 32
     cbed = 0.1 + torch.rand(b, 9, k, k, generator=make_generator(3))
-    rate = dose_e * cbed.double() / cbed.double().sum(dim=(-2, -1), keepdim=True)
+    cbed = 0.7 * cbed / cbed.sum(dim=(-2, -1), keepdim=True)  # fractions of the beam, 30 % lost
+    rate = dose_e * cbed.double()
     counts = apply_dose(cbed, torch.full((b,), dose_e), make_generator(4)).double()
     z = (counts - rate) / rate.sqrt()
     n = z.numel()
     assert abs(float(z.mean())) < 5 / math.sqrt(n)
     assert abs(float(z.var()) - 1.0) < 5 * math.sqrt(2.0 / n)
+
+
+def test_dose_keeps_what_the_detector_misses_and_per_pattern_totals() -> None:
+    """Poisson(D * I): a pattern holding 60 % of the beam gets 0.6 D counts on average, not D, and a
+    kernel's patterns keep their different totals (REFERENCE.md: D incident electrons per position)."""
+    b, k, dose_e = 400, 16, 5e3
+    shape = torch.rand(b, 9, k, k, generator=make_generator(12), dtype=torch.float64) + 0.05
+    fraction = torch.linspace(0.3, 0.9, 9, dtype=torch.float64)  # in-detector share per pattern
+    cbed = (shape / shape.sum(dim=(-2, -1), keepdim=True) * fraction[None, :, None, None]).float()
+    totals = apply_dose(cbed, dose_e, make_generator(13)).double().sum(dim=(-2, -1))  # (B, 9)
+    expected = dose_e * cbed.double().sum(dim=(-2, -1)).mean(0)
+    np.testing.assert_allclose(
+        totals.mean(0).numpy(), expected.numpy(), atol=float(5 * math.sqrt(dose_e / b))
+    )
+    assert float(totals[:, 0].mean()) < 0.35 * dose_e  # not renormalised to D
+    # the full augmentation (no other noise) draws the same model
+    aug = AirpiAugmentation(dose_e_range=(dose_e, dose_e), no_specimen_prob=0.0)
+    batch = _kernel_batch(b, k=k, seed=3)
+    batch["cbed"] = cbed
+    out = aug.augment(**_args(batch), generator=make_generator(14))
+    got = out["cbed"].double().sum(dim=(-2, -1)).mean(0)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=float(5 * math.sqrt(dose_e / b)))
+
+
+def test_expected_counts_is_one_function_for_numpy_and_torch() -> None:
+    from physics.dose import dose_per_position, expected_counts
+
+    intensity = np.array([[0.2, -0.01], [0.3, 0.1]])
+    np.testing.assert_allclose(expected_counts(intensity, 100.0), [[20.0, 0.0], [30.0, 10.0]])
+    t = expected_counts(torch.from_numpy(intensity), torch.tensor(100.0))
+    assert isinstance(t, torch.Tensor) and torch.allclose(
+        t, torch.tensor([[20.0, 0.0], [30.0, 10.0]], dtype=t.dtype)
+    )
+    assert dose_per_position(1e4, (0.3, 0.2)) == pytest.approx(600.0)
 
 
 def test_dose_is_log_uniform_in_the_configured_range() -> None:
@@ -239,18 +275,20 @@ def test_no_specimen_fraction_is_three_percent() -> None:
     assert torch.equal(out["wave"][~empty], batch["wave"][~empty])
     disc = probe_intensity(batch["probe"][empty])
     replaced = out["cbed"][empty]
-    for j in range(9):  # every pattern is the probe intensity, scaled to the sample's total
-        ratio = replaced[:, j].sum(dim=(-2, -1)) / disc.sum(dim=(-2, -1))
-        assert torch.allclose(replaced[:, j], disc * ratio[:, None, None], rtol=1e-4, atol=1e-7)
+    for j in range(9):  # every pattern is the probe intensity: vacuum, the whole beam on the detector
+        assert torch.allclose(replaced[:, j], disc.to(replaced.dtype), rtol=1e-4, atol=1e-7)
     assert torch.equal(out["cbed"][~empty], batch["cbed"][~empty])
 
 
-def test_replace_no_specimen_keeps_the_electron_budget() -> None:
+def test_replace_no_specimen_puts_the_whole_beam_on_the_detector() -> None:
     batch = _kernel_batch(2, k=16)
     cbed, wave = replace_no_specimen(
         batch["cbed"], batch["wave"], batch["probe"], torch.tensor([True, False])
     )
-    assert torch.allclose(cbed.sum(dim=(-2, -1)), batch["cbed"].sum(dim=(-2, -1)))
+    totals = cbed.double().sum(dim=(-2, -1))
+    expected = probe_intensity(batch["probe"][0]).double().sum()
+    assert torch.allclose(totals[0], expected.expand(9), rtol=1e-5)  # vacuum: 1 for a normalised probe
+    assert torch.allclose(cbed[1], batch["cbed"][1])
     assert torch.equal(wave[0], batch["probe"][0]) and torch.equal(wave[1], batch["wave"][1])
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from physics import fourier_shift
+from physics.dose import expected_counts
 from training.distortions import (
     Generators,
     PMTParameters,
@@ -106,15 +107,13 @@ def draw_no_specimen(
 def replace_no_specimen(cbed: Tensor, wave: Tensor, probe: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Replace, where ``mask`` (B,), all 9 CBEDs by the probe intensity and the label by the probe.
 
-    The probe intensity is scaled to each sample's own total CBED intensity so that the dose
-    normalisation that follows sees the same electron budget.
+    The replacement is what vacuum gives: the probe intensity as a fraction of the incident electrons
+    (:func:`probe_intensity`, summing to 1 for a normalised probe: the kernel's detector, ``+-gmax`` with
+    ``gmax > alpha``, holds the whole bright field), so the dose that follows draws ``D`` electrons.
     """
     if not bool(mask.any()):
         return cbed, wave
-    intensity = probe_intensity(probe).to(cbed.dtype)  # (B, K, K)
-    total = cbed.sum(dim=(-2, -1), keepdim=True)  # (B, 9, 1, 1)
-    scale = total / intensity.sum(dim=(-2, -1), keepdim=True)[:, None].clamp_min(1e-30)
-    empty = intensity[:, None] * scale
+    empty = probe_intensity(probe).to(cbed.dtype)[:, None].expand_as(cbed)  # (B, 9, K, K)
     m = mask.to(torch.bool)
     cbed = torch.where(_bview(m, cbed.ndim), empty, cbed)
     wave = torch.where(_bview(m, wave.ndim), probe.to(wave.dtype), wave)
@@ -219,17 +218,19 @@ def rotate_patterns(cbed: Tensor, angle_deg: Tensor, *, preserve_intensity: bool
 
 
 def apply_dose(cbed: Tensor, dose_e: Tensor | float, generator: Generators) -> Tensor:
-    """Electron counts ``Poisson(D * I / sum(I))`` per pattern (REFERENCE.md 1, paper 002).
+    """Electron counts ``Poisson(D * I)`` per pattern (:func:`physics.dose.expected_counts`).
 
-    ``cbed`` (B, C, K, K) (or (B, K, K)) noise-free intensities; ``dose_e`` total electrons per CBED,
-    scalar or (B,) (the same dose for all patterns of a sample, as in a scan). Returns float counts of
-    ``cbed``'s dtype; exact Poisson for any rate (``torch.poisson``).
+    ``cbed`` (B, C, K, K) (or (B, K, K)) noise-free intensities as fractions of the incident electrons
+    per pixel (``sum <= 1``); ``dose_e`` ``D`` incident electrons per probe position, scalar or (B,) (the
+    same for all patterns of a sample, as in a scan). The mean total count of a pattern is
+    ``D * sum(I)``: electrons scattered outside the detector stay lost, and the totals of a kernel's
+    patterns keep their physical differences. Returns float counts of ``cbed``'s dtype; exact Poisson for
+    any rate (``torch.poisson``).
     """
     dose = torch.as_tensor(dose_e, dtype=torch.float64, device=cbed.device)
     if dose.ndim == 0:
         dose = dose.expand(cbed.shape[0])
-    total = cbed.double().sum(dim=(-2, -1), keepdim=True).clamp_min(1e-300)
-    rate = (cbed.double() * _bview(dose, cbed.ndim) / total).to(cbed.dtype)
+    rate = expected_counts(cbed.double(), _bview(dose, cbed.ndim)).to(cbed.dtype)
     return poisson(rate, generator)
 
 
