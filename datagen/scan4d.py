@@ -287,8 +287,8 @@ def simulate_scan(atoms, settings: ScanSettings, edge_margin_A: float = 0.0) -> 
 
 
 def write_scan(path: str | Path, result: ScanResult, config: Any = None, overwrite: bool = False) -> Path:
-    """Write ``result`` as ``deepstem.4dstem/1`` with its ``truth`` group (atomic, via evaluation.io)."""
-    from evaluation.io import save_4dstem
+    """Write ``result`` as ``deepstem.4dstem/1`` with its ``truth`` group (atomic, datagen.scan_store)."""
+    from datagen.scan_store import save_4dstem
 
     s = result.settings
     totals = np.asarray(result.data, dtype=np.float64).sum(axis=(-2, -1))
