@@ -163,3 +163,17 @@ def test_gaussian_blur_follows_the_analytic_frc(periodic):
     inside = freq > 4 / (n * pixel)
     assert np.all(np.abs(frc - expected)[inside] < scatter[inside] + (0.0 if periodic else 0.03))
     assert resolution(freq, frc, 0.5) == pytest.approx(resolution(freq, expected, 0.5), rel=0.02)
+
+
+def test_registration_shift_is_bounded():
+    """A copy shifted by 6 pixels: unbounded the shift is found; with a 2-pixel bound the search stays
+    inside it and the result sits on the bound (the caller flags it), whatever lies further out."""
+    rng = np.random.default_rng(6)
+    big = gaussian_filter(rng.normal(size=(120, 120)), 2.0)
+    a = big[10:106, 10:106]
+    b = fourier_shift(big, (6.0, -1.3))[10:106, 10:106]
+    assert estimate_shift(a, b) == pytest.approx([6.0, -1.3], abs=0.06)
+    bounded = estimate_shift(a, b, max_shift_px=2.0)
+    assert np.all(np.abs(bounded) <= 2.0) and bounded[0] == pytest.approx(2.0)
+    _, _, shift = align(a, b, max_shift_px=2.0)
+    assert np.max(np.abs(shift)) <= 2.0
