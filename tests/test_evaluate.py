@@ -110,6 +110,7 @@ def test_tiny_suite_numbers_table_and_figures(folder, tmp_path, capsys):
 
 def test_poisson_noise_is_reproducible_and_has_the_dose(folder):
     data = np.random.default_rng(0).random((5, 4, 8, 8)).astype(np.float32)
+    data /= data.sum(axis=(-2, -1), keepdims=True)  # fractions of the beam: D * sum(I) = D electrons
     noisy = PoissonScan(data, 1000.0, (0, 1, 2))
     whole = noisy[0:5]
     assert whole.shape == data.shape and whole.dtype == np.float32
