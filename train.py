@@ -8,12 +8,13 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from physics.runtime import report_error
     from training.cli import ConfigError, run
 
     try:
         return run(cfg)
-    except ConfigError as err:
-        sys.exit(str(err))
+    except ConfigError as err:  # one line `deepstem: error: ...`, exit status 2
+        sys.exit(report_error(err))
 
 
 if __name__ == "__main__":

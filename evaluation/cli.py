@@ -5,8 +5,9 @@ network methods (``airpi``, ``chang_unet``, ``ptychonn``) load ``ckpt=PATH`` and
 :mod:`evaluation.stitching`; without ``ckpt``, ``airpi`` uses the shipped reference model
 ``pretrained/airpi_reference.ckpt`` (model card: ``pretrained/README.md``).
 
-Exit codes: 0 done; 1 bad input (scan, calibration, checkpoint of another model, ...) or a failed
-reconstruction (one line on stderr, nothing written under the output names).
+Exit codes: 0 done; 2 (:data:`physics.runtime.EXIT_ERROR`) bad config or input (scan, calibration,
+checkpoint of another model, ...) or a failed reconstruction: one line ``deepstem: error: ...`` on stderr,
+nothing written under the output names.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ from evaluation.references import (
     virtual_detector,
 )
 from physics import wavelength
+from physics.runtime import configure_threads, report_error
 
 __all__ = [
     "CONVENTIONAL_METHODS",
     "NETWORK_METHODS",
+    "missing_key_message",
     "reconstruct_main",
     "run_method",
+    "setup_threads",
     "write_reconstruction",
 ]
 
@@ -190,8 +194,24 @@ def write_reconstruction(
 
 def _error(message: str) -> int:
     first_line = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
-    print(f"deepstem: error: {first_line}", file=sys.stderr)
-    return 1
+    return report_error(first_line)
+
+
+def missing_key_message(cfg: DictConfig, skip: tuple[str, ...] = ()) -> str | None:
+    """``suite.scans.tiny.path is not set: give suite.scans.tiny.path=...`` for the first mandatory value
+    (``???``) left unset, other than the keys in ``skip``; None when all are set."""
+    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if key not in skip)
+    if not missing:
+        return None
+    return f"{missing[0]} is not set: give {missing[0]}=..."
+
+
+def setup_threads(cfg: DictConfig) -> int:
+    """Set torch's intra-op threads from ``cfg.threads`` (auto: every core; no worker processes here).
+
+    Raises ValueError with a one-line message naming ``threads``.
+    """
+    return configure_threads(cfg.get("threads", "auto"), 0)
 
 
 def reconstruct_main(cfg: DictConfig) -> int:
@@ -203,6 +223,13 @@ def reconstruct_main(cfg: DictConfig) -> int:
         )
     if OmegaConf.is_missing(cfg, "input") or not cfg.input:
         return _error("no input: give input=SCAN (deepstem .h5, EMD 1.0, .mib, Velox .emd or .npy + YAML)")
+    message = missing_key_message(cfg)
+    if message is not None:
+        return _error(message)
+    try:
+        threads = setup_threads(cfg)
+    except ValueError as err:
+        return _error(str(err))
     from hydra.utils import to_absolute_path
 
     input_path = Path(to_absolute_path(str(cfg.input)))
@@ -255,7 +282,7 @@ def reconstruct_main(cfg: DictConfig) -> int:
         if scan is not None:
             scan.close()
     print(
-        f"{method}: {num_patterns} patterns in {elapsed:.3f} s = {patterns_per_s:.0f} patterns/s; "
-        f"wrote {h5} and {png}"
+        f"{method}: {num_patterns} patterns in {elapsed:.3f} s = {patterns_per_s:.0f} patterns/s "
+        f"({threads} thread{'s' if threads != 1 else ''}); wrote {h5} and {png}"
     )
     return 0

@@ -407,6 +407,13 @@ def _default_block_rows(ry: int, pixels: int, budget_bytes: float = 2**27) -> in
     return max(1, int(budget_bytes // max(1, ry * 9 * pixels * pixels * 4)))
 
 
+def _inference_bar(geometry: ScanGeometry, progress: bool, desc: str) -> Any:
+    """Patterns/s and ETA of network inference over a scan, on stderr; only on a terminal (tqdm's
+    ``disable=None``), so that logs and captured output stay free of bar redraws."""
+    rx, ry = geometry.positions_shape
+    return tqdm(total=rx * ry, desc=desc, unit="pattern", disable=None if progress else True, leave=False)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Patch -> object grid
 
@@ -627,7 +634,8 @@ def airpi_reconstruct(
     rows_per_block = block_rows or _default_block_rows(ry, pixels)
     placements: dict[tuple, tuple] = {}
     count = 0
-    for e, c, kernels in stream.kernels(rows_per_block, progress, "AIRPI"):
+    bar = _inference_bar(geometry, progress, "AIRPI")
+    for e, c, kernels in stream.kernels(rows_per_block, False, "AIRPI"):  # the bar counts patterns
         for part in _batches(len(e), batch_size):
             counts = kernels[part]
             b = counts.shape[0]
@@ -660,6 +668,8 @@ def airpi_reconstruct(
             index = grid.flat_indices(mx, my, dev).reshape(-1)
             accumulator.index_add_(0, index, torch.view_as_real(patch.reshape(-1)))
             count += b
+            bar.update(b)
+    bar.close()
     elapsed = time.perf_counter() - start_time
     total = torch.view_as_complex(accumulator).reshape(grid.shape).cpu().numpy()
     image, origin = grid.crop(np.angle(total).astype(np.float32), crop_to_scan)
@@ -796,7 +806,8 @@ def chang_reconstruct(
     accumulator = torch.zeros(grid.shape[0] * grid.shape[1], dtype=torch.float32, device=dev)
     rows_per_block = block_rows or _default_block_rows(ry, pixels)
     count = 0
-    for e, c, kernels in stream.kernels(rows_per_block, progress, "Chang U-Net", neighbours=False):
+    bar = _inference_bar(geometry, progress, "Chang U-Net")
+    for e, c, kernels in stream.kernels(rows_per_block, False, "Chang U-Net", neighbours=False):
         for part in _batches(len(e), batch_size):
             counts = kernels[part, 0]
             total = counts.flatten(1).sum(1).clamp_min(1e-12)[:, None, None]
@@ -811,6 +822,8 @@ def chang_reconstruct(
             index = grid.flat_indices(mx, my, dev).reshape(-1)
             accumulator.index_add_(0, index, (patch * foot_t).reshape(-1))
             count += len(mx)
+            bar.update(len(mx))
+    bar.close()
     # least squares: (m_i[d] + c_i) - (m_j[-d] + c_j) = 0 for j = i + d, c_0 fixed at 0
     index_of = {s: n for n, s in enumerate(shifts)}
     rows, cols, values, rhs = [], [], [], []
@@ -936,7 +949,8 @@ def ptychonn_reconstruct(
     rx, ry = geometry.positions_shape
     rows_per_block = block_rows or _default_block_rows(ry, pixels)
     count = 0
-    for e, c, kernels in stream.kernels(rows_per_block, progress, "PtychoNN", neighbours=False):
+    bar = _inference_bar(geometry, progress, "PtychoNN")
+    for e, c, kernels in stream.kernels(rows_per_block, False, "PtychoNN", neighbours=False):
         for part in _batches(len(e), batch_size):
             centre_cbed = kernels[part, 0]
             peak = centre_cbed.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
@@ -956,6 +970,8 @@ def ptychonn_reconstruct(
             )
             amplitude_sum.index_add_(0, index, (amp * weight_t).reshape(-1))
             count += len(mx)
+            bar.update(len(mx))
+    bar.close()
     # the total weight is the weight map summed over the positions: a convolution, not an accumulator
     from scipy.signal import fftconvolve
 

@@ -647,7 +647,7 @@ def _log_wandb(cfg: DictConfig, run_dir: Path, content: dict[str, Any]) -> None:
 
 
 def evaluate_main(cfg: DictConfig, run_dir: str | Path | None = None) -> int:
-    """The body of ``evaluate.py``; returns the exit code (1 with one line on stderr on bad input)."""
+    """The body of ``evaluate.py``; returns the exit code (2 with one line on stderr on bad input)."""
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
@@ -657,15 +657,17 @@ def evaluate_main(cfg: DictConfig, run_dir: str | Path | None = None) -> int:
     if logger is not None and (not isinstance(logger, Mapping) or list(logger) != ["wandb"]):
         chosen = list(logger) if isinstance(logger, Mapping) else logger
         message = f"evaluate logs to W&B (logger=wandb) or not at all (logger=null), got {chosen}"
-        print(f"deepstem: error: {message}", file=sys.stderr)
-        return 1
+        from physics.runtime import report_error
+
+        return report_error(message)  # deepstem: error: <message>, exit status 2
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         content = run_suite(cfg, run_dir)
     except (SuiteError, ScanError, ValueError, OSError, RuntimeError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"deepstem: error: {message}", file=sys.stderr)
-        return 1
+        from physics.runtime import report_error
+
+        return report_error(message)  # deepstem: error: <message>, exit status 2
     if logger is not None:
         _log_wandb(cfg, run_dir, content)
     print(markdown_table(content["rows"]), end="")

@@ -150,7 +150,7 @@ def test_evaluate_py_writes_its_outputs_in_the_run_directory(folder, tmp_path):
 )  # fmt: skip
 def test_bad_suite_is_one_line_and_writes_nothing(folder, tmp_path, capsys, overrides, message):
     cfg = _config(folder, *[o.replace("FOLDER", str(folder)) for o in overrides])
-    assert evaluate_main(cfg, tmp_path / "run") == 1
+    assert evaluate_main(cfg, tmp_path / "run") == 2  # physics.runtime.EXIT_ERROR
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("deepstem: error:") and message in lines[0], lines
     assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("*.md"))

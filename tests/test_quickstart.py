@@ -35,17 +35,47 @@ def test_quickstart_config_chains_datagen_training_and_the_suite():
     assert cfg.data._target_.endswith("MultisliceDataModule")
     assert list(cfg.logger) == ["csv"]
     assert cfg.evaluate.checkpoint == "last"  # the final weights are evaluated (last_checkpoint)
-    assert cfg.data.data_dir == "data/quickstart/kernel"
+    assert cfg.data.data_dir.startswith("data/quickstart/")
     assert "simulation=kernel" in cfg.datagen.overrides
+    assert cfg.evaluate.progress  # the evaluation shows its progress
     suite = pipeline.load_suite(cfg.evaluate.suite)
     methods = {label: entry.method for label, entry in suite.methods.items()}
-    assert methods == {"ssb": "ssb", "icom": "icom", "airpi": "airpi", "airpi_reference": "airpi"}
-    assert suite.methods.airpi.ckpt is None  # filled with the run's checkpoint
-    assert (ROOT / suite.methods.airpi_reference.ckpt).is_file()  # the shipped model, scored as it is
+    assert methods == {"ssb": "ssb", "icom": "icom", "airpi_shipped": "airpi", "airpi_finetuned": "airpi"}
+    assert suite.methods.airpi_finetuned.ckpt is None  # filled with the run's checkpoint
+    assert (ROOT / suite.methods.airpi_shipped.ckpt).is_file()  # the shipped model, scored as it is
     assert any(math.isinf(float(d)) for d in suite.doses_e_per_A2) and 1e3 <= min(suite.doses_e_per_A2) <= 1e5
     # the default train config does neither
     plain = compose_train([])
     assert plain.datagen is None and plain.evaluate is None
+
+
+SHIPPED = ROOT / "pretrained" / "airpi_reference.ckpt"
+
+
+def test_quickstart_fine_tunes_the_shipped_model_on_data_of_its_optics():
+    """init_from is the shipped checkpoint (same network), at a fine-tuning learning rate, on kernels of the
+    optics it was trained for, without the test specimen; the suite scores it next to the shipped one."""
+    cfg = compose_train(["experiment=quickstart"])
+    shipped = OmegaConf.load(ROOT / "pretrained" / "airpi_reference.config.yaml")
+    assert (ROOT / cfg.init_from).resolve() == SHIPPED.resolve() and SHIPPED.is_file()
+    assert 0 < cfg.model.lr <= shipped.model.lr / 5  # fine-tuning, not training from scratch
+    assert OmegaConf.to_container(cfg.model.net) == OmegaConf.to_container(shipped.model.net)
+    assert OmegaConf.to_container(cfg.model.loss) == OmegaConf.to_container(shipped.model.loss)
+    assert cfg.model.fine_tune == shipped.model.fine_tune
+    assert OmegaConf.to_container(cfg.data.augmentation) == OmegaConf.to_container(shipped.data.augmentation)
+    ours = OmegaConf.to_container(pipeline.compose_datagen(list(cfg.datagen.overrides)), resolve=True)
+    theirs = OmegaConf.to_container(pipeline.compose_datagen(list(shipped.datagen.overrides)), resolve=True)
+    for key in ("energy_eV", "semiangle_mrad", "ratio_alpha_gmax", "step_rayleigh", "Cs_A", "defocus_A"):
+        assert ours["simulation"][key] == theirs["simulation"][key], key
+    assert set(ours["source"]["exclude_ids"]) >= {"MoS2", "SrTiO3"}  # the scored specimen is not in the data
+    suite = pipeline.load_suite(cfg.evaluate.suite)
+    assert (ROOT / suite.methods.airpi_shipped.ckpt).resolve() == SHIPPED.resolve()
+    # the network loads into the configured model (init_from would refuse another architecture)
+    from hydra.utils import instantiate
+
+    from training.cli import load_weights
+
+    load_weights(instantiate(cfg.model), SHIPPED)
 
 
 def test_compose_datagen_gives_the_datagen_root_config_with_overrides(tmp_path):
@@ -125,7 +155,7 @@ def test_load_suite_applies_overrides_and_names_unknown_suites():
 
 
 def test_miniature_quickstart_generates_trains_and_scores(tmp_path, capsys):
-    """The whole chain through `run(cfg)`: kernel shards, checkpoint, suite outputs with finite xc."""
+    """The whole chain through `run(cfg)`: shards, fine-tuned checkpoint, suite outputs, finite xc."""
     data_dir, run_dir, scan = tmp_path / "data" / "kernel", tmp_path / "run", tmp_path / "scan.h5"
     settings = "scans.mos2_twisted.generate.settings"
     overrides = [
@@ -133,12 +163,11 @@ def test_miniature_quickstart_generates_trains_and_scores(tmp_path, capsys):
         f"data.data_dir={data_dir}",
         f"paths.output_dir={run_dir}",
         "datagen.overrides=['simulation=kernel','simulation.num_samples=4','progress=false']",
-        "model.net.filters=8",
         "data.batch_size=2",
         "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=1",
-        "+trainer.limit_val_batches=1",
-        "+trainer.limit_test_batches=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
         "trainer.enable_model_summary=false",
         "callbacks.progress_bar.refresh_rate=0",
         "callbacks.prediction_images=null",
@@ -159,16 +188,22 @@ def test_miniature_quickstart_generates_trains_and_scores(tmp_path, capsys):
     bench = run_dir / "bench"
     content = json.loads((bench / "metrics.json").read_text())
     rows = content["rows"]
-    assert {r["method"] for r in rows} == {"ssb", "icom", "airpi", "airpi_reference"}
+    assert {r["method"] for r in rows} == {"ssb", "icom", "airpi_finetuned", "airpi_shipped"}
     assert {r["dose_e_per_A2"] for r in rows} == {"inf", 1e4}
     assert all(np.isfinite(r["xc"]) and -1 <= r["xc"] <= 1 for r in rows)
-    assert next(r for r in rows if r["method"] == "airpi")["ckpt"] == str(ckpt)
+    assert next(r for r in rows if r["method"] == "airpi_finetuned")["ckpt"] == str(ckpt)
     # SSB recovers a noise-free weak phase object well even on a tiny scan
     assert next(r for r in rows if r["method"] == "ssb" and r["dose_e_per_A2"] == "inf")["xc"] > 0.5
     table = (bench / "results.md").read_text()
-    for method in ("ssb", "icom", "airpi", "airpi_reference"):
+    for method in ("ssb", "icom", "airpi_finetuned", "airpi_shipped"):
         assert f"| {method} |" in table
-    assert table in capsys.readouterr().out  # the table is printed
+    # what the fine-tuned row is: from which weights, how long it trained, and whether a cap cut it short
+    note = "airpi_finetuned: pretrained/airpi_reference.ckpt fine-tuned in this run for 1 of 1 epochs"
+    assert note in table, table
+    assert content["training"]["epochs"] == 1 and content["training"]["stopped_by"] is None
+    out = capsys.readouterr().out
+    assert table in out  # the table is printed
+    assert "train: checkpoints:" in out and "train: outputs in" in out
     assert (bench / "figures" / "recon_mos2_twisted.png").is_file()
     # a rerun finds the shards and does not generate again
     assert pipeline.prepare_data(cfg) is None

@@ -151,7 +151,7 @@ def test_wrong_checkpoint_is_one_line_and_writes_nothing(folder, tmp_path, metho
     overrides = [f"method={method}", f"output={tmp_path}/out.h5"]
     if ckpt:
         overrides.append(f"ckpt={folder}/{ckpt}")
-    assert reconstruct_main(_config(folder, *overrides)) == 1
+    assert reconstruct_main(_config(folder, *overrides)) == 2  # physics.runtime.EXIT_ERROR
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1, lines
     assert lines[0].startswith("deepstem: error:") and message in lines[0], lines[0]
@@ -167,14 +167,14 @@ def test_airpi_without_ckpt_uses_the_shipped_model(folder, tmp_path, monkeypatch
     assert "using the shipped model" in capsys.readouterr().err
     assert (tmp_path / "out.h5").is_file()
     monkeypatch.setitem(evaluation.cli.PRETRAINED, "airpi", tmp_path / "missing.ckpt")
-    assert reconstruct_main(_config(folder, *overrides)) == 1
+    assert reconstruct_main(_config(folder, *overrides)) == 2  # physics.runtime.EXIT_ERROR
     assert "needs a network checkpoint" in capsys.readouterr().err
 
 
 def test_reconstruct_py_checkpoint_of_another_model_exits_non_zero(folder, tmp_path):
     result = _run(tmp_path, f"input={folder}/scan.h5", "method=airpi", f"ckpt={folder}/cgrdn.ckpt",
                   "output=out.h5")  # fmt: skip
-    assert result.returncode == 1
+    assert result.returncode == 2  # physics.runtime.EXIT_ERROR
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "holds model 'cgrdn', not 'airpi'" in lines[0], result.stderr
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".h5", ".png") or ".tmp" in p.name]

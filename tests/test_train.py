@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from datagen import store
+from physics.runtime import EXIT_ERROR, resolve_threads
 from tests.test_datasets import write_shard
 from training.cli import ConfigError, check_pairing, train
 
@@ -82,8 +83,9 @@ def test_wrong_pairings_get_one_clear_error(tmp_path, data_root):
         [*command, f"hydra.run.dir={tmp_path}/r"], capture_output=True, text=True, timeout=300
     )
     assert result.returncode != 0
+    assert result.returncode == EXIT_ERROR
     assert result.stderr.strip().splitlines()[-1] == (
-        "train.py: model=cgrdn trains on data=haadf, not data=stock_images"
+        "deepstem: error: model=cgrdn trains on data=haadf, not data=stock_images"
     )
 
 
@@ -92,7 +94,7 @@ def test_wandb_offline_run_holds_metrics_and_images_but_no_secret(tmp_path, data
     monkeypatch.setenv("MP_API_KEY", secret)
     overrides = [f"paths.output_dir={tmp_path}", f"paths.data_dir={data_root}", "logger=wandb",
                  "model.net.filters=8", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1",
-                 "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false",
+                 "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false",
                  f"+notes={secret}"]  # fmt: skip
     train(compose_train(overrides))
     import wandb
@@ -128,8 +130,8 @@ def test_resume_from_last_checkpoint_is_exact(tmp_path, data_root):
 
 def test_init_from_loads_weights_and_rejects_another_model(tmp_path, data_root):
     base = [f"paths.data_dir={data_root}", "logger=csv", "data.num_workers=0", "data.batch_size=4",
-            "test=false", "trainer.max_epochs=1", "+trainer.limit_train_batches=1",
-            "+trainer.limit_val_batches=1"]  # fmt: skip
+            "test=false", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1"]  # fmt: skip
     train(compose_train([*base, "model=ptychonn", f"paths.output_dir={tmp_path}/p"]))
     checkpoint = tmp_path / "p" / "checkpoints" / "last.ckpt"
     with pytest.raises(ConfigError, match="holds weights of another model"):
@@ -140,11 +142,49 @@ def test_init_from_loads_weights_and_rejects_another_model(tmp_path, data_root):
     assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["test/loss"])
 
 
+def test_threads_are_resolved_from_the_loader_workers_and_set(tmp_path, data_root, capsys):
+    base = [*common(tmp_path, data_root), "model.net.filters=8", "data.batch_size=4"]
+    before = torch.get_num_threads()
+    try:
+        train(compose_train([*base, "data.num_workers=0", "threads=1"]))
+        assert torch.get_num_threads() == 1
+        assert "1 intra-op thread" in capsys.readouterr().out
+        train(compose_train([*base, "data.num_workers=1", "threads=auto"]))
+        assert torch.get_num_threads() == resolve_threads("auto", 1)  # one core left to the loader worker
+        with pytest.raises(ConfigError, match=r"^threads"):
+            train(compose_train([*base, "threads=many"]))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_limit_val_batches_0_trains_without_the_plateau_monitor(tmp_path, data_root):
+    overrides = [f"paths.output_dir={tmp_path}", f"paths.data_dir={data_root}", "logger=csv",
+                 "model.net.filters=8", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=2",
+                 "trainer.limit_train_batches=1", "trainer.limit_val_batches=0", "test=false"]  # fmt: skip
+    metrics = train(compose_train(overrides))
+    assert np.isfinite(metrics["train/loss"]) and "val/loss" not in metrics
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_run_cut_short_by_max_time_says_so(tmp_path, data_root, capsys):
+    overrides = [f"paths.output_dir={tmp_path}", f"paths.data_dir={data_root}", "logger=csv",
+                 "model.net.filters=8", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=500",
+                 "trainer.max_time=00:00:00:01", "trainer.limit_val_batches=0", "test=false",
+                 "callbacks.prediction_images=null", "trainer.enable_model_summary=false"]  # fmt: skip
+    from training.cli import fit
+
+    _, summary = fit(compose_train(overrides))
+    assert summary.stopped_by == "the 1 s cap (trainer.max_time)"
+    assert 0 < summary.epochs < 500 and summary.max_epochs == 500
+    out = capsys.readouterr().out
+    assert f"stopped by the 1 s cap (trainer.max_time) after {summary.epochs:.1f} of 500 epochs" in out, out
+
+
 @pytest.mark.slow
 def test_optuna_sweep_runs_trials_and_reports_the_metric(tmp_path, data_root):
     command = [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=optuna", "model=ptychonn",
                f"paths.data_dir={data_root}", "logger=csv", "data.num_workers=0", "trainer.max_epochs=1",
-               "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "hydra.sweeper.n_trials=2",
+               "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "hydra.sweeper.n_trials=2",
                "hydra.sweeper.sampler.n_startup_trials=2", f"hydra.sweep.dir={tmp_path}/sweep"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -175,7 +215,7 @@ def test_scan_reconstruction_callback_logs_xc_against_the_truth(tmp_path, data_r
                        truth_pixel_size_A=sim.object_pixel_A)  # fmt: skip
     overrides = [f"paths.output_dir={tmp_path}/run", f"paths.data_dir={data_root}", "logger=csv",
                  "model.net.filters=8", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1",
-                 "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "test=false",
+                 "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false",
                  f"callbacks.scan_reconstruction.scan_path={scan}",
                  "callbacks.scan_reconstruction.every_n_epochs=1"]  # fmt: skip
     metrics = train(compose_train(overrides))

@@ -21,14 +21,20 @@ path), ``dir``, ``seed``, ``device``, ``progress``.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from physics.runtime import configure_threads
+
+if TYPE_CHECKING:
+    from training.run_report import TrainingSummary
 
 __all__ = [
     "CONF_DIR",
@@ -40,6 +46,7 @@ __all__ = [
     "load_suite",
     "prepare_data",
     "trained_checkpoint",
+    "training_note",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,16 +105,16 @@ def prepare_data(cfg: DictConfig) -> Path | None:
         return None
     data_dir = cfg.data.get("data_dir")
     if not isinstance(data_dir, str) or any(c in data_dir for c in "*?["):
-        raise _error(f"train.py: datagen needs data.data_dir to be one folder, got {data_dir!r}")
+        raise _error(f"datagen needs data.data_dir to be one folder, got {data_dir!r}")
     folder = absolute_path(data_dir)
     if finished_shards(folder):
         log.info("datagen: %s already holds shards; not generating", folder)
         return None
     overrides = OmegaConf.to_container(section.get("overrides") or [], resolve=True)
     if not isinstance(overrides, list):
-        raise _error("train.py: datagen.overrides must be a list of `python datagen.py` overrides")
+        raise _error("datagen.overrides must be a list of `python datagen.py` overrides")
     if any(str(o).split("=", 1)[0].lstrip("+~") == "out_dir" for o in overrides):
-        raise _error("train.py: datagen.overrides must not set out_dir; it is data.data_dir")
+        raise _error("datagen.overrides must not set out_dir; it is data.data_dir")
     from datagen.cli import run as datagen_run
     from datagen.parameters import ConfigError as DatagenConfigError
 
@@ -117,9 +124,9 @@ def prepare_data(cfg: DictConfig) -> Path | None:
     try:
         datagen_run(datagen_cfg)
     except DatagenConfigError as err:
-        raise _error(f"train.py: datagen: {err}") from None
+        raise _error(f"datagen: {err}") from None
     if not finished_shards(folder):
-        raise _error(f"train.py: datagen wrote no finished shard into {folder}")
+        raise _error(f"datagen wrote no finished shard into {folder}")
     print(f"pipeline: datagen took {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return folder
 
@@ -148,7 +155,7 @@ def trained_checkpoint(cfg: DictConfig, which: str = "best") -> Path:
     ``save_top_k: 1`` the best); else ``last.ckpt``. ``which="last"``: ``last.ckpt`` (else the newest).
     """
     if which not in ("best", "last"):
-        raise _error(f"train.py: evaluate.checkpoint must be best, last or a path, got {which!r}")
+        raise _error(f"evaluate.checkpoint must be best, last or a path, got {which!r}")
     callback = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
     dirpath = callback.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints"
     folder = absolute_path(dirpath)
@@ -164,7 +171,7 @@ def trained_checkpoint(cfg: DictConfig, which: str = "best") -> Path:
         return others[-1]
     if last:
         return last[-1]
-    raise _error(f"train.py: evaluate: no checkpoint in {folder} (callbacks.model_checkpoint saves them)")
+    raise _error(f"evaluate: no checkpoint in {folder} (callbacks.model_checkpoint saves them)")
 
 
 def load_suite(suite: str | Mapping[str, Any], overrides: Sequence[str] = ()) -> DictConfig:
@@ -173,7 +180,7 @@ def load_suite(suite: str | Mapping[str, Any], overrides: Sequence[str] = ()) ->
         path = CONF_DIR / "suite" / f"{suite}.yaml"
         if not path.is_file():
             names = ", ".join(sorted(p.stem for p in (CONF_DIR / "suite").glob("*.yaml")))
-            raise _error(f"train.py: evaluate.suite={suite}: no conf/suite/{suite}.yaml (have: {names})")
+            raise _error(f"evaluate.suite={suite}: no conf/suite/{suite}.yaml (have: {names})")
         node = OmegaConf.load(path)
     else:
         node = OmegaConf.create(dict(suite))
@@ -183,12 +190,23 @@ def load_suite(suite: str | Mapping[str, Any], overrides: Sequence[str] = ()) ->
     return node
 
 
-def evaluate_checkpoint(cfg: DictConfig, ckpt: str | Path | None = None) -> dict[str, Any] | None:
+def training_note(label: str, training: TrainingSummary) -> str:
+    """The line under the table that says what row ``label`` is: where its weights started, how long it
+    trained, and the cap that cut it short if one did (``stopped by the 5 min cap ... after 4.9 of 40``)."""
+    origin = f"{training.init_from} fine-tuned" if training.init_from else "trained"
+    return f"{label}: {origin} in this run {training.trained_text()}"
+
+
+def evaluate_checkpoint(
+    cfg: DictConfig, ckpt: str | Path | None = None, training: TrainingSummary | None = None
+) -> dict[str, Any] | None:
     """Run ``cfg.evaluate``'s suite with this run's checkpoint; returns the suite's JSON content.
 
     ``ckpt`` defaults to :func:`trained_checkpoint`. Entries of the trained model's method with ``ckpt:
     null`` get it; entries of other networks must name their own. Outputs go to
-    ``<paths.output_dir>/<evaluate.dir>``; the Markdown table is printed to stdout.
+    ``<paths.output_dir>/<evaluate.dir>``; the Markdown table is printed to stdout. With ``training`` (the
+    run's :class:`training.run_report.TrainingSummary`) the table is followed by one note per filled entry
+    (:func:`training_note`), also in results.md, and metrics.json gets a ``training`` record.
     """
     section = cfg.get("evaluate")
     if not section:
@@ -199,7 +217,7 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: str | Path | None = None) -> dict
 
     suite_spec = section.get("suite")
     if suite_spec is None:
-        raise _error("train.py: evaluate.suite: name a suite (conf/suite/<name>.yaml)")
+        raise _error("evaluate.suite: name a suite (conf/suite/<name>.yaml)")
     if isinstance(suite_spec, DictConfig):
         suite_spec = OmegaConf.to_container(suite_spec, resolve=True)
     suite = load_suite(suite_spec, list(section.get("suite_overrides") or []))
@@ -208,11 +226,11 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: str | Path | None = None) -> dict
         choice = str(section.get("checkpoint") or "best")
         ckpt = trained_checkpoint(cfg, choice) if choice in ("best", "last") else absolute_path(choice)
     ckpt = Path(ckpt)
-    filled = 0
+    filled: list[str] = []
     for label, entry in (suite.get("methods") or {}).items():
         if entry is not None and entry.get("method", label) == method and not entry.get("ckpt"):
             entry.ckpt = str(ckpt)
-            filled += 1
+            filled.append(str(label))
     if method is not None and not filled:
         log.warning(
             "evaluate: the suite has no %s entry with ckpt: null; the trained model is not scored", method
@@ -229,13 +247,27 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: str | Path | None = None) -> dict
     )
     (run_dir / "suite.yaml").write_text(OmegaConf.to_yaml(eval_cfg))
     name = suite_spec if isinstance(suite_spec, str) else "(inline)"
-    print(f"pipeline: evaluating {ckpt} with suite {name}", file=sys.stderr)
+    sizes = [len(suite.get(key) or {}) for key in ("scans", "methods")]
+    runs = sizes[0] * len(suite.get("doses_e_per_A2") or [0]) * sizes[1]
+    print(f"pipeline: evaluating {ckpt} with suite {name} ({runs} reconstructions)", file=sys.stderr)
+    configure_threads(cfg.get("threads", "auto"), 0)  # no loader workers any more
     start = time.perf_counter()
     try:
         content = run_suite(eval_cfg, run_dir)
     except (SuiteError, ScanError) as err:
-        raise _error(f"train.py: evaluate: {str(err).strip().splitlines()[0]}") from None
+        raise _error(f"evaluate: {str(err).strip().splitlines()[0]}") from None
     print(f"pipeline: evaluation took {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    print(markdown_table(content["rows"]), end="")
+    table = markdown_table(content["rows"])
+    if training is not None:
+        notes = [training_note(label, training) for label in filled]
+        if notes:
+            table += "\n" + "\n".join(f"{note}  " for note in notes) + "\n"
+            (run_dir / "results.md").write_text(table)
+        content["training"] = training.as_dict()
+        metrics_path = run_dir / "metrics.json"
+        record = json.loads(metrics_path.read_text())
+        record["training"] = content["training"]
+        metrics_path.write_text(json.dumps(record, indent=1))
+    print(table, end="")
     print(f"pipeline: wrote {run_dir / 'metrics.json'}, {run_dir / 'results.md'} and {run_dir / 'figures'}")
     return content
