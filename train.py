@@ -10,10 +10,11 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> float | None:
     from physics.runtime import report_error
     from training.cli import ConfigError, run
+    from training.datasets import DataError
 
     try:
         return run(cfg)
-    except ConfigError as err:  # one line `deepstem: error: ...`, exit status 2
+    except (ConfigError, DataError) as err:  # one line `deepstem: error: ...`, exit status 2
         sys.exit(report_error(err))
 
 

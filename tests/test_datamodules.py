@@ -93,6 +93,22 @@ def test_stock_images_module_draws_fresh_training_and_fixed_validation_batches()
         StockImagesDataModule(dose_e_range=(10.0, 1.0))
 
 
+def test_stock_images_validation_samples_do_not_depend_on_the_batch_size():
+    bank = {"photographs": ["camera"], "faces": 2, "textures": 2, "size_px": 64}
+    samples = {}
+    for batch_size in (2, 3):
+        dm = StockImagesDataModule(
+            batch_size=batch_size, val_samples=6, dose_e_range=(1e3, 1e4), image_bank=bank
+        )
+        batches = [dm.on_after_batch_transfer(batch, 0) for batch in dm.val_dataloader()]
+        samples[batch_size] = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+    a, b = samples[2], samples[3]
+    assert a["index"].tolist() == b["index"].tolist() == list(range(10**9, 10**9 + 6))
+    for key in ("diffraction", "phase", "mask"):
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["phase"][0], a["phase"][1])  # samples differ from each other
+
+
 def test_haadf_module_pairs_distorted_and_clean_images(tmp_path):
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:32, 0:32]

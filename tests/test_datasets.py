@@ -12,7 +12,9 @@ from datagen import store
 from datagen.store import StoreError
 from training.datasets import (
     ChunkBatchSampler,
+    DataError,
     KernelDataset,
+    ResumableDataLoader,
     ShardIndex,
     ShardReadError,
     collate_batched,
@@ -20,15 +22,22 @@ from training.datasets import (
 )
 
 K = 8
+CBED_BASE, CBED_STEP = 0.75 / K**2, 2.0**-14  # per pixel: a CBED holds 0.75 to 1 of the beam
+
+
+def cbed_code(cbed):
+    """The ``index + channel / 10`` that :func:`write_shard` encodes in every CBED pixel."""
+    return (np.asarray(cbed, dtype=np.float64) - CBED_BASE) / CBED_STEP
 
 
 def write_shard(path, first_index: int, n: int, structures: list[str], chunk: int | None = 4):
-    """A small but schema-complete kernel shard whose values encode the global sample index."""
+    """A small but schema-complete kernel shard whose values encode the global sample index: every pixel
+    of CBED ``c`` of sample ``i`` is ``CBED_BASE + (i + c / 10) * CBED_STEP`` (see :func:`cbed_code`), so
+    that every CBED sums to less than the incident beam (global indices below 64)."""
     index = np.arange(first_index, first_index + n)
-    cbed = (
-        np.broadcast_to(index[:, None, None, None], (n, 9, K, K)).astype(np.float32)
-        + np.arange(9)[None, :, None, None].astype(np.float32) / 10
-    )
+    code = index[:, None, None, None] + np.arange(9)[None, :, None, None] / 10
+    cbed = np.broadcast_to(CBED_BASE + code * CBED_STEP, (n, 9, K, K)).astype(np.float32)
+    assert cbed.sum(axis=(-2, -1)).max() <= 1
     wave = (index[:, None, None] * (1 + 1j) * np.ones((n, K, K))).astype(np.complex64)
     metadata = {
         "energy_eV": np.full(n, 200e3),
@@ -72,12 +81,12 @@ def test_samples_and_batches_carry_the_right_values(shard_dir):
     sample = dataset[23]
     assert sample["cbed"].shape == (9, K, K) and sample["cbed"].dtype == torch.float32
     assert sample["wave"].dtype == torch.complex64
-    assert sample["cbed"][4, 0, 0].item() == pytest.approx(23.4)
+    assert cbed_code(sample["cbed"][4, 0, 0]) == pytest.approx(23.4, abs=1e-3)
     assert sample["index"].item() == 23
     assert sample["step_A"].item() == pytest.approx(0.123)
     positions = [45, 3, 21, 4, 5, 44, 19]
     batch = dataset.__getitems__(positions)
-    np.testing.assert_allclose(batch["cbed"][:, 0, 0, 0].numpy(), positions)
+    np.testing.assert_allclose(cbed_code(batch["cbed"][:, 0, 0, 0]), positions, atol=1e-3)
     np.testing.assert_allclose(batch["wave"][:, 1, 1].real.numpy(), positions)
     assert batch["index"].tolist() == positions
 
@@ -147,23 +156,65 @@ def test_dataloader_with_workers_delivers_every_sample_once(shard_dir):
     )
     seen = []
     for batch in loader:
-        np.testing.assert_allclose(batch["cbed"][:, 4, 0, 0].numpy(), batch["index"].numpy() + 0.4, rtol=1e-6)
+        np.testing.assert_allclose(
+            cbed_code(batch["cbed"][:, 4, 0, 0]), batch["index"].numpy() + 0.4, atol=1e-3
+        )
         seen.extend(batch["index"].tolist())
     assert sorted(seen) == list(range(3, 50))
 
 
-def test_nan_sample_is_named_with_file_and_index(shard_dir):
+def test_nan_sample_is_found_when_the_shards_open(shard_dir):
+    path = shard_dir / "shard-00001-of-00003.h5"
+    with h5py.File(path, "a") as f:
+        f["cbed"][13, 2, 3, 3] = np.nan
+    message = r"^\S*shard-00001-of-00003\.h5: sample 13 has NaN or inf values in 'cbed'$"
+    with pytest.raises(DataError, match=message):
+        ShardIndex.open(shard_dir)
+    assert len(ShardIndex.open(shard_dir, check=False)) == 52  # the read-time check still guards
+    with h5py.File(path, "a") as f:
+        f["cbed"][13, 2, 3, 3] = 0.0
+        f["step_A"][19] = np.inf
+    with pytest.raises(
+        DataError, match=r"shard-00001-of-00003\.h5: sample 19 has NaN or inf values in 'step_A'"
+    ):
+        ShardIndex.open(shard_dir)
+    with h5py.File(shard_dir / "shard-00000-of-00003.h5", "a") as f:
+        f["wave"][0, 0, 0] = complex(0, np.inf)
+    with h5py.File(path, "a") as f:
+        f["step_A"][19] = 0.1
+    with pytest.raises(
+        DataError, match=r"shard-00000-of-00003\.h5: sample 0 has NaN or inf values in 'wave'"
+    ):
+        ShardIndex.open(shard_dir)
+
+
+def test_check_finite_reads_in_bounded_blocks(shard_dir):
+    from training.datasets import check_finite
+
+    path = shard_dir / "shard-00000-of-00003.h5"
+    with h5py.File(path, "a") as f:
+        f["cbed"][17, 8, 7, 7] = np.nan
+    with h5py.File(path, "r") as f:  # blocks of one chunk (4 samples): the NaN is in the fifth block
+        with pytest.raises(DataError, match="sample 17 has NaN"):
+            check_finite(f, path, ["cbed"], block_bytes=1)
+        check_finite(f, path, ["wave", "probe", "missing"], block_bytes=1)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_nan_sample_met_while_reading_is_one_line_with_file_and_index(shard_dir, workers):
     path = shard_dir / "shard-00001-of-00003.h5"
     with h5py.File(path, "a") as f:
         f["cbed"][7, 2, 3, 3] = np.nan
-    dataset = KernelDataset(ShardIndex.open(shard_dir))
-    with pytest.raises(
-        ShardReadError, match=r"shard-00001-of-00003\.h5: sample 7 has NaN or inf values in 'cbed'"
-    ):
+    dataset = KernelDataset(ShardIndex.open(shard_dir, check=False))
+    message = r"^\S*shard-00001-of-00003\.h5: sample 7 has NaN or inf values in 'cbed'$"
+    with pytest.raises(DataError, match=message):
         dataset.__getitems__([0, 26, 27, 28])
-    loader = DataLoader(dataset, batch_sampler=[[26, 27]], num_workers=1, collate_fn=collate_batched)
-    with pytest.raises(ShardReadError, match=r"shard-00001-of-00003\.h5: sample 7"):
-        next(iter(loader))
+    sampler = ChunkBatchSampler(dataset, batch_size=4, block_size=4, shuffle=False)
+    loader = ResumableDataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_batched
+    )
+    with pytest.raises(DataError, match=message):  # the worker's traceback is not the message
+        list(loader)
 
 
 def test_missing_dataset_and_truncated_shard_are_named(shard_dir):
@@ -180,3 +231,42 @@ def test_missing_dataset_and_truncated_shard_are_named(shard_dir):
         ShardIndex.open(shard_dir)
     with pytest.raises(ShardReadError, match="no such shard file or folder"):
         ShardIndex.open(shard_dir / "empty-folder-that-does-not-exist")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resumable_loader_continues_the_epoch_it_was_stopped_in(shard_dir, workers):
+    dataset = KernelDataset(ShardIndex.open(shard_dir))
+
+    def loader() -> ResumableDataLoader:
+        sampler = ChunkBatchSampler(dataset, batch_size=4, block_size=2, shuffle=True, seed=5)
+        context = "fork" if workers else None
+        return ResumableDataLoader(
+            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_batched,
+            multiprocessing_context=context,
+        )  # fmt: skip
+
+    def indices(batches) -> list[list[int]]:
+        return [batch["index"].tolist() for batch in batches]
+
+    first = loader()
+    iterator = iter(first)  # Lightning builds the iterator first and sets the epoch afterwards
+    first.batch_sampler.sampler.set_epoch(2)
+    epoch_2 = ChunkBatchSampler(dataset, batch_size=4, block_size=2, shuffle=True, seed=5)
+    epoch_2.set_epoch(2)
+    expected = [dataset.indices[b].tolist() for b in epoch_2]
+    head = [next(iterator) for _ in range(3)]
+    assert indices(head) == expected[:3]
+    state = first.state_dict()
+    assert state == {"epoch": 2, "batches": 3}
+    second = loader()  # a new run from the checkpoint
+    second.load_state_dict(state)
+    iterator = iter(second)
+    second.batch_sampler.sampler.set_epoch(2)
+    assert indices(iterator) == expected[3:]
+    assert second.state_dict() == {"epoch": 2, "batches": len(expected)}
+    third = loader()  # a checkpoint at the end of epoch 2: epoch 3 starts at its first batch
+    third.load_state_dict(second.state_dict())
+    iterator = iter(third)
+    third.batch_sampler.sampler.set_epoch(3)
+    epoch_2.set_epoch(3)
+    assert indices(iterator) == [dataset.indices[b].tolist() for b in epoch_2]

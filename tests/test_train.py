@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch import Callback
 
 from datagen import store
 from physics.runtime import EXIT_ERROR, resolve_threads
@@ -111,21 +113,101 @@ def test_wandb_offline_run_holds_metrics_and_images_but_no_secret(tmp_path, data
             assert secret.encode() not in path.read_bytes(), f"secret leaked into {path}"
 
 
-def test_resume_from_last_checkpoint_is_exact(tmp_path, data_root):
-    base = [f"paths.data_dir={data_root}", "logger=csv", "data.num_workers=0", "model=ptychonn",
-            "data=multislice", "data.batch_size=4", "test=false", "callbacks.prediction_images=null",
-            "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]  # fmt: skip
-    straight = train(compose_train([*base, f"paths.output_dir={tmp_path}/a", "trainer.max_epochs=2"]))
-    train(compose_train([*base, f"paths.output_dir={tmp_path}/b", "trainer.max_epochs=1"]))
-    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
-    assert last.is_file()
-    resumed = train(compose_train([*base, f"paths.output_dir={tmp_path}/c", "trainer.max_epochs=2",
-                                   f"ckpt_path={last}"]))  # fmt: skip
-    weights_a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    weights_c = torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    for key in weights_a:
-        torch.testing.assert_close(weights_a[key], weights_c[key], rtol=0, atol=0)
-    assert straight["val/loss"] == resumed["val/loss"]
+class StopAtStep(Callback):
+    """Stands in for a SIGKILL: the run dies after ``step`` optimiser steps, leaving only the
+    checkpoints written before (an exception saves nothing more; nothing runs after a SIGKILL)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError("killed")
+
+
+def _trained_state(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint carries about the network: weights, buffers and optimiser state."""
+    checkpoint = torch.load(path, weights_only=False)
+    tensors = {f"state_dict.{k}": v for k, v in checkpoint["state_dict"].items()}
+    for i, optimizer in enumerate(checkpoint["optimizer_states"]):
+        for param, values in optimizer["state"].items():
+            tensors.update({f"optimizer{i}.{param}.{k}": v for k, v in values.items() if torch.is_tensor(v)})
+    return tensors
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_bit_for_bit_after_an_epoch_and_mid_epoch(tmp_path, data_root, workers):
+    """2 epochs straight == 1 epoch + resume from last.ckpt == killed in epoch 2 + resume from the last
+    step checkpoint, for AIRPI (dropout after every convolution) with and without loader workers."""
+    step_checkpoint = ["+callbacks.step_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                       "+callbacks.step_checkpoint.dirpath=${paths.output_dir}/checkpoints",
+                       "+callbacks.step_checkpoint.filename=step", "+callbacks.step_checkpoint.monitor=null",
+                       "+callbacks.step_checkpoint.every_n_train_steps=4",
+                       "+callbacks.step_checkpoint.enable_version_counter=false"]  # fmt: skip
+    base = [f"paths.data_dir={data_root}", "logger=csv", f"data.num_workers={workers}", "model=airpi",
+            "model.net.filters=8", "data=multislice", "data.batch_size=4", "test=false",
+            "callbacks.prediction_images=null", "callbacks.progress_bar=null",
+            "trainer.enable_model_summary=false", "trainer.max_epochs=2", *step_checkpoint]  # fmt: skip
+    straight = train(compose_train([*base, f"paths.output_dir={tmp_path}/a"]))
+    killed = [*base, f"paths.output_dir={tmp_path}/b", "+callbacks.kill._target_=tests.test_train.StopAtStep",
+              "+callbacks.kill.step=9"]  # fmt: skip
+    with pytest.raises(RuntimeError, match="killed"):  # 6 steps per epoch: killed in the second epoch
+        train(compose_train(killed))
+    checkpoints = tmp_path / "b" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 6  # end of epoch 1
+    assert torch.load(checkpoints / "step.ckpt", weights_only=False)["global_step"] == 8  # mid epoch 2
+    expected = _trained_state(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    for name in ("last", "step"):
+        out = tmp_path / f"from_{name}"
+        resume = [*base, f"paths.output_dir={out}", f"ckpt_path={checkpoints}/{name}.ckpt"]
+        resumed = train(compose_train(resume))
+        state = _trained_state(out / "checkpoints" / "last.ckpt")
+        assert state.keys() == expected.keys()
+        different = [key for key in expected if not torch.equal(expected[key], state[key])]
+        assert not different, f"resumed from {name}.ckpt: {len(different)} of {len(expected)} tensors differ"
+        assert straight["val/loss"] == resumed["val/loss"]
+
+
+def _nan_data(tmp_path, data_root) -> Path:
+    """A copy of the kernel shards with a NaN in CBED 3 of sample 5 of every shard (some in training)."""
+    import shutil
+
+    import h5py
+
+    root = tmp_path / "bad"
+    shutil.copytree(data_root / "kernel", root / "kernel")
+    for path in sorted((root / "kernel").glob("shard-*.h5")):
+        with h5py.File(path, "a") as f:
+            f["cbed"][5, 3, 2, 2] = np.nan
+    return root
+
+
+NAN_MESSAGE = r"\S+shard-0000\d-of-00003\.h5: sample 5 has NaN or inf values in 'cbed'$"
+
+
+def test_nan_in_the_data_stops_the_run_before_training(tmp_path, data_root):
+    from training.datasets import DataError
+
+    bad = _nan_data(tmp_path, data_root)
+    cfg = compose_train([f"paths.output_dir={tmp_path}/run", f"paths.data_dir={bad}", "logger=csv",
+                         "model=ptychonn", "data.batch_size=4", "data.num_workers=0",
+                         "trainer.max_epochs=2"])  # fmt: skip
+    with pytest.raises(DataError, match="^" + NAN_MESSAGE):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained, no checkpoint written
+
+
+def test_read_error_during_fit_is_one_line_naming_shard_and_sample(tmp_path, data_root):
+    bad = _nan_data(tmp_path, data_root)
+    command = [sys.executable, str(ROOT / "train.py"), "model=ptychonn", f"paths.data_dir={bad}",
+               "logger=csv", "data.batch_size=4", "data.num_workers=1", "data.check_data=false",
+               "trainer.max_epochs=1", "test=false", f"paths.output_dir={tmp_path}/run",
+               f"hydra.run.dir={tmp_path}/run"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == EXIT_ERROR, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch("deepstem: error: " + NAN_MESSAGE, last), last
+    assert "Traceback" not in result.stderr
 
 
 def test_init_from_loads_weights_and_rejects_another_model(tmp_path, data_root):

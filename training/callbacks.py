@@ -140,7 +140,13 @@ class PredictionImages(L.Callback):
 class RandomStateCheckpoint(L.Callback):
     """Saves the global random states (Python, NumPy, torch CPU and CUDA) in every checkpoint and
     restores them on resume, so that dropout and other global draws continue exactly where they were.
-    (The data modules save their own noise generators.)"""
+    (The data modules save their own noise generators.)
+
+    The states are restored as soon as Lightning hands them over (``load_state_dict``, after the
+    seeding at the start of ``train.py`` and before the training iterator is built): restored later, at
+    ``on_train_start``, a draw made in between (the DataLoader's worker seed) put dropout one draw out of
+    step with the uninterrupted run.
+    """
 
     def state_dict(self) -> dict[str, Any]:
         import random
@@ -163,22 +169,16 @@ class RandomStateCheckpoint(L.Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # restored here, after Lightning's own seeding at fit start
         import random
 
-        state = getattr(self, "_pending", None)
-        if state is None:
-            return
-        random.setstate(state["python"])
+        state = state_dict
+        python = state["python"]
+        random.setstate((python[0], tuple(python[1]), python[2]))  # lists after a JSON-like round trip
         name, keys, position, has_gauss, cached = state["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))  # noqa: NPY002
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
-        self._pending = None
 
 
 _SCAN_METHODS = {"AIRPILightning": "airpi", "ChangLightning": "chang_unet", "PtychoNNLightning": "ptychonn"}

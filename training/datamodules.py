@@ -3,7 +3,12 @@
 Every module hands raw (noise-free) batches to the device and applies its physics-based augmentation in
 ``on_after_batch_transfer``, i.e. on the GPU when training on one. Training noise comes from a seeded
 generator; validation and test noise is seeded by the sample index, so a sample always gets the same
-noise. The batches follow the contracts of :mod:`models.lightning`.
+noise, whatever the batch size. The batches follow the contracts of :mod:`models.lightning`.
+
+Exact resume (``ckpt_path=...``): the noise generators are saved in checkpoints (``state_dict``), every
+DataLoader draws its worker seeds from its own generator (never from the global torch stream that
+dropout uses), and the shard loaders (:class:`training.datasets.ResumableDataLoader`) save their epoch
+and batch position, so a resumed run sees the batches and noise of the uninterrupted one.
 
 * :class:`MultisliceDataModule` (``data=multislice``): kernel shards; ``view="airpi"`` gives the 11-channel
   AIRPI input and the exit-wave label, ``view="ptychonn"`` the centre CBED and the object patch
@@ -34,6 +39,7 @@ from training.datasets import (
     ChunkBatchSampler,
     ImageDataset,
     KernelDataset,
+    ResumableDataLoader,
     ShardIndex,
     collate_batched,
     split_by_structure,
@@ -79,8 +85,17 @@ def _stage(trainer: Any) -> str:
     return "eval"
 
 
+def _loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator: its worker base seeds then leave the global torch stream alone."""
+    return torch.Generator().manual_seed(int(seed))
+
+
 class _ShardDataModule(L.LightningDataModule):
-    """Shared plumbing: shard index, splits by structure, chunk-aligned loaders with workers."""
+    """Shared plumbing: shard index, splits by structure, chunk-aligned loaders with workers.
+
+    ``check_data``: read every shard once when the data are set up and stop with a
+    :class:`training.datasets.DataError` naming shard and sample at the first NaN or inf value.
+    """
 
     dataset_class: type = KernelDataset
     schema: store.Schema = store.KERNEL
@@ -95,9 +110,11 @@ class _ShardDataModule(L.LightningDataModule):
         block_size: int | None = None,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        check_data: bool = True,
     ) -> None:
         super().__init__()
         self.data_dir = data_dir
+        self.check_data = bool(check_data)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.split, self.seed = tuple(split), int(seed)
         self.block_size, self.pin_memory = block_size, pin_memory
@@ -108,7 +125,7 @@ class _ShardDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.index is not None:
             return
-        self.index = ShardIndex.open(self.data_dir, self.schema)
+        self.index = ShardIndex.open(self.data_dir, self.schema, check=self.check_data)
         splits = split_by_structure(self.index.source_ids, self.split, self.seed)
         self.datasets = {name: self.dataset_class(self.index, np.sort(idx)) for name, idx in splits.items()}
 
@@ -127,7 +144,7 @@ class _ShardDataModule(L.LightningDataModule):
             rank=rank,
             num_replicas=replicas,
         )
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
             batch_sampler=sampler,
             num_workers=self.num_workers,
@@ -135,6 +152,7 @@ class _ShardDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             multiprocessing_context="fork" if self.num_workers > 0 and os.name == "posix" else None,
+            generator=_loader_generator(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -276,10 +294,11 @@ class _SeedDataset(Dataset):
 class StockImagesDataModule(L.LightningDataModule):
     """On-the-fly Chang U-Net data (:class:`datagen.stock_images.ChangForwardModel`).
 
-    Each epoch draws ``train_samples`` fresh samples; validation and test sets are fixed (their batches
-    are seeded by their first sample index). The network input is ``sqrt(counts / total)`` of a Poisson
-    pattern with a dose drawn log-uniformly in ``dose_e_range`` electrons per pattern (``None``: noise
-    free), ``phase`` the label patch and ``mask`` the illuminated area.
+    Each epoch draws ``train_samples`` fresh samples; validation and test sets are fixed (every sample
+    is seeded by its own index, so they do not depend on the batch size). The network input is
+    ``sqrt(counts / total)`` of a Poisson pattern with a dose drawn log-uniformly in ``dose_e_range``
+    electrons per pattern (``None``: noise free), ``phase`` the label patch and ``mask`` the
+    illuminated area.
     """
 
     def __init__(
@@ -324,7 +343,11 @@ class StockImagesDataModule(L.LightningDataModule):
     def _loader(self, name: str) -> DataLoader:
         self.setup()
         offsets = {"train": 0, "val": 10**9, "test": 2 * 10**9}
-        return DataLoader(_SeedDataset(offsets[name], self.sizes[name]), batch_size=self.batch_size)
+        return DataLoader(
+            _SeedDataset(offsets[name], self.sizes[name]),
+            batch_size=self.batch_size,
+            generator=_loader_generator(self.seed),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
@@ -373,9 +396,17 @@ class StockImagesDataModule(L.LightningDataModule):
             if self._train_generator is None:
                 self._train_generator = torch.Generator().manual_seed(self.seed)
             generator = self._train_generator
-        else:
-            generator = torch.Generator().manual_seed(self.eval_seed * 1_000_003 + int(indices[0]))
-        return self.draw(indices, generator)
+            return self.draw(indices, generator)
+        return self.draw_fixed(indices)
+
+    def draw_fixed(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The validation/test batch of ``indices``: every sample drawn from its own generator, seeded
+        by ``(eval_seed, index)``, so that a sample is the same in any batch."""
+        seeds = [self.eval_seed * 1_000_003 + index for index in indices.tolist()]
+        samples = [
+            self.draw(indices[i : i + 1], torch.Generator().manual_seed(seed)) for i, seed in enumerate(seeds)
+        ]
+        return {key: torch.cat([sample[key] for sample in samples]) for key in samples[0]}
 
 
 class _ScanPatchDataset(Dataset):
@@ -498,7 +529,7 @@ class EpieLabelsDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            generator=_loader_generator(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

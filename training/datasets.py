@@ -8,7 +8,12 @@ Reading is built for many shards and many workers:
 * train/val/test splits are made by *structure* (``source_id``), so validation measures
   generalisation to crystals the network has not seen; they are reproducible from the seed.
 
-Every read error names the shard file and the sample index.
+Every data error (:class:`DataError`) is one line naming the shard file and the sample index: shards
+are checked for NaN and inf values when they are opened (one streaming pass, chunk by chunk), and read
+errors during training, also those raised in worker processes, arrive as the same one line.
+:class:`ResumableDataLoader` carries the sampler's epoch and position in Lightning checkpoints, so that
+a resumed run (also from a checkpoint written in the middle of an epoch) sees the batches of the
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datagen import store
 
@@ -31,11 +36,14 @@ __all__ = [
     "IMAGE_FIELDS",
     "KERNEL_FIELDS",
     "ChunkBatchSampler",
+    "DataError",
     "ImageDataset",
     "KernelDataset",
+    "ResumableDataLoader",
     "ShardDataset",
     "ShardIndex",
     "ShardReadError",
+    "check_finite",
     "collate_batched",
     "find_shards",
     "split_by_structure",
@@ -47,8 +55,13 @@ IMAGE_FIELDS = ("image", "pixel_size_A")
 _FINITE_CHECKED = ("cbed", "wave", "probe", "image")
 
 
-class ShardReadError(RuntimeError):
-    """A shard or one of its samples cannot be used; the message names the file and the index."""
+class DataError(RuntimeError):
+    """Training data that cannot be used (e.g. a NaN in a CBED); the message is one line naming the
+    shard file and the sample index within it."""
+
+
+class ShardReadError(DataError):
+    """A shard or one of its samples cannot be found or read; the message names the file and the index."""
 
 
 def find_shards(
@@ -93,12 +106,16 @@ class ShardIndex:
         cls,
         location: str | os.PathLike | Sequence[str | os.PathLike],
         schema: store.Schema = store.KERNEL,
+        check: bool = True,
     ) -> ShardIndex:
         paths = find_shards(location)
         main = schema.datasets[0]
+        checked = _CHECKED_FIELDS.get(schema.id, schema.datasets)
         counts, ids, chunks, shapes = [], [], [], set()
         for path in paths:
             with store.open_checked(path, schema) as handle:
+                if check:
+                    check_finite(handle, path, checked)
                 n = handle[main].shape[0]
                 counts.append(n)
                 if "source_id" in handle:
@@ -129,6 +146,40 @@ class ShardIndex:
             raise IndexError(f"sample index out of range 0..{len(self) - 1}")
         shard = np.searchsorted(self.offsets, index, side="right") - 1
         return shard, index - self.offsets[shard]
+
+
+_CHECKED_FIELDS = {store.KERNEL.id: KERNEL_FIELDS, store.IMAGE.id: IMAGE_FIELDS}
+
+
+def check_finite(
+    handle: h5py.File, path: str | os.PathLike, names: Sequence[str], block_bytes: int = 64 << 20
+) -> None:
+    """Raise :class:`DataError` naming ``path`` and the sample at the first NaN or inf value of the
+    floating-point datasets ``names`` of an open shard (absent ones are skipped).
+
+    One streaming pass: whole HDF5 chunks, about ``block_bytes`` per read, so memory stays bounded and
+    the cost is one sequential read of the data.
+    """
+    for key in names:
+        dataset = handle.get(key)
+        if not isinstance(dataset, h5py.Dataset) or dataset.dtype.kind not in "fc" or not dataset.ndim:
+            continue
+        rows = dataset.shape[0]
+        row_bytes = dataset.dtype.itemsize * int(np.prod(dataset.shape[1:], dtype=np.int64))
+        chunk_rows = dataset.chunks[0] if dataset.chunks else 1
+        step = max(chunk_rows, block_bytes // max(1, row_bytes) // chunk_rows * chunk_rows)
+        for start in range(0, rows, step):
+            try:
+                block = dataset[start : start + step]
+            except (OSError, ValueError) as err:
+                raise ShardReadError(
+                    f"{path}: cannot read {key!r} for samples {start}..{min(rows, start + step) - 1}: {err}"
+                ) from None
+            finite = np.isfinite(block)
+            if finite.all():
+                continue
+            bad = start + int(np.flatnonzero(~finite.reshape(len(block), -1).all(axis=1))[0])
+            raise DataError(f"{path}: sample {bad} has NaN or inf values in {key!r}")
 
 
 def _as_str(value: Any) -> str:
@@ -254,7 +305,7 @@ class ShardDataset(Dataset):
                 finite = np.isfinite(restored.reshape(len(restored), -1)).all(axis=1)
                 if not finite.all():
                     bad = int(local[np.flatnonzero(~finite)[0]])
-                    raise ShardReadError(f"{path}: sample {bad} has NaN or inf values in {key!r}")
+                    raise DataError(f"{path}: sample {bad} has NaN or inf values in {key!r}")
             result[key] = restored.astype(np.float32) if restored.dtype.kind == "f" else restored
         return result
 
@@ -294,7 +345,8 @@ class ChunkBatchSampler(Sampler[list[int]]):
     HDF5 chunk, so that every batch mixes several blocks); with ``shuffle`` the block order (and the
     order of samples in the epoch) is drawn from ``(seed, epoch)``; the epoch is set by Lightning through
     ``self.sampler.set_epoch``. For distributed training every replica takes every ``num_replicas``-th
-    batch.
+    batch. :meth:`resume_at` makes the next iteration of an epoch start at a given batch (a run resumed
+    in the middle of an epoch); :attr:`position` is the epoch and first batch of the iteration under way.
     """
 
     def __init__(
@@ -316,6 +368,8 @@ class ChunkBatchSampler(Sampler[list[int]]):
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
         self.rank, self.num_replicas = int(rank), int(num_replicas)
         self.epoch = 0
+        self.position: tuple[int, int] | None = None  # (epoch, first batch) of the iteration under way
+        self._resume: tuple[int, int] | None = None
         self.sampler = _EpochForwarder(self)
         block = int(block_size or max(1, min(dataset.shards.chunk, self.batch_size // 4)))
         shard, local = dataset.shards.locate(dataset.indices)
@@ -327,10 +381,21 @@ class ChunkBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _batches(self) -> list[np.ndarray]:
+    def resume_at(self, epoch: int, batch: int) -> None:
+        """Start the next iteration at batch ``batch`` of epoch ``epoch`` if that is the epoch then set
+        (the batches before it were trained before the run stopped); other epochs start at batch 0."""
+        self._resume = (int(epoch), int(batch))
+
+    @property
+    def pending_resume(self) -> tuple[int, int] | None:
+        """The (epoch, batch) given to :meth:`resume_at` that no iteration has used yet."""
+        return self._resume
+
+    def _batches(self, epoch: int | None = None) -> list[np.ndarray]:
         order = np.arange(len(self._blocks))
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
+            epoch = self.epoch if epoch is None else epoch
+            order = np.random.default_rng([self.seed, epoch]).permutation(order)
         positions = np.concatenate([self._blocks[i] for i in order]) if order.size else np.empty(0, int)
         batches = [positions[i : i + self.batch_size] for i in range(0, positions.size, self.batch_size)]
         if self.drop_last and batches and batches[-1].size < self.batch_size:
@@ -338,8 +403,91 @@ class ChunkBatchSampler(Sampler[list[int]]):
         return batches[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._batches():
+        epoch, start = self.epoch, 0
+        if self._resume is not None:
+            if self._resume[0] == epoch:
+                start = self._resume[1]
+            self._resume = None
+        self.position = (epoch, start)
+        for batch in self._batches(epoch)[start:]:
             yield batch.tolist()
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+def _worker_message(err: BaseException) -> str:
+    """The one-line message of a :class:`DataError` raised in a DataLoader worker process (PyTorch
+    re-raises it in the main process with the worker's whole traceback as its message)."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    name = type(err).__name__
+    for line in reversed(text.strip().splitlines()):
+        head, sep, message = line.partition(": ")
+        if sep and head.rsplit(".", 1)[-1] == name:
+            return message.strip()
+    return text.strip().splitlines()[-1]
+
+
+class _CountingIterator:
+    """Iterates a :class:`ResumableDataLoader`, counting the batches handed out.
+
+    The loader's own iterator (and with it the worker processes and their prefetching) is only created
+    at the first ``next``: Lightning creates the training iterator before it sets the sampler's epoch,
+    so an eagerly prefetching iterator would read the previous (or the first) epoch's batch order.
+    """
+
+    def __init__(self, loader: ResumableDataLoader) -> None:
+        self.loader, self.consumed = loader, 0
+        self._iterator: Iterator[Any] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._iterator is not None
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = DataLoader.__iter__(self.loader)
+        try:
+            batch = next(self._iterator)
+        except DataError as err:  # one line naming shard and sample, also from a worker process
+            raise type(err)(_worker_message(err)) from None
+        self.consumed += 1
+        return batch
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`ChunkBatchSampler` whose position travels in Lightning checkpoints.
+
+    Lightning saves ``state_dict()`` (epoch and the number of batches of it already trained) with the
+    fit loop and hands it back through ``load_state_dict`` before it iterates again, so a run resumed
+    from a checkpoint written in the middle of an epoch continues with that epoch's next batch; one
+    written at the end of an epoch starts the next epoch at its first batch. Read errors are re-raised
+    as one line (see :class:`DataError`).
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        self._counting = _CountingIterator(self)
+        return self._counting
+
+    def _sampler(self) -> ChunkBatchSampler:
+        sampler = self.batch_sampler
+        if not isinstance(sampler, ChunkBatchSampler):
+            raise TypeError(f"ResumableDataLoader needs a ChunkBatchSampler, got {type(sampler).__name__}")
+        return sampler
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self._sampler()
+        counting = getattr(self, "_counting", None)
+        if counting is None or not counting.started or sampler.position is None:
+            epoch, batch = sampler.pending_resume or (sampler.epoch, 0)
+            return {"epoch": epoch, "batches": batch}
+        epoch, start = sampler.position
+        return {"epoch": epoch, "batches": start + counting.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._sampler().resume_at(int(state["epoch"]), int(state["batches"]))
