@@ -351,7 +351,6 @@ def run(cfg: Any, maker: KernelSampleMaker | None = None) -> Any:
             function = getattr(importlib.import_module(module_name), function_name or "run")
         except (ImportError, AttributeError) as err:
             raise ConfigError("simulation.runner", f"cannot load {runner!r}: {err}") from None
-    _configure_threads(container)
     if runner == "kernel":
         return run_kernel(cfg, maker)
     if module_name in ABTEM_RUNNERS:
@@ -382,6 +381,7 @@ def command(cfg: Any, maker: KernelSampleMaker | None = None) -> int:
     an out_dir that cannot be written). Anything else is a bug and keeps its traceback.
     """
     try:
+        _configure_threads(plain_config(cfg))  # the command's own thread budget (library calls keep theirs)
         run(cfg, maker)
     except (ConfigError, store.StoreError, ShardLockError) as err:
         return report_error(err)

@@ -264,8 +264,11 @@ def test_threads_are_configured_at_the_start_of_the_run(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(datagen.cli, "configure_threads", lambda t, w: calls.append((t, w)))
-    run(config(tmp_path, num_samples=2, threads=1), maker=FakeMaker())
+    assert command(config(tmp_path, num_samples=2, threads=1), maker=FakeMaker()) == 0
     assert calls == [(1, 0)]
+    monkeypatch.setattr(datagen.cli, "run", lambda cfg, maker=None: None)  # no worker processes here
+    assert command(config(tmp_path / "pool", num_samples=2, workers=3)) == 0
+    assert calls[-1] == ("auto", 3)  # auto: the cores left after one per worker process
     with pytest.raises(ConfigError) as info:
         run(config(tmp_path / "bad", num_samples=2, threads=0), maker=FakeMaker())
     assert info.value.parameter == "threads"
