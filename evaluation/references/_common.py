@@ -24,6 +24,7 @@ __all__ = [
     "mean_pattern",
     "pair",
     "rotate_vectors",
+    "smooth_periodic_extension",
 ]
 
 
@@ -95,6 +96,30 @@ def pattern_centre(pattern: np.ndarray) -> np.ndarray:
     kx = np.arange(pattern.shape[0])
     ky = np.arange(pattern.shape[1])
     return np.array([(pattern.sum(1) * kx).sum() / total, (pattern.sum(0) * ky).sum() / total])
+
+
+def smooth_periodic_extension(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Extend the first ``len(shape)`` axes of ``array`` to ``shape`` so that it is smoothly periodic there.
+
+    Along each axis of length ``n`` padded to ``m``, the ``m - n`` appended samples blend the last slice
+    into the first with raised-cosine weights ``s_t = (1 - cos(pi t / (m - n + 1))) / 2``,
+    ``t = 1 .. m - n``: ``a[n - 1] (1 - s_t) + a[0] s_t``, so the periodic continuation of the result has
+    no jump at the seam. The original samples keep their indices ``0 .. n - 1`` (crop ``[:n]`` to undo).
+    """
+    result = np.asarray(array)
+    for axis, size in enumerate(shape):
+        n = result.shape[axis]
+        extra = int(size) - n
+        if extra < 0:
+            raise ValueError(f"smooth_periodic_extension: axis {axis} has {n} samples, more than {size}")
+        if extra == 0:
+            continue
+        weight = 0.5 * (1.0 - np.cos(np.pi * np.arange(1, extra + 1) / (extra + 1)))
+        weight = weight.reshape((-1,) + (1,) * (result.ndim - axis - 1)).astype(result.dtype, copy=False)
+        first = np.take(result, [0], axis=axis)
+        last = np.take(result, [n - 1], axis=axis)
+        result = np.concatenate([result, last * (1 - weight) + first * weight], axis=axis)
+    return result
 
 
 def rotation_matrix(angle_deg: float) -> np.ndarray:

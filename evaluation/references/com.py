@@ -76,21 +76,36 @@ def _best_rotation(field: np.ndarray, step_A: tuple[float, float]) -> tuple[floa
     return angle, float(values[0] / max(values[1], 1e-300))
 
 
-def integrate_gradient(gradient: np.ndarray, step_A: float | Sequence[float]) -> np.ndarray:
+def integrate_gradient(
+    gradient: np.ndarray, step_A: float | Sequence[float], boundary: str = "mirror"
+) -> np.ndarray:
     """Integrate a gradient field (rad/A, ``(Rx, Ry, 2)``) by Fourier integration (REFERENCE.md 6).
 
-    ``phi = Re IFFT[(kx Gx + ky Gy) / (2 pi i |k|^2)]`` with the ``k = 0`` term set to 0 (periodic
-    boundary conditions).
+    ``phi = Re IFFT[(kx Gx + ky Gy) / (2 pi i |k|^2)]`` with the ``k = 0`` term set to 0 (zero-mean phase).
+    The FFT makes the field periodic; a scan field is not, so with ``boundary="mirror"`` (the default) the
+    field is first extended to ``(2 Rx, 2 Ry)`` by mirroring about its edges, ``Gx`` anti-symmetrically
+    and ``Gy`` symmetrically across the x edges (and the other way round across the y edges): that is the
+    gradient of the mirror-symmetric extension of the phase, which is periodic and continuous, so the
+    integration sees no seam (the Neumann-boundary Poisson solution); the result is cropped back.
+    ``boundary="periodic"`` integrates the field as it is (periodic boundary conditions).
     """
+    if boundary not in ("mirror", "periodic"):
+        raise ValueError(f"integrate_gradient: boundary must be 'mirror' or 'periodic', got {boundary!r}")
     step = pair(step_A, "step_A")
     rx, ry = gradient.shape[:2]
-    kx = np.fft.fftfreq(rx, step[0])[:, None]
-    ky = np.fft.fftfreq(ry, step[1])[None, :]
+    gx, gy = np.asarray(gradient[..., 0], np.float64), np.asarray(gradient[..., 1], np.float64)
+    if boundary == "mirror":
+        gx, gy = np.concatenate([gx, -gx[::-1]], axis=0), np.concatenate([gy, gy[::-1]], axis=0)
+        gx, gy = np.concatenate([gx, gx[:, ::-1]], axis=1), np.concatenate([gy, -gy[:, ::-1]], axis=1)
+    nx, ny = gx.shape
+    kx = np.fft.fftfreq(nx, step[0])[:, None]
+    ky = np.fft.fftfreq(ny, step[1])[None, :]
     k2 = kx**2 + ky**2
     k2[0, 0] = 1.0
-    spectrum = (kx * np.fft.fft2(gradient[..., 0]) + ky * np.fft.fft2(gradient[..., 1])) / (2j * np.pi * k2)
+    spectrum = (kx * np.fft.fft2(gx) + ky * np.fft.fft2(gy)) / (2j * np.pi * k2)
     spectrum[0, 0] = 0.0
-    return np.fft.ifft2(spectrum).real
+    phase = np.fft.ifft2(spectrum).real[:rx, :ry]
+    return phase - phase.mean()
 
 
 def estimate_scan_rotation(
@@ -127,9 +142,14 @@ def icom(
     scan_rotation_deg: float = 0.0,
     transpose: bool = False,
     estimate_rotation: bool = False,
+    boundary: str = "mirror",
     progress: bool = True,
 ) -> Reconstruction:
     """Integrated centre of mass (iCOM, equal to iDPC for a pixelated detector), in radians.
+
+    ``boundary`` is passed to :func:`integrate_gradient`: ``"mirror"`` (default) extends the COM field
+    mirror-symmetrically before the Fourier integration, so the non-periodic scan field is not wrapped;
+    ``"periodic"`` integrates it as it is.
 
     With ``estimate_rotation`` the scan rotation and transpose are found by curl minimisation
     (:func:`estimate_scan_rotation`) instead of taken from the arguments; ``info`` reports what was used.
@@ -141,13 +161,17 @@ def icom(
     if estimate_rotation:
         scan_rotation_deg, transpose = estimate_scan_rotation(com_det, step)
     gradient = 2 * np.pi * rotate_vectors(com_det, scan_rotation_deg, transpose)
-    phase = integrate_gradient(gradient, step)
+    phase = integrate_gradient(gradient, step, boundary)
     return Reconstruction(
         phase=phase.astype(np.float32),
         pixel_size_A=step,
         origin_A=(0.0, 0.0),
         method="icom",
-        info={"scan_rotation_deg": float(scan_rotation_deg), "transpose": bool(transpose)},
+        info={
+            "scan_rotation_deg": float(scan_rotation_deg),
+            "transpose": bool(transpose),
+            "boundary": boundary,
+        },
     )
 
 

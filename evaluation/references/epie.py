@@ -6,6 +6,14 @@ replaced by the measured ``sqrt(I)``; then ``O_n += alpha conj(P) (psi' - psi) /
 iteration is ``sum_n sum_k (|Psi_n| - sqrt(I_n))^2 / sum_n sum_k I_n``, accumulated as the positions are
 visited.
 
+Robust defaults: the paper's unit steps with the probe updated from the start diverge on noisy data (a
+few hundred to a thousand electrons per pattern: the probe absorbs the noise, the error grows without
+bound). The defaults are an object step ``alpha = 0.3``, a probe step ``beta = 0.02`` and probe
+updates from iteration 5 on, starting from the probe of the calibration (energy, semi-angle, defocus,
+Cs). The Fourier error is watched: the iterate with the lowest error is returned, and when the error
+rises above ``(1 + divergence_tolerance)`` times the lowest so far the run warns (naming the iteration
+at which the error started to rise) and, with ``stop_on_divergence``, stops.
+
 Geometry: the object pixel is the real-space pixel of the detector, ``1 / (K k_pixel_invA)``; patterns are
 put on the scan frame (transpose, rotation) and centred (integer shift of the bright-field disc to pixel
 ``K // 2``, the zero frequency of the probe grid) before the iterations; sub-pixel scan positions are
@@ -14,6 +22,7 @@ handled by Fourier-shifting the probe.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,9 +71,9 @@ def epie(
     scan_step_A: float | Sequence[float],
     k_pixel_invA: float | Sequence[float],
     iterations: int = 30,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    probe_update_start: int = 1,
+    alpha: float = 0.3,
+    beta: float = 0.02,
+    probe_update_start: int = 5,
     scan_rotation_deg: float = 0.0,
     transpose: bool = False,
     defocus_A: float = 0.0,
@@ -72,6 +81,8 @@ def epie(
     aberrations: dict[str, float] | None = None,
     initial_probe: np.ndarray | None = None,
     seed: int = 0,
+    divergence_tolerance: float = 0.1,
+    stop_on_divergence: bool = True,
     progress: bool = True,
 ) -> Reconstruction:
     """ePIE reconstruction; returns the object phase (rad) and amplitude over the scanned field.
@@ -79,18 +90,28 @@ def epie(
     Parameters
     ----------
     iterations, alpha, beta
-        Number of passes over all positions and the object / probe step sizes (1 and 1 in the paper).
+        Number of passes over all positions and the object / probe step sizes (1 and 1 in the paper;
+        the defaults 0.3 and 0.02 are the robust ones, see the module docstring).
     probe_update_start
         First iteration (0-based) in which the probe is updated; before it only the object is.
+    divergence_tolerance, stop_on_divergence
+        The run counts as diverging when an iteration's Fourier error exceeds the lowest one so far by
+        more than this fraction: it emits a ``RuntimeWarning`` and, with ``stop_on_divergence``, stops.
     defocus_A, Cs_A, aberrations, initial_probe
         Initial probe: ``initial_probe`` (real space, complex, ``(Kx, Ky)``, centred) if given, otherwise
         :func:`physics.probe` with these aberrations; it is scaled to the mean pattern intensity.
 
     The result is on the object grid (pixel ``1 / (K k_pixel)``), cropped to the scanned field, pixel
     (0, 0) at the first probe position (``origin_A = (0, 0)``); the phase has the phase of the mean
-    transmission removed. ``info["fourier_error"]`` lists the error of every iteration and
-    ``info["probe"]`` holds the final probe.
+    transmission removed. The returned iterate is the object and probe after the iteration with the
+    lowest Fourier error (an iteration's error is accumulated during its pass over the positions), so
+    ``epie(..., iterations=info["best_iteration"] + 1)`` gives the same result. ``info`` holds
+    ``fourier_error`` (the error of every iteration run), ``best_iteration`` (0-based index of the lowest
+    error), ``diverged`` (bool), ``divergence_iteration`` (where the error started to rise: the iteration
+    after the best one when the rise was first seen, or -1) and ``probe`` (the probe of the returned iterate).
     """
+    if not divergence_tolerance >= 0:
+        raise ValueError(f"epie: divergence_tolerance must be >= 0, got {divergence_tolerance!r}")
     rx, ry, kx, ky = check_scan_array(data)
     step = pair(scan_step_A, "scan_step_A")
     k_pixel = pair(k_pixel_invA, "k_pixel_invA")
@@ -131,6 +152,8 @@ def epie(
     flat_amplitudes = amplitudes.reshape(rx * ry, kx, ky)
     rng = np.random.default_rng(seed)
     errors: list[float] = []
+    best = (np.inf, -1, obj.copy(), p.copy())  # (error, iteration, object and probe after it)
+    diverged, divergence_iteration = False, -1
     for iteration in trange(iterations, desc="ePIE", disable=not progress, leave=False):
         error = 0.0
         update_probe = iteration >= probe_update_start and beta > 0
@@ -151,6 +174,24 @@ def epie(
                 step_p = beta * np.conj(o_n) * difference / np.max(np.abs(o_n) ** 2)
                 p = p + (fourier_shift(step_p, -fraction[n]) if subpixel else step_p)
         errors.append(error / intensity_total)
+        if not np.isfinite(errors[-1]) or errors[-1] > (1.0 + divergence_tolerance) * best[0]:
+            if not diverged:  # the error started to rise after the best iteration so far
+                diverged, divergence_iteration = True, best[1] + 1
+            if stop_on_divergence:
+                break
+        elif errors[-1] < best[0]:
+            best = (errors[-1], iteration, obj.copy(), p.copy())
+    best_iteration, obj, p = best[1], best[2], best[3]  # iteration -1: the start (no finite error)
+    if diverged:
+        curve = ", ".join(f"{e:.3g}" for e in errors)
+        warnings.warn(
+            f"epie: the Fourier error started to rise at iteration {divergence_iteration} (lowest "
+            f"{best[0]:.3g} after iteration {best_iteration}; errors by iteration {curve})"
+            + ("; stopped" if stop_on_divergence else "")
+            + f"; returning iteration {best_iteration}. Lower alpha / beta or raise probe_update_start.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     # the scanned field: pixel (0, 0) at the first probe position, i.e. the window centre of corner 0
     x_start, y_start = pad + kx // 2, pad + ky // 2
     field = obj[
@@ -165,5 +206,13 @@ def epie(
         pixel_size_A=pixel_A,
         origin_A=(0.0, 0.0),
         method="epie",
-        info={"fourier_error": errors, "probe": p.astype(np.complex64), "iterations": int(iterations)},
+        info={
+            "fourier_error": errors,
+            "probe": p.astype(np.complex64),
+            "iterations": int(iterations),
+            "iterations_run": len(errors),
+            "best_iteration": int(best_iteration),
+            "diverged": bool(diverged),
+            "divergence_iteration": int(divergence_iteration),
+        },
     )

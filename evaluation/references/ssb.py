@@ -11,6 +11,15 @@ does not overlap ``k + Q``, -1 on the mirrored one and 0 on the triple overlap, 
 trotter integration; with aberrations the phase of ``gamma`` is compensated (Pennycook et al. 2015,
 Yang et al. 2016). Transfer is limited to ``|Q| < 2 alpha``. Memory: the bright-field pixels of every
 pattern (``O(N)`` in scan positions), processed in chunks of ``Q``.
+
+Boundaries: the FFT over scan positions treats the scan field as periodic, which a real field is not
+(the jump between opposite edges leaks into every ``Q`` and rings at the edges). With
+``boundary="smooth"`` (the default) the bright-field data are first extended by ``pad_fraction`` of the
+field per axis, rounded up to an FFT-friendly size, with a raised-cosine blend from the last scan row /
+column into the first (:func:`evaluation.references._common.smooth_periodic_extension`; in the weak
+phase approximation the data are linear in the phase, so this is the data of an object that blends
+smoothly between the two edges), and the reconstruction is cropped back to the scan field.
+``boundary="periodic"`` transforms the field as it is (right for a periodic test object).
 """
 
 from __future__ import annotations
@@ -29,8 +38,9 @@ from evaluation.references._common import (
     mean_pattern,
     pair,
     pattern_centre,
+    smooth_periodic_extension,
 )
-from physics import aberration_phase, aperture, wavelength
+from physics import aberration_phase, aperture, fft_friendly_size, wavelength
 
 __all__ = ["ssb"]
 
@@ -60,6 +70,8 @@ def ssb(
     aberration_compensation: bool = True,
     normalize: bool = False,
     q_chunk: int = 256,
+    boundary: str = "smooth",
+    pad_fraction: float = 0.25,
     progress: bool = True,
 ) -> Reconstruction:
     """SSB phase (rad) on the scan grid (pixel = scan step, origin = first probe position).
@@ -69,7 +81,13 @@ def ssb(
     ``normalize=False`` gives the classical SSB transfer (trotter area / disc area); ``True`` divides
     each ``Q`` by ``sum |gamma|`` (flat transfer inside ``2 alpha``, where the trotter area is at least 2 %
     of the disc), which is quantitative without noise but amplifies noise at the band edges.
+    ``boundary`` is ``"smooth"`` (pad the scan field by ``pad_fraction`` per axis with a smooth periodic
+    extension, then crop back) or ``"periodic"`` (no padding); see the module docstring.
     """
+    if boundary not in ("smooth", "periodic"):
+        raise ValueError(f"ssb: boundary must be 'smooth' or 'periodic', got {boundary!r}")
+    if not pad_fraction >= 0:
+        raise ValueError(f"ssb: pad_fraction must be >= 0, got {pad_fraction!r}")
     rx, ry, kx, ky = check_scan_array(data)
     step = pair(scan_step_A, "scan_step_A")
     k_pixel = pair(k_pixel_invA, "k_pixel_invA")
@@ -91,7 +109,13 @@ def ssb(
     scale = float(bf.mean(axis=(0, 1)) @ np.abs(abf) ** 2 / max(np.sum(np.abs(abf) ** 4), 1e-300))
     if not scale > 0:
         raise ValueError("ssb: the bright-field disc holds no counts")
-    spectrum = np.fft.fft2(bf / scale, axes=(0, 1)).reshape(rx * ry, -1).astype(np.complex64)
+    bf /= scale
+    if boundary == "smooth":
+        nx, ny = (fft_friendly_size(int(np.ceil(n * (1.0 + pad_fraction)))) for n in (rx, ry))
+        bf = smooth_periodic_extension(bf, (nx, ny))
+    else:
+        nx, ny = rx, ry
+    spectrum = np.fft.fft2(bf, axes=(0, 1)).reshape(nx * ny, -1).astype(np.complex64)
     del bf
     coefficients: dict[str, float] = {}
     if aberration_compensation:
@@ -101,14 +125,14 @@ def ssb(
         if Cs_A:
             coefficients["C30"] = float(Cs_A)
     a_k = _aperture_function(k_bf, energy_eV, semiangle_mrad, coefficients)
-    qx, qy = np.meshgrid(np.fft.fftfreq(rx, step[0]), np.fft.fftfreq(ry, step[1]), indexing="ij")
+    qx, qy = np.meshgrid(np.fft.fftfreq(nx, step[0]), np.fft.fftfreq(ny, step[1]), indexing="ij")
     q = np.stack([qx.ravel(), qy.ravel()], axis=-1)
-    phi_q = np.zeros(rx * ry, dtype=np.complex128)
-    transfer = np.zeros(rx * ry)
+    phi_q = np.zeros(nx * ny, dtype=np.complex128)
+    transfer = np.zeros(nx * ny)
     num_disc = float(np.sum(np.abs(a_k) > 0))
-    starts = range(0, rx * ry, q_chunk)
+    starts = range(0, nx * ny, q_chunk)
     for start in tqdm(starts, desc="SSB", disable=not progress or len(starts) < 2, leave=False):
-        chunk = slice(start, min(rx * ry, start + q_chunk))
+        chunk = slice(start, min(nx * ny, start + q_chunk))
         kq = q[chunk, None, :]
         gamma = np.conj(a_k) * _aperture_function(
             k_bf - kq, energy_eV, semiangle_mrad, coefficients
@@ -123,7 +147,7 @@ def ssb(
         phi_q = np.where(usable, phi_q / np.where(usable, transfer, 1.0), 0.0)
     else:
         phi_q = phi_q / num_disc
-    phase = np.fft.ifft2(phi_q.reshape(rx, ry)).real
+    phase = np.fft.ifft2(phi_q.reshape(nx, ny)).real[:rx, :ry]
     return Reconstruction(
         phase=phase.astype(np.float32),
         pixel_size_A=step,
@@ -133,5 +157,7 @@ def ssb(
             "centre_px": centre.tolist(),
             "bright_field_pixels": int(in_disc.sum()),
             "normalize": normalize,
+            "boundary": boundary,
+            "fft_shape": f"{nx}x{ny}",
         },
     )
