@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 
 __all__ = [
     "PlateauWithoutValidation",
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 def duration_text(seconds: float) -> str:
     """``5 min``, ``1 s``, ``2 h``, ``1.5 h``: a cap's length as a user wrote it."""
     if seconds < 60:
-        return f"{seconds:g} s"
+        return f"{seconds:.3g} s"
     if seconds < 3600:
         return f"{seconds / 60:.3g} min"
     return f"{seconds / 3600:.3g} h"
@@ -150,7 +151,7 @@ def _epochs(trainer: Any) -> float:
 def _wandb_lines(loggers: list) -> list[str]:
     lines = []
     for logger in loggers:
-        if type(logger).__name__ != "WandbLogger":
+        if not isinstance(logger, WandbLogger):
             continue
         run = logger.experiment
         folder = Path(run.dir).parent  # <save_dir>/wandb/<offline-run-...>/files -> the run folder
