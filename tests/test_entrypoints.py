@@ -93,7 +93,8 @@ def test_reconstruct_and_evaluate_errors_use_the_one_convention(tmp_path):
     assert result.returncode == EXIT_ERROR
     lines = _error_lines(result)
     assert len(lines) == 1 and lines[0].startswith("deepstem: error: threads"), lines
-    result = run_entry_point("evaluate.py", tmp_path, "suite=tiny", "suite.scans.tiny.path=x.h5", "threads=zero")
+    path = "suite.scans.tiny.path=x.h5"
+    result = run_entry_point("evaluate.py", tmp_path, "suite=tiny", path, "threads=zero")
     assert result.returncode == EXIT_ERROR
     lines = _error_lines(result)
     assert len(lines) == 1 and lines[0].startswith("deepstem: error: threads"), lines
