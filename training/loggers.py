@@ -6,7 +6,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["wandb_is_online", "wandb_logger"]
+from lightning.pytorch.loggers import WandbLogger
+
+from datagen.provenance import redacted_argv
+
+__all__ = ["RedactingWandbLogger", "wandb_is_online", "wandb_logger"]
+
+
+class RedactingWandbLogger(WandbLogger):
+    """``WandbLogger`` whose run (created lazily, on first use) never sees a credential in ``sys.argv``."""
+
+    @property
+    def experiment(self) -> Any:
+        if self._experiment is not None:
+            return super().experiment
+        with redacted_argv():
+            return super().experiment
 
 
 def wandb_is_online(offline: bool | str = "auto") -> bool:
@@ -24,14 +39,14 @@ def wandb_logger(
     save_dir: str | os.PathLike = ".",
     offline: bool | str = "auto",
     **kwargs: Any,
-):
+) -> RedactingWandbLogger:
     """A Lightning ``WandbLogger``; offline runs land in ``save_dir/wandb`` (sync later: ``wandb sync``).
 
-    The key is read by wandb itself from the environment and never passed through configs.
+    The key is read by wandb itself from the environment and never passed through configs. wandb records
+    the command line (``sys.argv``) in the run's metadata; the run is created with credentials redacted
+    from it (:func:`datagen.provenance.redacted_argv`), also when ``train`` is called outside a Hydra run.
     """
-    from lightning.pytorch.loggers import WandbLogger
-
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     online = wandb_is_online(offline)
     os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(project=project, save_dir=str(save_dir), offline=not online, **kwargs)
+    return RedactingWandbLogger(project=project, save_dir=str(save_dir), offline=not online, **kwargs)
