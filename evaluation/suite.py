@@ -198,7 +198,9 @@ def _on_grid(grid: ScoringGrid, result: Any) -> tuple[np.ndarray, np.ndarray]:
         raise SuiteError(f"{result.method}: the reconstruction contains NaN or inf")
     recon = fourier_resample(phase, result.pixel_size_A, result.origin_A, grid.shape, grid.pixel_A)
     finite = np.isfinite(grid.truth) & np.isfinite(recon)
-    rows, cols = np.flatnonzero(finite.all(axis=1)), np.flatnonzero(finite.all(axis=0))
+    # both fields are axis-aligned rectangles, so their overlap is the span of rows/columns with any
+    # common pixel (``all`` would drop every row as soon as one column lies outside the reconstruction)
+    rows, cols = np.flatnonzero(finite.any(axis=1)), np.flatnonzero(finite.any(axis=0))
     if rows.size < 8 or cols.size < 8:
         raise SuiteError(f"{result.method}: truth and reconstruction share fewer than 8 x 8 scoring pixels")
     window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))

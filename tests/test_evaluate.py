@@ -163,3 +163,18 @@ def test_wandb_offline_logging(folder, tmp_path, monkeypatch):
     assert evaluate_main(cfg, tmp_path) == 0
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+
+
+def test_a_reconstruction_one_pixel_short_of_the_grid_is_scored_on_the_overlap(folder):
+    """AIRPI with data repetition ends one scoring pixel before the grid: score the overlap, not fail."""
+    from evaluation.io import load_4dstem
+    from evaluation.references._common import Reconstruction
+    from evaluation.suite import score, scoring_grid
+
+    scan = load_4dstem(folder / "scan.h5")
+    grid = scoring_grid(scan)
+    short = grid.truth[:-1, :-1].copy()  # the truth itself, one row and one column short
+    result = Reconstruction(short, (grid.pixel_A, grid.pixel_A), (0.0, 0.0), "airpi")
+    metrics = score(scan, result, grid=grid)
+    assert metrics["xc"] > 0.999
+    assert metrics["shift_norm_A"] < 1e-3
