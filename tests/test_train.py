@@ -302,4 +302,5 @@ def test_scan_reconstruction_callback_logs_xc_against_the_truth(tmp_path, data_r
                  "callbacks.scan_reconstruction.every_n_epochs=1"]  # fmt: skip
     metrics = train(compose_train(overrides))
     assert -1 <= metrics["val/scan_xc"] <= 1 and metrics["val/scan_frc_0143_A"] > 0
+    assert metrics["val/scan_frc_05_A"] >= metrics["val/scan_frc_0143_A"]  # 0.5 is the stricter crossing
     assert (tmp_path / "run" / "figures" / "scan_epoch_000.png").is_file()
