@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from evaluation.references import Reconstruction
 from evaluation.references._common import check_scan_array, iter_scan_rows, pair, pattern_centre
+from evaluation.unwrap import unwrap_phase_image
 from models.checkpoints import CheckpointError, load_checkpoint  # the one class for a refused checkpoint
 from physics import probe, wavelength
 
@@ -593,6 +594,7 @@ def airpi_reconstruct(
     weight_threshold: float = 0.1,
     zeta_scale: float = 50.0,
     crop_to_scan: bool = True,
+    unwrap_phase: bool = True,
     detector_centre_px: Any = None,
     batch_size: int = 256,
     block_rows: int | None = None,
@@ -604,8 +606,10 @@ def airpi_reconstruct(
     ``predictor(inputs (B, 11, K, K), positions_A (B, 2))`` returns the complex real-space exit wave
     (B, K, K) on the network grid (pixel ``1 / (2 gmax)``, probe centred at pixel ``K // 2``).
     ``pixel_size_A`` (instead of ``oversampling``) puts the object on any grid: positions then fall between
-    object pixels and the Fourier placement is sub-pixel. Returns the phase ``angle(T)`` (rad);
-    ``info['patterns_per_s']`` counts effective positions per second of the whole pass.
+    object pixels and the Fourier placement is sub-pixel. Returns the phase ``angle(T)`` (rad), unwrapped
+    where it passes ``+-pi`` (``unwrap_phase``, :mod:`evaluation.unwrap`: heavy columns of thick crystals
+    carry more than ``pi``; ``info['phase_wraps_removed']``); ``info['patterns_per_s']`` counts effective
+    positions per second of the whole pass.
     """
     from training.augment import preprocess
 
@@ -673,6 +677,8 @@ def airpi_reconstruct(
     elapsed = time.perf_counter() - start_time
     total = torch.view_as_complex(accumulator).reshape(grid.shape).cpu().numpy()
     image, origin = grid.crop(np.angle(total).astype(np.float32), crop_to_scan)
+    covered, _ = grid.crop(np.abs(total) > 0, crop_to_scan)
+    image, wraps = unwrap_phase_image(image, covered) if unwrap_phase else (image, 0)
     return Reconstruction(
         phase=image,
         pixel_size_A=pixel_A,
@@ -684,6 +690,7 @@ def airpi_reconstruct(
             "oversampling": int(oversampling) if pixel_size_A is None else 0,
             "data_repetition": bool(data_repetition),
             "effective_step_A": float(geometry.step_A[0]),
+            "phase_wraps_removed": int(wraps),
             "detector_centre_px": centre.tolist(),
             "patterns_per_s": count / max(elapsed, 1e-9),
         },
@@ -905,6 +912,7 @@ def ptychonn_reconstruct(
     oversampling: int = 1,
     weight_threshold: float = 0.1,
     crop_to_scan: bool = True,
+    unwrap_phase: bool = True,
     detector_centre_px: Any = None,
     batch_size: int = 256,
     block_rows: int | None = None,
@@ -917,7 +925,8 @@ def ptychonn_reconstruct(
     kernel-shard real-space grid (pixel ``1 / (2 gmax)``, probe at pixel ``K // 2``), the POA object
     ``psi_out / psi_in`` inside ``|psi_in|^2 > 0.1 max`` (the training label of
     :func:`training.datamodules.ptychonn_view`). Patches are placed with linear interpolation onto the
-    object grid; the weights are the probe intensity inside the same mask.
+    object grid; the weights are the probe intensity inside the same mask. The phase is unwrapped where it
+    passes ``+-pi`` (``unwrap_phase``, :mod:`evaluation.unwrap`).
     """
     dev = resolve_device(device)
     geometry = ScanGeometry.from_scan(scan)
@@ -989,6 +998,11 @@ def ptychonn_reconstruct(
     )
     elapsed = time.perf_counter() - start_time
     phase_image, origin = grid.crop(np.where(covered, np.angle(total), 0.0).astype(np.float32), crop_to_scan)
+    covered_cropped, _ = grid.crop(covered, crop_to_scan)
+    if unwrap_phase:
+        phase_image, wraps = unwrap_phase_image(phase_image, covered_cropped)
+    else:
+        wraps = 0
     amplitude_cropped, _ = grid.crop(amplitude_image.astype(np.float32), crop_to_scan)
     return Reconstruction(
         phase=phase_image,
@@ -1001,6 +1015,7 @@ def ptychonn_reconstruct(
             "network_pixels": int(pixels),
             "oversampling": int(oversampling),
             "detector_centre_px": centre.tolist(),
+            "phase_wraps_removed": int(wraps),
             "patterns_per_s": count / max(elapsed, 1e-9),
         },
     )

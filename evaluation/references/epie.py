@@ -37,6 +37,7 @@ from evaluation.references._common import (
     pair,
     pattern_centre,
 )
+from evaluation.unwrap import unwrap_phase_image
 from physics import fourier_shift, probe
 
 __all__ = ["epie"]
@@ -83,6 +84,7 @@ def epie(
     seed: int = 0,
     divergence_tolerance: float = 0.1,
     stop_on_divergence: bool = True,
+    unwrap_phase: bool = True,
     progress: bool = True,
 ) -> Reconstruction:
     """ePIE reconstruction; returns the object phase (rad) and amplitude over the scanned field.
@@ -103,8 +105,10 @@ def epie(
 
     The result is on the object grid (pixel ``1 / (K k_pixel)``), cropped to the scanned field, pixel
     (0, 0) at the first probe position (``origin_A = (0, 0)``); the phase has the phase of the mean
-    transmission removed. The returned iterate is the object and probe after the iteration with the
-    lowest Fourier error (an iteration's error is accumulated during its pass over the positions), so
+    transmission removed and is unwrapped where it passes ``+-pi`` (``unwrap_phase``,
+    :mod:`evaluation.unwrap`; ``info['phase_wraps_removed']``). The returned iterate is the object and probe
+    after the iteration with the lowest Fourier error (an iteration's error is accumulated during its pass
+    over the positions), so
     ``epie(..., iterations=info["best_iteration"] + 1)`` gives the same result. ``info`` holds
     ``fourier_error`` (the error of every iteration run), ``best_iteration`` (0-based index of the lowest
     error), ``diverged`` (bool), ``divergence_iteration`` (where the error started to rise: the iteration
@@ -200,8 +204,10 @@ def epie(
     ]
     mean_transmission = field.mean()
     field = field * np.exp(-1j * np.angle(mean_transmission))
+    phase = np.angle(field).astype(np.float32)
+    phase, wraps = unwrap_phase_image(phase) if unwrap_phase else (phase, 0)
     return Reconstruction(
-        phase=np.angle(field).astype(np.float32),
+        phase=phase,
         amplitude=np.abs(field).astype(np.float32),
         pixel_size_A=pixel_A,
         origin_A=(0.0, 0.0),
@@ -213,6 +219,7 @@ def epie(
             "iterations_run": len(errors),
             "best_iteration": int(best_iteration),
             "diverged": bool(diverged),
+            "phase_wraps_removed": int(wraps),
             "divergence_iteration": int(divergence_iteration),
         },
     )
