@@ -33,7 +33,7 @@ from evaluation.references import (
     virtual_detector,
 )
 from physics import wavelength
-from physics.runtime import configure_threads, report_error
+from physics.runtime import check_precision, configure_threads, report_error
 
 __all__ = [
     "CONVENTIONAL_METHODS",
@@ -70,17 +70,21 @@ def run_method(
     progress: bool = True,
     model: Any = None,
     device: str = "auto",
+    precision: str = "auto",
 ) -> Reconstruction:
     """Run one method on ``scan`` with the parameters of its config section.
 
-    Network methods need ``model``: a loaded LightningModule or a checkpoint path.
+    Network methods need ``model``: a loaded LightningModule or a checkpoint path; they run at
+    ``precision`` (auto | bf16 | 32: auto = bf16 where the device has bf16 units, fp32 otherwise).
     """
     if method in NETWORK_METHODS:
         from evaluation.stitching import reconstruct_with_network
 
         if model is None:
             raise ValueError(f"method {method!r} needs a network checkpoint: give ckpt=PATH")
-        return reconstruct_with_network(scan, method, model, params, device=device, progress=progress)
+        return reconstruct_with_network(
+            scan, method, model, params, device=device, progress=progress, precision=precision
+        )
     common = {
         "scan_step_A": scan.scan_step_A,
         "k_pixel_invA": scan.k_pixel_invA,
@@ -228,6 +232,7 @@ def reconstruct_main(cfg: DictConfig) -> int:
         return _error(message)
     try:
         threads = setup_threads(cfg)
+        check_precision(cfg.get("precision", "auto"))
     except ValueError as err:
         return _error(str(err))
     from hydra.utils import to_absolute_path
@@ -262,7 +267,10 @@ def reconstruct_main(cfg: DictConfig) -> int:
             for mismatch in optics_mismatch(model, scan):
                 print(f"reconstruct: warning: {input_path.name}: {mismatch}", file=sys.stderr)
         start = time.perf_counter()
-        result = run_method(scan, method, _params(cfg, method), progress=progress, model=model, device=device)
+        result = run_method(
+            scan, method, _params(cfg, method), progress=progress, model=model, device=device,
+            precision=str(cfg.get("precision", "auto")),
+        )  # fmt: skip
         elapsed = time.perf_counter() - start
         num_patterns = scan.num_positions
         patterns_per_s = num_patterns / max(elapsed, 1e-9)
@@ -281,8 +289,9 @@ def reconstruct_main(cfg: DictConfig) -> int:
     finally:
         if scan is not None:
             scan.close()
+    precision_note = f", precision {result.info['precision']}" if "precision" in result.info else ""
     print(
         f"{method}: {num_patterns} patterns in {elapsed:.3f} s = {patterns_per_s:.0f} patterns/s "
-        f"({threads} thread{'s' if threads != 1 else ''}); wrote {h5} and {png}"
+        f"({threads} thread{'s' if threads != 1 else ''}{precision_note}); wrote {h5} and {png}"
     )
     return 0

@@ -176,19 +176,40 @@ def optics_mismatch(model: Any, scan: Any, tolerance: float = 0.02) -> list[str]
     return found
 
 
-def model_predictor(model: torch.nn.Module, method: str) -> Predictor:
+def model_predictor(
+    model: torch.nn.Module, method: str, precision: str = "32", channels_last: bool = True
+) -> Predictor:
     """A ``predictor(inputs, positions_A)`` around a loaded LightningModule (positions are ignored).
 
     AIRPI returns the complex exit wave (B, K, K); Chang the phase (B, K, K); PtychoNN (amplitude, phase).
+    ``precision`` ``"bf16"`` runs the network under bf16 autocast (outputs back in fp32 before the complex
+    wave is formed), ``"32"`` in fp32 (resolve ``auto`` first: :func:`physics.runtime.resolve_precision`).
+    ``channels_last`` puts the weights and inputs in NHWC memory order (oneDNN's and cuDNN's fast
+    convolution layout). The model's weights are converted in place.
     """
+    from models.airpi import output_to_wave
+
+    if precision not in ("32", "bf16"):
+        raise ValueError(f"model_predictor: precision must be '32' or 'bf16', got {precision!r}")
+    device_type = next(model.parameters()).device.type
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    use_bf16 = precision == "bf16"
+
+    def network(inputs: torch.Tensor) -> Any:
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = model(inputs)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
     @torch.inference_mode()
     def predict(inputs: torch.Tensor, positions_A: torch.Tensor | None = None) -> Any:
         if method == "airpi":
-            return model.predict_wave(inputs)
+            return output_to_wave(network(inputs), model.net.amplitude_exponent)
         if method == "chang_unet":
-            return model(inputs)[:, 0]
-        amplitude, phase = model(inputs)
+            return network(inputs)[:, 0]
+        amplitude, phase = network(inputs)
         return amplitude[:, 0], phase[:, 0]
 
     return predict
@@ -1038,17 +1059,28 @@ def reconstruct_with_network(
     params: Mapping[str, Any] | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
+    precision: str = "auto",
+    channels_last: bool = True,
 ) -> Reconstruction:
-    """Run ``method`` with a loaded model or a checkpoint path and the method's keyword ``params``."""
+    """Run ``method`` with a loaded model or a checkpoint path and the method's keyword ``params``.
+
+    ``precision`` auto | bf16 | 32 (:func:`physics.runtime.resolve_precision`: auto = bf16 where the device
+    has bf16 units, fp32 otherwise); the precision used is ``info['precision']``.
+    """
+    from physics.runtime import resolve_precision
+
     if method not in _RECONSTRUCTORS:
         raise ValueError(f"unknown network method {method!r}; choose one of {', '.join(_RECONSTRUCTORS)}")
     dev = resolve_device(device)
     if isinstance(model, (str, Path)):
         model = load_network(model, method, dev)
+    used = resolve_precision(precision, dev.type)
     options = dict(params or {})
     for key in ("ratio_alpha_gmax", "detector_centre_px"):
         if options.get(key) is not None:
             options[key] = tuple(options[key])
-    return _RECONSTRUCTORS[method](
-        scan, model_predictor(model, method), device=dev, progress=progress, **options
-    )
+    predictor = model_predictor(model, method, used, channels_last)
+    result = _RECONSTRUCTORS[method](scan, predictor, device=dev, progress=progress, **options)
+    result.info["precision"] = used
+    result.info["channels_last"] = bool(channels_last)
+    return result

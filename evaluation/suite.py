@@ -60,6 +60,7 @@ from evaluation.io import Scan4D, ScanError, load_4dstem
 from evaluation.metrics import fourier_resample, xc
 from physics import wavelength
 from physics.dose import expected_counts
+from physics.runtime import check_precision
 
 __all__ = [
     "FRC_CRITERIA",
@@ -373,6 +374,7 @@ def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     assert isinstance(suite, dict)
     progress = bool(cfg.get("progress", True))
     device = str(cfg.get("device", "auto"))
+    precision = check_precision(cfg.get("precision", "auto"))  # checked before any scan is read
     seed = int(cfg.get("seed", 0))
     doses = _doses(suite)
     entries = _method_entries(suite)
@@ -414,7 +416,7 @@ def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     start = time.perf_counter()
                     result = run_method(
                         noisy, entry["method"], _method_params(entry, grid), progress=progress,
-                        model=models.get(entry["label"]), device=device,
+                        model=models.get(entry["label"]), device=device, precision=precision,
                     )  # fmt: skip
                     elapsed = time.perf_counter() - start
                     metrics = score(
@@ -432,6 +434,7 @@ def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                             "seconds": elapsed,
                             "patterns_per_s": scan.num_positions / max(elapsed, 1e-9),
                             "pixel_size_A": list(result.pixel_size_A),
+                            "precision": result.info.get("precision"),
                             **metrics,
                         }
                     )
@@ -452,6 +455,7 @@ def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "suite": suite,
         "seed": seed,
         "device": device,
+        "precision": precision,
         "frc_criteria": FRC_CRITERIA,
         "headline_resolution": HEADLINE_RESOLUTION,
         "score_pixel_A": {name: grid.pixel_A for name, grid in grids.items()},

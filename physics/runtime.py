@@ -84,3 +84,73 @@ def report_error(message: object) -> int:
     sys.stderr.write(f"{ERROR_PREFIX}{text}\n")
     sys.stderr.flush()
     return EXIT_ERROR
+
+
+# Inference precision ------------------------------------------------------------------------------------
+# bf16 autocast pays only where the hardware has bf16 arithmetic: on x86 CPUs the AVX512-BF16 or AMX-BF16
+# units (oneDNN uses them), on CUDA GPUs of compute capability >= 8.0. Elsewhere torch emulates bf16 and
+# it runs slower than fp32, so ``precision=auto`` uses fp32 there.
+
+PRECISIONS = ("auto", "bf16", "32")
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The bf16 instruction-set flags this CPU reports (``cpuinfo``, Linux; empty where unknown)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in CPU_BF16_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
+def bf16_supported(device_type: str) -> bool:
+    """Whether ``device_type`` (``"cpu"`` or ``"cuda"``) has native bf16 arithmetic."""
+    import torch
+
+    if device_type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+    if device_type != "cpu":
+        return False
+    checker = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        onednn = bool(checker()) if checker is not None else True
+    except RuntimeError:  # pragma: no cover - a build without oneDNN
+        onednn = False
+    return onednn and bool(cpu_bf16_flags())
+
+
+def check_precision(precision: str | int | None) -> str:
+    """``precision`` normalised to one of :data:`PRECISIONS` (``fp32``/``float32`` -> ``32``, ``bfloat16`` ->
+    ``bf16``); ValueError naming ``precision`` otherwise."""
+    value = "auto" if precision is None else str(precision).strip().lower()
+    value = {"fp32": "32", "float32": "32", "bfloat16": "bf16", "bf16-mixed": "bf16"}.get(value, value)
+    if value not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return value
+
+
+def resolve_precision(precision: str | int | None, device_type: str) -> str:
+    """``"bf16"`` or ``"32"``: the inference precision of ``precision`` (auto | bf16 | 32) on ``device_type``.
+
+    ``auto`` (or ``None``) picks bf16 where :func:`bf16_supported`, fp32 otherwise. An explicit ``bf16`` is
+    honoured everywhere (emulated where the hardware lacks it: slower, with a warning). Raises ValueError
+    naming ``precision`` for anything else.
+    """
+    import warnings
+
+    value = check_precision(precision)
+    if value == "auto":
+        return "bf16" if bf16_supported(device_type) else "32"
+    if value == "bf16" and not bf16_supported(device_type):
+        warnings.warn(
+            f"precision=bf16: this {device_type} has no native bf16 units ({' / '.join(CPU_BF16_FLAGS)} on a "
+            "CPU); bf16 is emulated and runs slower than precision=32",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return value
