@@ -46,6 +46,32 @@ def test_multislice_airpi_batches_are_augmented_and_split_by_structure(kernel_di
     assert torch.equal(a["inputs"], b["inputs"])  # evaluation noise is seeded by the sample index
 
 
+def test_training_position_travels_in_the_data_module_state(kernel_dir, tmp_path):
+    """Lightning drops the loader states of a checkpoint when the model reads
+    ``trainer.estimated_stepping_batches`` (PtychoNN); the data module's own state carries the position."""
+
+    def module() -> MultisliceDataModule:
+        return MultisliceDataModule(kernel_dir, view="ptychonn", batch_size=4, split=(0.6, 0.2, 0.2))
+
+    def epoch(loader, number: int) -> list[list[int]]:
+        iterator = iter(loader)  # Lightning builds the iterator first and sets the epoch afterwards
+        loader.batch_sampler.sampler.set_epoch(number)
+        return [batch["index"].tolist() for batch in iterator]
+
+    expected = epoch(module().train_dataloader(), 1)
+    assert len(expected) > 3
+    first = module()
+    loader = first.train_dataloader()
+    iterator = iter(loader)
+    loader.batch_sampler.sampler.set_epoch(1)
+    assert [next(iterator)["index"].tolist() for _ in range(2)] == expected[:2]
+    torch.save(first.state_dict(), tmp_path / "state.pt")  # as in a checkpoint
+    second = module()
+    second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert epoch(second.train_dataloader(), 1) == expected[2:]
+    assert epoch(second.train_dataloader(), 1) == expected  # the position is handed on once
+
+
 def test_ptychonn_view_recovers_the_phase_object():
     n = 32
     probe = torch.from_numpy(make_probe(200e3, 20.0, n, sampling_A=0.15, defocus_A=20.0))[None]

@@ -286,6 +286,45 @@ def test_ptychonn_trains_on_a_scan_with_epie_labels(tmp_path):
     assert np.isfinite(metrics["val/loss"])
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_epie_label_resume_is_bit_for_bit_after_an_epoch_and_mid_epoch(tmp_path, workers):
+    """PtychoNN on a scan with ePIE labels and training dose noise: 2 epochs straight == 1 epoch + resume
+    from last.ckpt == killed in epoch 2 + resume from the step checkpoint (batch order and noise stream)."""
+    from tests.test_datamodules import _epie_fixture
+
+    _, scan_path, recon_path = _epie_fixture(tmp_path)
+    step_checkpoint = ["+callbacks.step_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                       "+callbacks.step_checkpoint.dirpath=${paths.output_dir}/checkpoints",
+                       "+callbacks.step_checkpoint.filename=step", "+callbacks.step_checkpoint.monitor=null",
+                       "+callbacks.step_checkpoint.every_n_train_steps=4",
+                       "+callbacks.step_checkpoint.enable_version_counter=false"]  # fmt: skip
+    # 12 scan lines: 4 train (48 patterns, 6 batches of 8), 2 validate, 6 test
+    base = ["model=ptychonn", "model.net.channels=[4,8,16]", "data=epie_labels",
+            f"data.scan_path={scan_path}", f"data.recon_path={recon_path}", "data.patch_px=16",
+            "data.batch_size=8", "data.train_fraction=0.5", "data.val_fraction=0.34",
+            "data.dose_e_range=[1e3,1e5]", f"data.num_workers={workers}", "threads=1", "logger=csv",
+            "test=false", "callbacks.prediction_images=null", "callbacks.progress_bar=null",
+            "trainer.enable_model_summary=false", "trainer.max_epochs=2", *step_checkpoint]  # fmt: skip
+    straight = train(compose_train([*base, f"paths.output_dir={tmp_path}/a"]))
+    killed = [*base, f"paths.output_dir={tmp_path}/b", "+callbacks.kill._target_=tests.test_train.StopAtStep",
+              "+callbacks.kill.step=9"]  # fmt: skip
+    with pytest.raises(RuntimeError, match="killed"):
+        train(compose_train(killed))
+    checkpoints = tmp_path / "b" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 6  # end of epoch 1
+    assert torch.load(checkpoints / "step.ckpt", weights_only=False)["global_step"] == 8  # mid epoch 2
+    expected = _trained_state(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    for name in ("last", "step"):
+        out = tmp_path / f"from_{name}"
+        resume = [*base, f"paths.output_dir={out}", f"ckpt_path={checkpoints}/{name}.ckpt"]
+        resumed = train(compose_train(resume))
+        state = _trained_state(out / "checkpoints" / "last.ckpt")
+        assert state.keys() == expected.keys()
+        different = [key for key in expected if not torch.equal(expected[key], state[key])]
+        assert not different, f"resumed from {name}.ckpt: {len(different)} of {len(expected)} tensors differ"
+        assert straight["val/loss"] == resumed["val/loss"]
+
+
 def test_scan_reconstruction_callback_logs_xc_against_the_truth(tmp_path, data_root):
     from evaluation.io import save_4dstem
     from tests.scan4d_helpers import simulate_scan

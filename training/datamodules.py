@@ -7,8 +7,9 @@ noise, whatever the batch size. The batches follow the contracts of :mod:`models
 
 Exact resume (``ckpt_path=...``): the noise generators are saved in checkpoints (``state_dict``), every
 DataLoader draws its worker seeds from its own generator (never from the global torch stream that
-dropout uses), and the shard loaders (:class:`training.datasets.ResumableDataLoader`) save their epoch
-and batch position, so a resumed run sees the batches and noise of the uninterrupted one.
+dropout uses), and the training loaders of the shard modules and of the ePIE-label module
+(:class:`training.datasets.ResumableDataLoader`) save their epoch and batch position, so a resumed run
+sees the batches and noise of the uninterrupted one, also after a stop in the middle of an epoch.
 
 * :class:`MultisliceDataModule` (``data=multislice``): kernel shards; ``view="airpi"`` gives the 11-channel
   AIRPI input and the exit-wave label, ``view="ptychonn"`` the centre CBED and the object patch
@@ -37,6 +38,7 @@ from datagen import store
 from training.augment import AirpiAugmentation, apply_dose
 from training.datasets import (
     ChunkBatchSampler,
+    EpochBatchSampler,
     ImageDataset,
     KernelDataset,
     ResumableDataLoader,
@@ -44,7 +46,13 @@ from training.datasets import (
     collate_batched,
     split_by_structure,
 )
-from training.distortions import StemDistortion, make_generator, per_sample_generators, uniform_range
+from training.distortions import (
+    SeededModule,
+    StemDistortion,
+    make_generator,
+    per_sample_generators,
+    uniform_range,
+)
 
 __all__ = [
     "EpieLabelsDataModule",
@@ -90,6 +98,35 @@ def _loader_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+class _TrainLoaderPosition:
+    """The training loader's position (epoch and batches trained), also carried in the data module's own
+    checkpoint state.
+
+    Lightning restores the loader states of a checkpoint only if it sets up the training loader after it
+    restored the loops; a model whose ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``
+    (PtychoNN's cyclic schedule) makes it set the loader up before, and the states are dropped
+    (Lightning issue #20550), so a run resumed mid-epoch would start that epoch again. The data module's
+    state is restored before either, and :meth:`attach` hands it to the next training loader.
+    """
+
+    def __init__(self) -> None:
+        self.loader: ResumableDataLoader | None = None
+        self.pending: dict[str, int] | None = None
+
+    def attach(self, loader: ResumableDataLoader) -> ResumableDataLoader:
+        if self.pending is not None:
+            loader.load_state_dict(self.pending)
+            self.pending = None
+        self.loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, int] | None:
+        return None if self.loader is None else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, int] | None) -> None:
+        self.pending = None if state is None else {key: int(value) for key, value in state.items()}
+
+
 class _ShardDataModule(L.LightningDataModule):
     """Shared plumbing: shard index, splits by structure, chunk-aligned loaders with workers.
 
@@ -121,6 +158,7 @@ class _ShardDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers and self.num_workers > 0
         self.index: ShardIndex | None = None
         self.datasets: dict[str, Dataset] = {}
+        self._train_position = _TrainLoaderPosition()
 
     def setup(self, stage: str | None = None) -> None:
         if self.index is not None:
@@ -156,13 +194,20 @@ class _ShardDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._train_position.attach(self._loader("train", shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position (see :class:`_TrainLoaderPosition`)."""
+        return {"train_loader": self._train_position.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._train_position.load_state_dict(state.get("train_loader"))
 
 
 def ptychonn_view(
@@ -219,10 +264,12 @@ class MultisliceDataModule(_ShardDataModule):
         self.augmentation = AirpiAugmentation(**options)
 
     def state_dict(self) -> dict[str, Any]:
-        """Training-noise generator states, saved in checkpoints so that a resumed run continues exactly."""
-        return {"generators": self.augmentation.generator_states()}
+        """Training-noise generator states and the training loader's position, saved in checkpoints so
+        that a resumed run continues exactly."""
+        return {**super().state_dict(), "generators": self.augmentation.generator_states()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.augmentation.restore_generators(state.get("generators", {}))
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
@@ -263,9 +310,10 @@ class HaadfDataModule(_ShardDataModule):
         self.distortion = StemDistortion(**options)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generators": self.distortion.generator_states()}
+        return {**super().state_dict(), "generators": self.distortion.generator_states()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.distortion.restore_generators(state.get("generators", {}))
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
@@ -432,7 +480,11 @@ class EpieLabelsDataModule(L.LightningDataModule):
     reconstruction's pixels centred on the probe position (bilinear interpolation of the complex object,
     so sub-pixel positions are honoured). The first ``train_fraction`` of the scan lines train (the last
     ``val_fraction`` of those validate), the remaining lines test: paper 004 used 100 of 161 lines.
-    ``dose_e_range`` optionally adds Poisson noise to noise-free simulated patterns.
+    ``dose_e_range`` optionally adds Poisson noise to noise-free simulated patterns: training noise from
+    one generator per device seeded by ``seed`` (saved in checkpoints), validation and test noise seeded
+    by ``(seed + 1, index)``. The training order is shuffled per epoch from ``(seed, epoch)``
+    (:class:`training.datasets.EpochBatchSampler`); loaders are :class:`ResumableDataLoader`, so that a
+    run resumed from any checkpoint trains on the batches and noise of the uninterrupted one.
     """
 
     def __init__(
@@ -457,7 +509,8 @@ class EpieLabelsDataModule(L.LightningDataModule):
         self.dose_e_range = None if dose_e_range is None else tuple(float(v) for v in dose_e_range)
         self.seed = int(seed)
         self.scan = None
-        self._generator: torch.Generator | None = None
+        self._noise = SeededModule(self.seed)  # training dose noise, one generator per device
+        self._train_position = _TrainLoaderPosition()
 
     def setup(self, stage: str | None = None) -> None:
         if self.scan is not None:
@@ -524,16 +577,24 @@ class EpieLabelsDataModule(L.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(
-            _ScanPatchDataset(self, self.positions[name]),
-            batch_size=self.batch_size,
+        trainer = getattr(self, "trainer", None)
+        sampler = EpochBatchSampler.per_sample(
+            len(self.positions[name]),
+            self.batch_size,
             shuffle=shuffle,
+            seed=self.seed,
+            rank=trainer.global_rank if trainer is not None else 0,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+        )
+        return ResumableDataLoader(
+            _ScanPatchDataset(self, self.positions[name]),
+            batch_sampler=sampler,
             num_workers=self.num_workers,
             generator=_loader_generator(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._train_position.attach(self._loader("train", shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
@@ -541,13 +602,23 @@ class EpieLabelsDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Training-noise generator states and the training loader's position, saved in checkpoints so
+        that a resumed run continues exactly."""
+        return {
+            "train_loader": self._train_position.state_dict(),
+            "generators": self._noise.generator_states(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._train_position.load_state_dict(state.get("train_loader"))
+        self._noise.restore_generators(state.get("generators", {}))
+
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
         counts = batch["pattern"]
         if self.dose_e_range is not None:
             if _stage(getattr(self, "trainer", None)) == "train":
-                if self._generator is None:
-                    self._generator = make_generator(self.seed, counts.device)
-                generator = self._generator
+                generator = self._noise.generator_for(counts.device)
             else:
                 generator = per_sample_generators(batch["index"], self.seed + 1, counts.device)
             dose = uniform_range(

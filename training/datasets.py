@@ -37,6 +37,7 @@ __all__ = [
     "KERNEL_FIELDS",
     "ChunkBatchSampler",
     "DataError",
+    "EpochBatchSampler",
     "ImageDataset",
     "KernelDataset",
     "ResumableDataLoader",
@@ -330,30 +331,29 @@ def collate_batched(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class _EpochForwarder:
     """Lightning calls ``set_epoch`` on ``batch_sampler.sampler`` (not on the batch sampler itself)."""
 
-    def __init__(self, owner: ChunkBatchSampler) -> None:
+    def __init__(self, owner: EpochBatchSampler) -> None:
         self._owner = owner
 
     def set_epoch(self, epoch: int) -> None:
         self._owner.set_epoch(epoch)
 
 
-class ChunkBatchSampler(Sampler[list[int]]):
-    """Batches made of whole blocks of consecutive samples, shuffled per epoch (chunk-aligned reads).
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of dataset positions in an order fixed by ``(seed, epoch)``, resumable within an epoch.
 
-    Yields *positions* into a :class:`ShardDataset` whose ``indices`` are sorted. Blocks are
-    ``block_size`` consecutive samples of one shard (default: a quarter of the batch, at most the shards'
-    HDF5 chunk, so that every batch mixes several blocks); with ``shuffle`` the block order (and the
-    order of samples in the epoch) is drawn from ``(seed, epoch)``; the epoch is set by Lightning through
-    ``self.sampler.set_epoch``. For distributed training every replica takes every ``num_replicas``-th
-    batch. :meth:`resume_at` makes the next iteration of an epoch start at a given batch (a run resumed
-    in the middle of an epoch); :attr:`position` is the epoch and first batch of the iteration under way.
+    The positions are grouped in ``blocks`` (index arrays, together each position once); with
+    ``shuffle`` the block order of epoch ``e`` is ``np.random.default_rng([seed, e]).permutation``, and
+    the positions of the epoch, block after block, are cut into batches of ``batch_size``. The epoch is set
+    by Lightning through ``self.sampler.set_epoch``. For distributed training every replica takes every
+    ``num_replicas``-th batch. :meth:`resume_at` makes the next iteration of an epoch start at a given
+    batch (a run resumed in the middle of an epoch); :attr:`position` is the epoch and first batch of the
+    iteration under way. :meth:`per_sample` gives blocks of one position (an ordinary shuffle).
     """
 
     def __init__(
         self,
-        dataset: ShardDataset,
+        blocks: Sequence[np.ndarray],
         batch_size: int,
-        block_size: int | None = None,
         shuffle: bool = True,
         drop_last: bool = False,
         seed: int = 0,
@@ -362,8 +362,6 @@ class ChunkBatchSampler(Sampler[list[int]]):
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if np.any(np.diff(dataset.indices) < 0):
-            raise ValueError("ChunkBatchSampler needs a dataset with sorted indices")
         self.batch_size = int(batch_size)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
         self.rank, self.num_replicas = int(rank), int(num_replicas)
@@ -371,12 +369,12 @@ class ChunkBatchSampler(Sampler[list[int]]):
         self.position: tuple[int, int] | None = None  # (epoch, first batch) of the iteration under way
         self._resume: tuple[int, int] | None = None
         self.sampler = _EpochForwarder(self)
-        block = int(block_size or max(1, min(dataset.shards.chunk, self.batch_size // 4)))
-        shard, local = dataset.shards.locate(dataset.indices)
-        # a new block starts at each shard change, at each gap, and every `block` samples
-        key = shard * (len(dataset.shards) + 1) + local // block
-        starts = np.flatnonzero(np.concatenate([[True], np.diff(key) != 0]))
-        self._blocks = np.split(np.arange(dataset.indices.size), starts[1:])
+        self._blocks = list(blocks)
+
+    @classmethod
+    def per_sample(cls, length: int, batch_size: int, **kwargs: Any) -> EpochBatchSampler:
+        """A sampler over positions ``0 .. length - 1`` shuffled one by one (blocks of one position)."""
+        return cls(list(np.arange(int(length))[:, None]), batch_size, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -414,6 +412,39 @@ class ChunkBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+class ChunkBatchSampler(EpochBatchSampler):
+    """Batches made of whole blocks of consecutive samples, shuffled per epoch (chunk-aligned reads).
+
+    Yields *positions* into a :class:`ShardDataset` whose ``indices`` are sorted. Blocks are
+    ``block_size`` consecutive samples of one shard (default: a quarter of the batch, at most the shards'
+    HDF5 chunk, so that every batch mixes several blocks); order, distribution over replicas and resume
+    are those of :class:`EpochBatchSampler`.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        batch_size: int,
+        block_size: int | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        num_replicas: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if np.any(np.diff(dataset.indices) < 0):
+            raise ValueError("ChunkBatchSampler needs a dataset with sorted indices")
+        block = int(block_size or max(1, min(dataset.shards.chunk, int(batch_size) // 4)))
+        shard, local = dataset.shards.locate(dataset.indices)
+        # a new block starts at each shard change, at each gap, and every `block` samples
+        key = shard * (len(dataset.shards) + 1) + local // block
+        starts = np.flatnonzero(np.concatenate([[True], np.diff(key) != 0]))
+        blocks = np.split(np.arange(dataset.indices.size), starts[1:])
+        super().__init__(blocks, batch_size, shuffle, drop_last, seed, rank, num_replicas)
 
 
 def _worker_message(err: BaseException) -> str:
@@ -461,7 +492,8 @@ class _CountingIterator:
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader over a :class:`ChunkBatchSampler` whose position travels in Lightning checkpoints.
+    """A DataLoader over an :class:`EpochBatchSampler` (e.g. a :class:`ChunkBatchSampler`) whose position
+    travels in Lightning checkpoints.
 
     Lightning saves ``state_dict()`` (epoch and the number of batches of it already trained) with the
     fit loop and hands it back through ``load_state_dict`` before it iterates again, so a run resumed
@@ -474,10 +506,10 @@ class ResumableDataLoader(DataLoader):
         self._counting = _CountingIterator(self)
         return self._counting
 
-    def _sampler(self) -> ChunkBatchSampler:
+    def _sampler(self) -> EpochBatchSampler:
         sampler = self.batch_sampler
-        if not isinstance(sampler, ChunkBatchSampler):
-            raise TypeError(f"ResumableDataLoader needs a ChunkBatchSampler, got {type(sampler).__name__}")
+        if not isinstance(sampler, EpochBatchSampler):
+            raise TypeError(f"ResumableDataLoader needs an EpochBatchSampler, got {type(sampler).__name__}")
         return sampler
 
     def state_dict(self) -> dict[str, int]:
