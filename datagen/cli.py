@@ -76,7 +76,8 @@ DEFAULT_FFTW_PLANNING = "FFTW_ESTIMATE"
 """abTEM's FFTW planner effort. FFTW_MEASURE (abTEM's default) picks plans by timing them, so two
 processes may round differently (2.3e-6 relative was seen between two runs); FFTW_ESTIMATE plans
 deterministically, which makes every sample bit-identical from ``(seed, index)`` on one machine and
-build. abTEM modules that set their own config (datagen.haadf, datagen.scan4d) get it process-wide."""
+build. abTEM modules that set their own config (datagen.haadf, datagen.scan4d) get it process-wide, and
+datagen.haadf's (spawned) worker processes when they start."""
 ABTEM_RUNNERS = ("datagen.haadf", "datagen.scan4d")
 
 

@@ -1267,9 +1267,14 @@ _WORKER: HaadfSampleMaker | None = None
 
 
 def _init_worker(container: dict, simulation: dict, seed: int) -> None:
-    """Pool initializer: one warm :class:`HaadfSampleMaker` per worker process."""
+    """Pool initializer: one warm :class:`HaadfSampleMaker` per worker process.
+
+    The workers are spawned, so none of the parent's abTEM configuration reaches them: the root
+    ``fftw_planning`` (see :data:`datagen.cli.DEFAULT_FFTW_PLANNING`) is set here, as the kernel workers
+    set it, if the worker will run abTEM at all.
+    """
     global _WORKER
-    from datagen.cli import structures_of
+    from datagen.cli import DEFAULT_FFTW_PLANNING, structures_of
 
     logging.basicConfig(level=logging.WARNING)
     abtem = {
@@ -1277,6 +1282,11 @@ def _init_worker(container: dict, simulation: dict, seed: int) -> None:
         "scheduler": "synchronous",
     }  # the processes are the parallelism
     _WORKER = HaadfSampleMaker({**simulation, "abtem": abtem}, structures_of(container), seed)
+    if _WORKER.space.abtem_fraction > 0:
+        import abtem as abtem_module
+
+        planning = str(container.get("fftw_planning", DEFAULT_FFTW_PLANNING))
+        abtem_module.config.set({"fftw.planning_effort": planning})
 
 
 def _work(index: int) -> tuple:

@@ -330,6 +330,30 @@ def test_bad_haadf_config_exits_with_one_line(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def _worker_fftw_planning(_: int) -> str:
+    """abTEM's FFTW planner effort as a worker process sees it."""
+    import abtem
+
+    return str(abtem.config.get("fftw.planning_effort"))
+
+
+def test_worker_processes_get_the_fftw_planning():
+    """The root ``fftw_planning`` reaches the spawned HAADF workers, which inherit none of the parent's
+    abTEM configuration (abTEM's own default, FFTW_MEASURE, is not reproducible). FFTW_PATIENT: neither
+    abTEM's default nor deepstem's, so only a value passed through can match."""
+    import multiprocessing
+
+    from datagen.cli import plain_config
+    from datagen.haadf import _init_worker
+
+    planning = "FFTW_PATIENT"
+    overrides = ["source.ids=[Au]", "simulation.abtem_fraction=1.0"]
+    container = plain_config(composed([*overrides, f"fftw_planning={planning}"]))
+    initargs = (container, container["simulation"], 0)
+    with multiprocessing.get_context("spawn").Pool(1, initializer=_init_worker, initargs=initargs) as pool:
+        assert pool.map(_worker_fftw_planning, [0]) == [planning]
+
+
 @pytest.mark.slow
 def test_worker_processes_write_the_same_shard(tmp_path):
     from datagen.cli import run
