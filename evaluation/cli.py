@@ -2,12 +2,15 @@
 
 Conventional methods (``epie``, ``ssb``, ``icom``, ``ricom``, ``vadf``) run from :mod:`evaluation.references`;
 network methods (``airpi``, ``chang_unet``, ``ptychonn``) load ``ckpt=PATH`` and stitch with
-:mod:`evaluation.stitching`; without ``ckpt``, ``airpi`` uses the shipped reference model
-``pretrained/airpi_reference.ckpt`` (model card: ``pretrained/README.md``).
+:mod:`evaluation.stitching`; without ``ckpt``, ``airpi`` uses the shipped model in ``pretrained/`` whose
+recorded training ranges cover the scan (:func:`choose_checkpoint`; the default, and the one taken on a tie,
+is ``pretrained/airpi_reference.ckpt``, model card ``pretrained/README.md``). A scan outside the model's
+training ranges (:func:`evaluation.stitching.optics_mismatch`) gets one ``reconstruct: warning: ...`` line
+per quantity, or, with ``strict_optics=true``, is refused.
 
 Exit codes: 0 done; 2 (:data:`physics.runtime.EXIT_ERROR`) bad config or input (scan, calibration,
-checkpoint of another model, ...) or a failed reconstruction: one line ``deepstem: error: ...`` on stderr,
-nothing written under the output names.
+checkpoint of another model, optics outside the model's ranges under ``strict_optics``, ...) or a failed
+reconstruction: one line ``deepstem: error: ...`` on stderr, nothing written under the output names.
 """
 
 from __future__ import annotations
@@ -38,24 +41,97 @@ from physics.runtime import check_precision, configure_threads, report_error
 __all__ = [
     "CONVENTIONAL_METHODS",
     "NETWORK_METHODS",
+    "choose_checkpoint",
+    "default_checkpoint",
     "missing_key_message",
+    "pretrained_dir",
     "reconstruct_main",
     "run_method",
     "setup_threads",
+    "shipped_checkpoints",
     "write_reconstruction",
 ]
 
 CONVENTIONAL_METHODS = ("epie", "ssb", "icom", "ricom", "vadf")
 NETWORK_METHODS = ("airpi", "chang_unet", "ptychonn")
 PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
-#: network method -> the model shipped in pretrained/ (used when ckpt is not given); see its model card
-PRETRAINED = {"airpi": PRETRAINED_DIR / "airpi_reference.ckpt"}
+#: environment variable naming another folder of shipped models (tests; a site's own model collection)
+PRETRAINED_DIR_ENV = "DEEPSTEM_PRETRAINED_DIR"
+#: network method -> file name of its default shipped model (model card: pretrained/README.md), the one
+#: chosen when several cover a scan equally well
+PRETRAINED = {"airpi": "airpi_reference.ckpt"}
 
 
-def default_checkpoint(method: str) -> Path | None:
-    """The shipped checkpoint of ``method`` (``pretrained/``), or None when there is none."""
-    path = PRETRAINED.get(method)
-    return path if path is not None and path.is_file() else None
+def pretrained_dir() -> Path:
+    """The folder of shipped models: ``$DEEPSTEM_PRETRAINED_DIR`` when set, else the repository's
+    ``pretrained/``."""
+    return Path(os.environ.get(PRETRAINED_DIR_ENV) or PRETRAINED_DIR)
+
+
+def shipped_checkpoints(method: str) -> list[tuple[Path, dict[str, Any]]]:
+    """``(path, checkpoint)`` of every ``*.ckpt`` in :func:`pretrained_dir` that holds a ``method`` network
+    (:func:`evaluation.stitching.identify_checkpoint`), sorted by name; files that do not load
+    weights-only are skipped."""
+    from evaluation.stitching import CheckpointError, identify_checkpoint, load_checkpoint
+
+    found = []
+    for path in sorted(pretrained_dir().glob("*.ckpt")):
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError:
+            continue
+        if identify_checkpoint(checkpoint) == method:
+            found.append((path, checkpoint))
+    return found
+
+
+def choose_checkpoint(
+    method: str, scan: Any = None, pixels: int = 64, step_factor: float = 1.0
+) -> tuple[Path, str] | None:
+    """``(path, reason)`` of the shipped ``method`` model whose recorded training ranges cover ``scan``
+    best, or None when none is shipped.
+
+    Score: the quantities of the scan outside the model's ranges
+    (:func:`evaluation.stitching.optics_mismatch`, ``step_factor`` as there) plus one when the detector
+    does not reach the model's ``alpha / gmax`` on a ``pixels`` grid
+    (:func:`evaluation.stitching.detector_mismatch`); the lowest wins, ties go to the default of
+    :data:`PRETRAINED`, then to the first by name. Without ``scan``: the default (or the first).
+    ``reason`` says why, in words, for the log.
+    """
+    from evaluation.stitching import detector_mismatch, optics_mismatch
+
+    candidates = shipped_checkpoints(method)
+    if not candidates:
+        return None
+    default = PRETRAINED.get(method)
+    scores = []
+    for path, checkpoint in candidates:
+        misses = [] if scan is None else optics_mismatch(checkpoint, scan, step_factor=step_factor)
+        misses += [] if scan is None else detector_mismatch(checkpoint, scan, pixels)
+        scores.append((len(misses), path.name != default, path.name, path))
+    scores.sort()
+    best, _, name, path = scores[0]
+    if scan is None:
+        reason = "the default" if name == default else f"the first of {len(scores)} shipped {method} models"
+        return path, reason
+    covers = (
+        "its training ranges cover the scan"
+        if best == 0
+        else f"{best} quantit{'y' if best == 1 else 'ies'} of the scan outside its training ranges"
+    )
+    if len(scores) == 1:
+        return path, f"the only shipped {method} model; {covers}"
+    tied = sum(1 for score in scores if score[0] == best) > 1
+    tie = ("; a tie, the default wins" if name == default else "; a tie, first by name") if tied else ""
+    others = ", ".join(f"{s[2]} {s[0]} outside" for s in scores[1:])
+    return path, f"{covers}; fewest of {len(scores)} shipped {method} models{tie} (others: {others})"
+
+
+def default_checkpoint(method: str, scan: Any = None) -> Path | None:
+    """The shipped checkpoint of ``method`` for ``scan`` (:func:`choose_checkpoint`; without ``scan``
+    the default ``pretrained/airpi_reference.ckpt``), or None when there is none."""
+    choice = choose_checkpoint(method, scan)
+    return None if choice is None else choice[0]
 
 
 def _params(cfg: DictConfig, method: str) -> dict[str, Any]:
@@ -250,25 +326,40 @@ def reconstruct_main(cfg: DictConfig) -> int:
     model = None
     scan = None
     try:
-        if method in NETWORK_METHODS:
+        params = _params(cfg, method)
+        ckpt = None
+        if method in NETWORK_METHODS and cfg.get("ckpt"):  # a given checkpoint is checked before the input
             from evaluation.stitching import load_network
 
-            if cfg.get("ckpt"):
-                ckpt = Path(to_absolute_path(str(cfg.ckpt)))
-            elif (ckpt := default_checkpoint(method)) is not None:
-                print(f"reconstruct: ckpt not given; using the shipped model {ckpt}", file=sys.stderr)
-            else:
-                return _error(f"method {method!r} needs a network checkpoint: give ckpt=PATH")
+            ckpt = Path(to_absolute_path(str(cfg.ckpt)))
             model = load_network(ckpt, method, device)
+        # the calibration (the data are read lazily) before a shipped model is chosen: the choice needs it
         scan = load_4dstem(input_path, calibration, progress=progress, **overrides)
-        if model is not None:
-            from evaluation.stitching import optics_mismatch
+        if method in NETWORK_METHODS:
+            from evaluation.stitching import load_network, optics_mismatch
 
-            for mismatch in optics_mismatch(model, scan):
+            # data repetition feeds the network CBED sums at repetition_stride x the scan step
+            step_factor = float(params.get("repetition_stride", 2)) if params.get("data_repetition") else 1.0
+            if model is None:
+                choice = choose_checkpoint(method, scan, int(params.get("pixels", 64)), step_factor)
+                if choice is None:
+                    return _error(f"method {method!r} needs a network checkpoint: give ckpt=PATH")
+                ckpt, reason = choice
+                print(
+                    f"reconstruct: ckpt not given; using the shipped model {ckpt} ({reason})", file=sys.stderr
+                )
+                model = load_network(ckpt, method, device)
+            mismatches = optics_mismatch(model, scan, step_factor=step_factor)
+            if mismatches and bool(cfg.get("strict_optics", False)):
+                return _error(
+                    f"{input_path.name}: outside the training ranges of {ckpt.name}: {'; '.join(mismatches)} "
+                    "(strict_optics=true; strict_optics=false reconstructs with a warning)"
+                )
+            for mismatch in mismatches:
                 print(f"reconstruct: warning: {input_path.name}: {mismatch}", file=sys.stderr)
         start = time.perf_counter()
         result = run_method(
-            scan, method, _params(cfg, method), progress=progress, model=model, device=device,
+            scan, method, params, progress=progress, model=model, device=device,
             precision=str(cfg.get("precision", "auto")),
         )  # fmt: skip
         elapsed = time.perf_counter() - start

@@ -65,19 +65,27 @@ from models.checkpoints import CheckpointError, load_checkpoint  # the one class
 from physics import probe, wavelength
 
 __all__ = [
+    "ABSOLUTE_TOLERANCE",
     "NETWORK_CLASSES",
+    "PAPER_RATIO_ALPHA_GMAX",
+    "TRAINED_FOR_UNITS",
     "CheckpointError",
+    "DetectorReachError",
     "ScanGeometry",
     "airpi_reconstruct",
     "chang_reconstruct",
     "default_gmax_invA",
+    "detector_mismatch",
     "identify_checkpoint",
     "load_network",
     "model_predictor",
+    "model_ratio_alpha_gmax",
+    "optics_mismatch",
     "overlap_matrix",
     "ptychonn_reconstruct",
     "reconstruct_with_network",
     "resolve_device",
+    "training_ranges",
 ]
 
 #: method name -> LightningModule class path (module, class)
@@ -161,19 +169,139 @@ def load_network(path: str | Path, method: str, device: str | torch.device = "cp
     return model.to(resolve_device(device)).eval()
 
 
-def optics_mismatch(model: Any, scan: Any, tolerance: float = 0.02) -> list[str]:
-    """Calibration values of ``scan`` that differ by more than ``tolerance`` (relative) from the optics the
-    model's exporter recorded (``trained_for``: ``energy_eV``, ``semiangle_mrad``); empty when none are
-    recorded. A specialist model (e.g. pretrained/airpi_reference.ckpt: 300 kV, 20 mrad) is not meant for
-    other optics."""
-    trained = (getattr(model, "deepstem_info", None) or {}).get("trained_for") or {}
-    found = []
+#: quantities a checkpoint's ``deepstem.trained_for`` may record (scripts/export_checkpoint.py) -> unit
+TRAINED_FOR_UNITS = {
+    "energy_eV": "eV",
+    "semiangle_mrad": "mrad",
+    "alpha_over_gmax": "",
+    "scan_step_A": "A",
+    "Cs_A": "A",
+    "defocus_A": "A",
+    "dose_e_per_cbed": "electrons per CBED",
+}
+#: absolute tolerance (in the quantity's unit) added to the relative one, for ranges that may be [0, 0];
+#: the reasons are in :func:`optics_mismatch`
+ABSOLUTE_TOLERANCE = {"defocus_A": 2.0, "Cs_A": 1000.0}
+#: alpha / gmax range of paper 002's training data (U(0.1, 0.95)): the default grid for an unrecorded model
+PAPER_RATIO_ALPHA_GMAX = (0.1, 0.95)
+
+
+def training_ranges(model: Any) -> dict[str, tuple[float, float]]:
+    """The ranges a model was trained for: ``{quantity: (low, high)}`` in the units of
+    :data:`TRAINED_FOR_UNITS` (e.g. ``{"energy_eV": (300000.0, 300000.0), "scan_step_A": (0.24, 0.36)}``).
+
+    ``model`` is a network from :func:`load_network` (its ``deepstem_info``) or a checkpoint dict (its
+    ``deepstem`` section). The exporter stores ``[low, high]`` lists; a scalar (checkpoints exported before
+    ranges) is the range ``[v, v]``. Empty when nothing was recorded. A malformed entry raises
+    :class:`CheckpointError` naming it.
+    """
+    info = getattr(model, "deepstem_info", None)
+    if info is None and isinstance(model, Mapping):
+        info = model.get("deepstem")
+    trained = (info or {}).get("trained_for") if isinstance(info, Mapping) else None
+    ranges: dict[str, tuple[float, float]] = {}
+    for key, value in (trained or {}).items():
+        bounds = list(value) if isinstance(value, list | tuple) else [value]
+        try:
+            low, high = (float(bounds[0]), float(bounds[-1])) if len(bounds) in (1, 2) else (math.nan, 0.0)
+        except (TypeError, ValueError):
+            low, high = math.nan, 0.0
+        if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+            raise CheckpointError(
+                f"the model's trained_for[{key!r}] = {value!r} is not a number or [low, high]"
+            )
+        ranges[str(key)] = (low, high)
+    return ranges
+
+
+def _format_range(key: str, low: float, high: float) -> str:
+    unit = TRAINED_FOR_UNITS.get(key, "")
+    return f"[{low:g}, {high:g}]" + (f" {unit}" if unit else "")
+
+
+def _outside(key: str, value: float, low: float, high: float, tolerance: float) -> bool:
+    extra = ABSOLUTE_TOLERANCE.get(key, 0.0)
+    return not low - tolerance * abs(low) - extra <= value <= high + tolerance * abs(high) + extra
+
+
+def optics_mismatch(model: Any, scan: Any, tolerance: float = 0.02, step_factor: float = 1.0) -> list[str]:
+    """The calibration values of ``scan`` outside the ranges the model was trained for, one message each,
+    e.g. ``defocus_A=-52.1 outside the model's training range [0, 0] A``; empty when all are inside or
+    nothing is recorded (:func:`training_ranges`).
+
+    Checked: ``energy_eV``, ``semiangle_mrad``, ``scan_step_A`` (each axis; one message when both are the
+    same), ``Cs_A``, ``defocus_A``. Not here: ``alpha_over_gmax`` (the network grid is resampled to it,
+    :func:`reconstruct_with_network`) and ``dose_e_per_cbed`` (a scan does not tell its dose).
+    ``step_factor`` multiplies the scan step (data repetition reconstructs at ``repetition_stride`` x the
+    step, and that is the step the network sees).
+
+    A value is inside when it lies in ``[low, high]`` widened by ``tolerance`` (relative, of each bound's
+    magnitude) plus, for ranges that may be ``[0, 0]``, an absolute tolerance (:data:`ABSOLUTE_TOLERANCE`):
+    ``defocus_A`` 2 A, an aberration phase ``pi df alpha^2 / lambda`` at the aperture edge of 0.13 rad at
+    300 kV / 20 mrad (0.29 rad at 30 mrad), and ``Cs_A`` 1000 A = 0.1 um, ``pi/2 Cs alpha^4 / lambda`` =
+    0.013 rad there (0.065 rad at 30 mrad): both far inside the quarter-wave (pi/2) limit, i.e. optics the
+    network cannot tell from an aberration-free probe, while paper 002's Table 1 setting, Cs = 0.001 mm
+    (10,000 A) at its Scherzer defocus (17 A at 300 kV), lies outside both.
+    """
+    ranges = training_ranges(model)
+    found: list[str] = []
+
+    def check(key: str, label: str, value: float, note: str = "") -> None:
+        low, high = ranges[key]
+        if _outside(key, value, low, high, tolerance):
+            found.append(
+                f"{label}={value:g}{note} outside the model's training range {_format_range(key, low, high)}"
+            )
+
     for key in ("energy_eV", "semiangle_mrad"):
-        if key in trained and getattr(scan, key, None) is not None:
-            want, have = float(trained[key]), float(getattr(scan, key))
-            if abs(have - want) > tolerance * abs(want):
-                found.append(f"{key}={have:g} (model trained for {want:g})")
+        if key in ranges and getattr(scan, key, None) is not None:
+            check(key, key, float(getattr(scan, key)))
+    if "scan_step_A" in ranges and getattr(scan, "scan_step_A", None) is not None:
+        steps = [float(s) for s in np.atleast_1d(np.asarray(scan.scan_step_A, dtype=np.float64))][:2]
+        note = f" (data repetition: {step_factor:g} x the scan step)" if step_factor != 1 else ""
+        if len(set(steps)) == 1:
+            check("scan_step_A", "scan_step_A", steps[0] * step_factor, note)
+        else:
+            for axis, step in zip("xy", steps, strict=False):
+                check("scan_step_A", f"scan_step_A[{axis}]", step * step_factor, note)
+    for key in ("Cs_A", "defocus_A"):
+        if key in ranges and getattr(scan, key, None) is not None:
+            check(key, key, float(getattr(scan, key)))
     return found
+
+
+def model_ratio_alpha_gmax(model: Any, tolerance: float = 0.02) -> tuple[float, float] | None:
+    """The ``alpha / gmax`` range to resample a scan to for ``model``: its recorded ``alpha_over_gmax``
+    with the upper bound widened by ``tolerance`` (relative, as in :func:`optics_mismatch`; a model trained
+    at exactly 0.5 then accepts a detector that ends a rounding error short of 2 alpha); the lower bound,
+    which sets ``gmax = alpha / low`` on a large detector, is kept. None when not recorded."""
+    recorded = training_ranges(model).get("alpha_over_gmax")
+    if recorded is None:
+        return None
+    low, high = recorded
+    return low, max(high, min(high * (1 + tolerance), 0.99))
+
+
+def detector_mismatch(model: Any, scan: Any, pixels: int = 64, tolerance: float = 0.02) -> list[str]:
+    """One message when the detector of ``scan`` (about its middle pixel) does not reach ``alpha / high``
+    of the model's recorded ``alpha_over_gmax`` range on a ``pixels`` grid, so that the model's grid would
+    not fit; empty otherwise or when not recorded. Used to choose among shipped models before the scan's
+    data are read (the reconstruction itself measures the detector centre and refuses such a scan)."""
+    ratio = model_ratio_alpha_gmax(model, tolerance)
+    needed = ("energy_eV", "semiangle_mrad", "k_pixel_invA", "data")
+    if ratio is None or any(getattr(scan, k, None) is None for k in needed):
+        return []
+    shape = tuple(int(n) for n in scan.data.shape[2:])
+    k_pixel = pair(scan.k_pixel_invA, "k_pixel_invA")
+    reach = _detector_reach_invA(shape, k_pixel, np.array([n // 2 for n in shape], dtype=np.float64), pixels)
+    alpha = float(scan.semiangle_mrad) * 1e-3 / wavelength(float(scan.energy_eV))
+    if reach >= alpha / ratio[1]:
+        return []
+    low, high = training_ranges(model)["alpha_over_gmax"]
+    return [
+        f"the detector reaches {reach / alpha:.3g} alpha, short of the alpha / {high:g} = {1 / high:.3g} "
+        f"alpha of the model's alpha_over_gmax training range {_format_range('alpha_over_gmax', low, high)}"
+    ]
 
 
 def model_predictor(
@@ -257,23 +385,28 @@ def _detector_reach_invA(
     return float(min(reach))
 
 
+class DetectorReachError(ValueError):
+    """The detector does not reach the ``gmax`` a network's ``alpha / gmax`` range needs."""
+
+
 def default_gmax_invA(
     semiangle_mrad: float,
     energy_eV: float,
     detector_reach_invA: float,
-    ratio_range: tuple[float, float] = (0.1, 0.95),
+    ratio_range: tuple[float, float] = PAPER_RATIO_ALPHA_GMAX,
 ) -> float:
     """``gmax`` for a network trained with ``alpha / gmax`` in ``ratio_range`` (paper 002: U(0.1, 0.95)).
 
     The largest the detector covers (AIRPI uses the dark field beyond the disc), but no more than
-    ``alpha / ratio_range[0]``; an error when the detector does not even reach ``alpha / ratio_range[1]``.
+    ``alpha / ratio_range[0]``; :class:`DetectorReachError` when the detector does not even reach
+    ``alpha / ratio_range[1]``.
     """
     alpha_invA = float(semiangle_mrad) * 1e-3 / wavelength(energy_eV)
     low, high = float(ratio_range[0]), float(ratio_range[1])
     if not 0 < low <= high < 1:
         raise ValueError(f"ratio_alpha_gmax must satisfy 0 < low <= high < 1, got {list(ratio_range)}")
     if detector_reach_invA < alpha_invA / high:
-        raise ValueError(
+        raise DetectorReachError(
             f"the detector reaches {detector_reach_invA:.4g} 1/A from its centre, less than alpha / "
             f"{high} = {alpha_invA / high:.4g} 1/A: the network was not trained on such patterns"
         )
@@ -578,13 +711,15 @@ def _network_grid(
     centre: np.ndarray,
     pixels: int,
     gmax_invA: float | None,
-    ratio_range: tuple[float, float],
+    ratio_range: tuple[float, float] | None,
 ) -> float:
     """``gmax``: given (checked against the detector, half a detector pixel of overhang allowed) or the
-    default of :func:`default_gmax_invA` for the detector about its nearest-pixel centre."""
+    default of :func:`default_gmax_invA` for the detector about its nearest-pixel centre (``ratio_range``
+    None: paper 002's)."""
     if gmax_invA is None:
         reach = _detector_reach_invA(geometry.shape[2:], geometry.k_pixel_invA, np.rint(centre), pixels)
-        return default_gmax_invA(geometry.semiangle_mrad, geometry.energy_eV, reach, ratio_range)
+        ratio = PAPER_RATIO_ALPHA_GMAX if ratio_range is None else tuple(ratio_range)
+        return default_gmax_invA(geometry.semiangle_mrad, geometry.energy_eV, reach, ratio)
     gmax = float(gmax_invA)
     if not gmax > 0:
         raise ValueError(f"gmax_invA must be positive, got {gmax_invA}")
@@ -606,7 +741,7 @@ def airpi_reconstruct(
     *,
     pixels: int = 64,
     gmax_invA: float | None = None,
-    ratio_alpha_gmax: tuple[float, float] = (0.1, 0.95),
+    ratio_alpha_gmax: tuple[float, float] | None = PAPER_RATIO_ALPHA_GMAX,
     oversampling: int = 1,
     pixel_size_A: float | None = None,
     data_repetition: bool = False,
@@ -630,7 +765,9 @@ def airpi_reconstruct(
     object pixels and the Fourier placement is sub-pixel. Returns the phase ``angle(T)`` (rad), unwrapped
     where it passes ``+-pi`` (``unwrap_phase``, :mod:`evaluation.unwrap`: heavy columns of thick crystals
     carry more than ``pi``; ``info['phase_wraps_removed']``); ``info['patterns_per_s']`` counts effective
-    positions per second of the whole pass.
+    positions per second of the whole pass. Without ``gmax_invA``, ``gmax`` is the largest the detector
+    covers within ``alpha / gmax`` in ``ratio_alpha_gmax`` (None: paper 002's (0.1, 0.95); a model's own
+    range is applied by :func:`reconstruct_with_network`); ``info['alpha_over_gmax']`` is the ratio used.
     """
     from training.augment import preprocess
 
@@ -639,7 +776,7 @@ def airpi_reconstruct(
     _check_patterns(geometry)
     start_time = time.perf_counter()
     centre = _detector_centre(geometry, detector_centre_px, progress, block_rows)
-    gmax = _network_grid(geometry, centre, pixels, gmax_invA, tuple(ratio_alpha_gmax))
+    gmax = _network_grid(geometry, centre, pixels, gmax_invA, ratio_alpha_gmax)
     stream = _PatternStream(geometry, pixels, gmax, centre, dev)
     d = 1.0 / (2.0 * gmax)  # patch pixel, A
     psi_in = probe(
@@ -707,6 +844,7 @@ def airpi_reconstruct(
         method="airpi",
         info={
             "gmax_invA": gmax,
+            "alpha_over_gmax": geometry.alpha_invA / gmax,
             "network_pixels": int(pixels),
             "oversampling": int(oversampling) if pixel_size_A is None else 0,
             "data_repetition": bool(data_repetition),
@@ -929,7 +1067,7 @@ def ptychonn_reconstruct(
     *,
     pixels: int = 64,
     gmax_invA: float | None = None,
-    ratio_alpha_gmax: tuple[float, float] = (0.1, 0.95),
+    ratio_alpha_gmax: tuple[float, float] | None = PAPER_RATIO_ALPHA_GMAX,
     oversampling: int = 1,
     weight_threshold: float = 0.1,
     crop_to_scan: bool = True,
@@ -954,7 +1092,7 @@ def ptychonn_reconstruct(
     _check_patterns(geometry)
     start_time = time.perf_counter()
     centre = _detector_centre(geometry, detector_centre_px, progress, block_rows)
-    gmax = _network_grid(geometry, centre, pixels, gmax_invA, tuple(ratio_alpha_gmax))
+    gmax = _network_grid(geometry, centre, pixels, gmax_invA, ratio_alpha_gmax)
     stream = _PatternStream(geometry, pixels, gmax, centre, dev)
     d = 1.0 / (2.0 * gmax)
     psi_in = probe(
@@ -1033,6 +1171,7 @@ def ptychonn_reconstruct(
         amplitude=amplitude_cropped,
         info={
             "gmax_invA": gmax,
+            "alpha_over_gmax": geometry.alpha_invA / gmax,
             "network_pixels": int(pixels),
             "oversampling": int(oversampling),
             "detector_centre_px": centre.tolist(),
@@ -1066,6 +1205,13 @@ def reconstruct_with_network(
 
     ``precision`` auto | bf16 | 32 (:func:`physics.runtime.resolve_precision`: auto = bf16 where the device
     has bf16 units, fp32 otherwise); the precision used is ``info['precision']``.
+
+    AIRPI and PtychoNN given neither ``gmax_invA`` nor ``ratio_alpha_gmax`` (or None) resample the scan to
+    the ``alpha / gmax`` range the model records (:func:`model_ratio_alpha_gmax`; paper 002's (0.1, 0.95)
+    when it records none): ``gmax`` = the largest the detector covers, but at most ``alpha / low``; a
+    detector short of ``alpha / high`` is refused (``ValueError`` naming the range and the override).
+    ``info['alpha_over_gmax']`` is the ratio used, ``info['alpha_over_gmax_from']`` where its bounds came
+    from (``gmax_invA``, ``params``, ``model`` or ``paper``).
     """
     from physics.runtime import resolve_precision
 
@@ -1079,8 +1225,29 @@ def reconstruct_with_network(
     for key in ("ratio_alpha_gmax", "detector_centre_px"):
         if options.get(key) is not None:
             options[key] = tuple(options[key])
+    source = None
+    if method in ("airpi", "ptychonn"):
+        if options.get("gmax_invA") is not None:
+            source = "gmax_invA"
+        elif options.get("ratio_alpha_gmax") is not None:
+            source = "params"
+        else:
+            recorded = model_ratio_alpha_gmax(model)
+            source = "paper" if recorded is None else "model"
+            options["ratio_alpha_gmax"] = PAPER_RATIO_ALPHA_GMAX if recorded is None else recorded
     predictor = model_predictor(model, method, used, channels_last)
-    result = _RECONSTRUCTORS[method](scan, predictor, device=dev, progress=progress, **options)
+    try:
+        result = _RECONSTRUCTORS[method](scan, predictor, device=dev, progress=progress, **options)
+    except DetectorReachError as err:
+        if source != "model":
+            raise
+        low, high = training_ranges(model)["alpha_over_gmax"]
+        raise DetectorReachError(
+            f"{err} (the model's alpha_over_gmax training range {_format_range('alpha_over_gmax', low, high)}"
+            f"; {method}.ratio_alpha_gmax=[LOW,HIGH] or {method}.gmax_invA overrides it)"
+        ) from None
+    if source is not None:
+        result.info["alpha_over_gmax_from"] = source
     result.info["precision"] = used
     result.info["channels_last"] = bool(channels_last)
     return result

@@ -1,25 +1,38 @@
 """Export a trained Lightning checkpoint as a small inference checkpoint (what ``pretrained/`` ships).
 
 ``python scripts/export_checkpoint.py RUN/checkpoints/last.ckpt pretrained/airpi_reference.ckpt
-[--config RUN/config.yaml] [--trained-for energy_eV=300000 semiangle_mrad=20]``
+[--config RUN/config.yaml] [--trained-for energy_eV=300000 semiangle_mrad=20 scan_step_A=0.24:0.36 ...]``
 
 Keeps what :func:`evaluation.stitching.load_network` and ``LightningModule.load_from_checkpoint`` need
 (``state_dict`` with the batch-norm running statistics, ``hyper_parameters``) plus the epoch, the global step
 and a ``deepstem`` section (source checkpoint name, export time, the training run's resolved config as YAML
-text, ``trained_for``: the optics of the training data, which ``reconstruct.py`` compares with a scan's
-calibration and warns about); drops the optimiser, scheduler, callback and loop states (for AIRPI ~2/3 of
-the file). Every value is a tensor or a plain Python container, so ``torch.load(..., weights_only=True)``
-reads it. Written under a temporary name and renamed: an interrupted export leaves no partial file under the
-final name. The resolved config is passed through the provenance redaction, so no API key reaches the file.
+text, ``trained_for``: the ranges of the training data, which ``reconstruct.py`` compares with a scan's
+calibration, warns about and resamples to); drops the optimiser, scheduler, callback and loop states (for
+AIRPI ~2/3 of the file). Every value is a tensor or a plain Python container, so ``torch.load(...,
+weights_only=True)`` reads it. Written under a temporary name and renamed: an interrupted export leaves no
+partial file under the final name. The resolved config is passed through the provenance redaction, so no
+API key reaches the file.
+
+``--trained-for`` takes ``KEY=VALUE`` (one value) or ``KEY=LOW:HIGH`` for the quantities of
+:data:`evaluation.stitching.TRAINED_FOR_UNITS`: ``energy_eV``, ``semiangle_mrad``, ``alpha_over_gmax``,
+``scan_step_A``, ``Cs_A``, ``defocus_A``, ``dose_e_per_cbed``; each is stored as ``[low, high]`` (floats).
+
+Re-exporting an export (source = an earlier output of this script, e.g. to record new ranges in place:
+``export_checkpoint.py pretrained/airpi_reference.ckpt pretrained/airpi_reference.ckpt --trained-for ...``)
+keeps its ``deepstem`` section (source checkpoint, export time, config) and replaces only what is given,
+noting the time in ``deepstem.updated``; the tensors are copied unchanged.
+
+Bad arguments (unknown key, ``LOW > HIGH``, not a number, a missing or unreadable source) print one line
+``deepstem: error: ...`` and exit 2 (:func:`physics.runtime.report_error`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
-import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,30 +48,84 @@ def plain(value: Any) -> Any:
     return value
 
 
+def parse_trained_for(items: Sequence[str]) -> dict[str, list[float]]:
+    """``["energy_eV=300000", "scan_step_A=0.24:0.36"]`` -> ``{"energy_eV": [300000.0, 300000.0],
+    "scan_step_A": [0.24, 0.36]}``.
+
+    Raises ValueError (one line naming the item) for an unknown or repeated key, a value that is not a
+    finite number, ``LOW > HIGH``, or an ``alpha_over_gmax`` outside ``(0, 1)``.
+    """
+    from evaluation.stitching import TRAINED_FOR_UNITS
+
+    ranges: dict[str, list[float]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--trained-for takes KEY=VALUE or KEY=LOW:HIGH, got {item!r}")
+        if key not in TRAINED_FOR_UNITS:
+            raise ValueError(
+                f"--trained-for: unknown quantity {key!r}; choose from {', '.join(TRAINED_FOR_UNITS)}"
+            )
+        if key in ranges:
+            raise ValueError(f"--trained-for: {key} given twice")
+        parts = text.split(":")
+        try:
+            bounds = [float(part) for part in parts] if len(parts) <= 2 else []
+        except ValueError:
+            bounds = []
+        if not bounds or not all(math.isfinite(b) for b in bounds):
+            raise ValueError(f"--trained-for: {item!r}: give {key}=NUMBER or {key}=LOW:HIGH")
+        low, high = bounds[0], bounds[-1]
+        if low > high:
+            raise ValueError(f"--trained-for: {item!r}: LOW {low:g} is above HIGH {high:g}")
+        if key == "alpha_over_gmax" and not 0 < low <= high < 1:
+            raise ValueError(f"--trained-for: {item!r}: alpha_over_gmax must lie in (0, 1)")
+        ranges[key] = [low, high]
+    return ranges
+
+
 def export(
-    source: Path, target: Path, config_yaml: str | None = None, trained_for: Mapping[str, float] | None = None
+    source: Path,
+    target: Path,
+    config_yaml: str | None = None,
+    trained_for: Mapping[str, Sequence[float] | float] | None = None,
 ) -> dict[str, Any]:
-    """Write the slim checkpoint of ``source`` to ``target``; returns what was written."""
+    """Write the slim checkpoint of ``source`` to ``target``; returns what was written.
+
+    ``trained_for`` maps a quantity to ``[low, high]`` (or one number: ``[v, v]``). When ``source`` is
+    itself an export, its ``deepstem`` section is kept and only ``config_yaml`` / ``trained_for`` given
+    here replace its entries. Raises :class:`models.checkpoints.CheckpointError` for an unreadable source.
+    """
     from models.checkpoints import CheckpointError, load_checkpoint
 
-    try:
-        checkpoint = load_checkpoint(source)  # weights only: a crafted file cannot run code here either
-    except CheckpointError as err:
-        raise SystemExit(f"export_checkpoint: {err}") from None
+    checkpoint = load_checkpoint(source)  # weights only: a crafted file cannot run code here either
     if "state_dict" not in checkpoint:
-        raise SystemExit(f"export_checkpoint: {source}: not a Lightning checkpoint (no 'state_dict')")
+        raise CheckpointError(f"{source}: not a Lightning checkpoint (no 'state_dict')")
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    previous = plain(checkpoint.get("deepstem") or {})
+    deepstem = {
+        "source_checkpoint": source.name,
+        "exported": now,
+        "config_yaml": "",
+        "trained_for": {},
+    }
+    if previous:
+        deepstem.update(previous)
+        deepstem["updated"] = now
+    if config_yaml is not None:
+        deepstem["config_yaml"] = config_yaml
+    if trained_for is not None:
+        deepstem["trained_for"] = {
+            str(k): [float(v), float(v)] if isinstance(v, int | float) else [float(v[0]), float(v[-1])]
+            for k, v in trained_for.items()
+        }
     slim = {
         "state_dict": {k: v.detach().clone() for k, v in checkpoint["state_dict"].items()},
         "hyper_parameters": plain(checkpoint.get("hyper_parameters") or {}),
         "epoch": int(checkpoint.get("epoch", -1)),
         "global_step": int(checkpoint.get("global_step", -1)),
         "pytorch-lightning_version": str(checkpoint.get("pytorch-lightning_version", "")),
-        "deepstem": {
-            "source_checkpoint": source.name,
-            "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "config_yaml": config_yaml or "",
-            "trained_for": {str(k): float(v) for k, v in (trained_for or {}).items()},
-        },
+        "deepstem": deepstem,
     }
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
@@ -78,19 +145,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trained-for",
         nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="optics of the training data (energy_eV, semiangle_mrad), checked against scans",
+        default=None,
+        metavar="KEY=VALUE|KEY=LOW:HIGH",
+        help="ranges of the training data (energy_eV, semiangle_mrad, alpha_over_gmax, scan_step_A, Cs_A, "
+        "defocus_A, dose_e_per_cbed), checked against scans",
     )
     args = parser.parse_args(argv)
+    from physics.runtime import report_error
+
     try:
-        trained_for = {k: float(v) for k, v in (item.split("=", 1) for item in args.trained_for)}
-    except ValueError:
-        print(f"export_checkpoint: --trained-for takes KEY=NUMBER, got {args.trained_for}", file=sys.stderr)
-        return 1
+        trained_for = None if args.trained_for is None else parse_trained_for(args.trained_for)
+    except ValueError as err:
+        return report_error(f"export_checkpoint: {err}")
     if not args.source.is_file():
-        print(f"export_checkpoint: {args.source}: no such file", file=sys.stderr)
-        return 1
+        return report_error(f"export_checkpoint: {args.source}: no such file")
     config_yaml = None
     if args.config is not None:
         import yaml
@@ -100,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         # as written (a run's .hydra/config.yaml keeps ${hydra:...} interpolations that resolve only inside
         # that run; the run folder's config.yaml is the resolved one)
         config_yaml = redacted_yaml(yaml.safe_load(args.config.read_text()))
-    slim = export(args.source, args.target, config_yaml, trained_for)
+    from models.checkpoints import CheckpointError
+
+    try:
+        slim = export(args.source, args.target, config_yaml, trained_for)
+    except CheckpointError as err:
+        return report_error(f"export_checkpoint: {err}")
     size_mb = args.target.stat().st_size / 1e6
     params = sum(v.numel() for k, v in slim["state_dict"].items() if v.is_floating_point())
     print(

@@ -16,7 +16,7 @@ from scan4d_helpers import simulate_scan
 from datagen import store
 from evaluation.cli import reconstruct_main
 from evaluation.io import load_4dstem, save_4dstem
-from evaluation.stitching import CheckpointError, identify_checkpoint, load_network
+from evaluation.stitching import CheckpointError, identify_checkpoint, load_network, training_ranges
 from models.lightning import AIRPILightning, CGRDNLightning, ChangLightning, PtychoNNLightning
 from tests.entrypoint_helpers import run_entry_point
 
@@ -161,12 +161,12 @@ def test_wrong_checkpoint_is_one_line_and_writes_nothing(folder, tmp_path, metho
 def test_airpi_without_ckpt_uses_the_shipped_model(folder, tmp_path, monkeypatch, capsys):
     import evaluation.cli
 
-    monkeypatch.setitem(evaluation.cli.PRETRAINED, "airpi", folder / "airpi.ckpt")
+    monkeypatch.setenv(evaluation.cli.PRETRAINED_DIR_ENV, str(folder))  # folder/airpi.ckpt: the one AIRPI
     overrides = ["method=airpi", f"output={tmp_path}/out.h5", "airpi.pixels=32", "device=cpu"]
     assert reconstruct_main(_config(folder, *overrides)) == 0
-    assert "using the shipped model" in capsys.readouterr().err
+    assert f"using the shipped model {folder / 'airpi.ckpt'}" in capsys.readouterr().err
     assert (tmp_path / "out.h5").is_file()
-    monkeypatch.setitem(evaluation.cli.PRETRAINED, "airpi", tmp_path / "missing.ckpt")
+    monkeypatch.setenv(evaluation.cli.PRETRAINED_DIR_ENV, str(tmp_path / "missing"))
     assert reconstruct_main(_config(folder, *overrides)) == 2  # physics.runtime.EXIT_ERROR
     assert "needs a network checkpoint" in capsys.readouterr().err
 
@@ -209,7 +209,7 @@ def test_export_checkpoint_is_slim_loads_safely_and_warns_about_other_optics(fol
     for key, value in full["state_dict"].items():
         assert torch.equal(slim["state_dict"][key], value)
     model = load_network(target, "airpi")
-    assert model.deepstem_info["trained_for"]["semiangle_mrad"] == pytest.approx(scan.semiangle_mrad)
+    assert training_ranges(model)["semiangle_mrad"] == pytest.approx((scan.semiangle_mrad,) * 2)
     overrides = ["method=airpi", f"ckpt={target}", f"output={tmp_path}/out.h5", "airpi.pixels=32"]
     assert reconstruct_main(_config(folder, *overrides)) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
