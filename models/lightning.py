@@ -123,9 +123,19 @@ class _NetModule(L.LightningModule):
         net = self._compiled_net if self._compiled_net is not None else self.net
         return net(x)
 
-    def _log_terms(self, stage: str, terms: Mapping[str, torch.Tensor], batch_size: int) -> None:
+    def _log_terms(
+        self,
+        stage: str,
+        terms: Mapping[str, torch.Tensor],
+        batch_size: int,
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        """``<stage>/loss_<term>`` (unweighted) and, given ``weights``, ``<stage>/weighted_<term>`` (what the
+        term adds to the total: the balance of the loss is visible in the logs)."""
         for name, value in terms.items():
             self.log(f"{stage}/loss_{name}", value.detach(), batch_size=batch_size)
+            if weights is not None and name in weights:
+                self.log(f"{stage}/weighted_{name}", weights[name] * value.detach(), batch_size=batch_size)
 
 
 class AIRPILightning(_NetModule):
@@ -205,7 +215,7 @@ class AIRPILightning(_NetModule):
         total, terms = self.loss(wave_pred, wave_true, probe, out[:, 1].float())
         bs = out.shape[0]
         self.log(f"{stage}/loss", total, prog_bar=True, batch_size=bs)
-        self._log_terms(stage, terms, bs)
+        self._log_terms(stage, terms, bs, self.loss.effective_weights())
         if stage == "val":
             mask = illuminated_mask(probe, self.loss.mask_threshold)
             xc = pearson_xc(

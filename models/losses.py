@@ -113,6 +113,15 @@ class AIRPILoss(nn.Module):
       extracted text of 002 reads ``1 - xc / 2``, which has the same gradient up to a factor 1/2 and a
       constant offset; the public code uses ``(1 - xc) / 2``).
     * Penalties (002): integrated exit-wave intensity above 1 and predicted phase outside ``+-pi``.
+
+    ``normalization="balanced"`` (issue #13: with the paper convention the real-space intensity term was 60 %
+    of the total and the k-space phase term sat at chance level, so the eq. 11-14 weights were nominal)
+    rescales the four wave terms so that each is O(1) for an uninformed prediction and measures what it
+    names: the intensity terms become relative squared errors ``sum (I_p - I_t)^2 / sum I_t^2`` per image
+    (1 for a zero prediction; ``intensity_scale`` then plays no role), and the phase terms weight each
+    pixel's phasor error ``(sin_p - sin_t)^2 + (cos_p - cos_t)^2`` by the true intensity ``|psi_t|^2``
+    (normalised per image), so the phase where ``|psi| ~ 0`` (noise) no longer counts. Each term lies in
+    [0, 4]; 2 is chance for a random phase. ``"paper"`` (default) keeps the published convention.
     """
 
     TERMS = (
@@ -141,8 +150,12 @@ class AIRPILoss(nn.Module):
         mask_threshold: float = 0.1,
         intensity_scale: str | float = "pixels",
         phase_eps: float = 1e-3,
+        normalization: str = "paper",
     ):
         super().__init__()
+        if normalization not in ("paper", "balanced"):
+            raise ValueError(f"AIRPILoss: normalization must be 'paper' or 'balanced', got {normalization!r}")
+        self.normalization = normalization
         self.weights = {
             "intensity_k": float(w_intensity_k),
             "phase_k": float(w_phase_k),
@@ -187,17 +200,27 @@ class AIRPILoss(nn.Module):
         eps = self.phase_eps / math.sqrt(npix)
         out: dict[str, torch.Tensor] = {}
         phase_pred = phase_pred.float()
+        balanced = self.normalization == "balanced"
         for space, pred, true in (
             ("r", wave_pred, wave_true),
             ("k", _fft2c(wave_pred), _fft2c(wave_true)),
         ):
-            out[f"intensity_{space}"] = F.mse_loss(scale * pred.abs() ** 2, scale * true.abs() ** 2)
             if space == "r":  # the predicted phase itself: no arg() of a vanishing amplitude
                 sin_p, cos_p = torch.sin(phase_pred), torch.cos(phase_pred)
             else:
                 sin_p, cos_p = _unit_phasor(pred, eps)
             sin_t, cos_t = _unit_phasor(true, eps)
-            out[f"phase_{space}"] = F.mse_loss(sin_p, sin_t) + F.mse_loss(cos_p, cos_t)
+            intensity_p, intensity_t = pred.abs() ** 2, true.abs() ** 2
+            if balanced:
+                error = ((intensity_p - intensity_t) ** 2).flatten(1).sum(1)
+                norm = (intensity_t**2).flatten(1).sum(1).clamp_min(1e-30)
+                out[f"intensity_{space}"] = (error / norm).mean()
+                weight = intensity_t / intensity_t.flatten(1).sum(1).clamp_min(1e-30)[:, None, None]
+                phasor = (sin_p - sin_t) ** 2 + (cos_p - cos_t) ** 2
+                out[f"phase_{space}"] = (weight * phasor).flatten(1).sum(1).mean()
+            else:
+                out[f"intensity_{space}"] = F.mse_loss(scale * intensity_p, scale * intensity_t)
+                out[f"phase_{space}"] = F.mse_loss(sin_p, sin_t) + F.mse_loss(cos_p, cos_t)
         mask = illuminated_mask(probe, self.mask_threshold)
         # arg(psi_out / psi_in) from the predicted phase (equal where |psi_out| > 0): atan2 of a wave whose
         # amplitude is clamped to 0 has an unbounded gradient, which turned training into NaN

@@ -191,7 +191,14 @@ def test_fast_dev_run(name: str, precision: str) -> None:
     assert "train/loss" in metrics and "val/loss" in metrics
     assert all(torch.isfinite(v).all() for v in metrics.values())
     expected = {
-        "airpi": ["val/xc_object_phase", "val/loss_object", "val/loss_phase_k", "train/loss_xc"],
+        "airpi": [
+            "val/xc_object_phase",
+            "val/loss_object",
+            "val/loss_phase_k",
+            "train/loss_xc",
+            "train/weighted_phase_k",
+            "val/weighted_intensity_r",
+        ],
         "chang": ["val/xc_phase"],
         "ptychonn": ["val/xc_amplitude", "val/xc_phase", "train/loss_amplitude"],
         "cgrdn": ["val/psnr", "val/psnr_input", "train/loss_d", "train/loss_adversarial"],

@@ -261,3 +261,52 @@ def test_psnr() -> None:
     assert psnr(target + 0.1, target, data_range=2.0).item() == pytest.approx(
         20 + 20 * math.log10(2), rel=1e-5
     )
+
+
+def _weighted_sum(terms: dict[str, torch.Tensor], loss: AIRPILoss) -> float:
+    return sum(loss.effective_weights()[name] * terms[name].item() for name in AIRPILoss.TERMS)
+
+
+def test_balanced_intensity_terms_are_relative_errors() -> None:
+    """Zero prediction -> 1, perfect -> 0, psi scaled by a -> (a^2 - 1)^2 (whatever the intensity scale)."""
+    probe = _disc_probe()
+    wave, _ = _exit_wave(probe)
+    wave = wave * math.sqrt(0.5)
+    loss = AIRPILoss(normalization="balanced")
+    _, zero = loss(torch.zeros_like(wave), wave, probe, torch.zeros(wave.shape))
+    assert zero["intensity_r"].item() == pytest.approx(1.0, rel=1e-5)
+    assert zero["intensity_k"].item() == pytest.approx(1.0, rel=1e-5)
+    a = 1.2
+    total, scaled = loss(a * wave, wave, probe, wave.angle())
+    assert scaled["intensity_r"].item() == pytest.approx((a**2 - 1) ** 2, rel=1e-4)
+    assert scaled["intensity_k"].item() == pytest.approx((a**2 - 1) ** 2, rel=1e-4)
+    assert scaled["phase_r"].item() == pytest.approx(0, abs=1e-6)
+    assert total.item() == pytest.approx(_weighted_sum(scaled, loss), rel=1e-5)
+
+
+def test_balanced_phase_terms_ignore_the_phase_where_there_is_no_amplitude() -> None:
+    """Random phases in pixels of vanishing true amplitude: chance-level noise for the paper's k-space term,
+    nothing for the intensity-weighted one; a random phase everywhere is chance (2) for both."""
+    probe = _disc_probe()
+    x = torch.arange(probe.shape[-1], dtype=torch.float32)
+    smooth = 0.3 * torch.cos(2 * math.pi * x / 16)[:, None] * torch.ones_like(x)[None, :]
+    wave = probe * torch.polar(torch.ones_like(smooth), smooth)  # a band-limited exit wave
+    wave_k = torch.fft.fft2(wave, norm="ortho")
+    dark = wave_k.abs() < 1e-3 * wave_k.abs().amax()
+    assert 0.2 < dark.float().mean() < 0.95
+    g = torch.Generator().manual_seed(3)
+    noise = torch.rand(wave_k.shape, generator=g) * 2 * math.pi
+    noisy_k = torch.where(dark, wave_k.abs() * torch.polar(torch.ones_like(noise), noise), wave_k)
+    pred = torch.fft.ifft2(noisy_k, norm="ortho")
+    _, paper = AIRPILoss()(pred, wave, probe, pred.angle())
+    _, balanced = AIRPILoss(normalization="balanced")(pred, wave, probe, pred.angle())
+    assert paper["phase_k"].item() > 0.3
+    assert balanced["phase_k"].item() < 1e-3
+    random_phase = torch.polar(wave.abs(), torch.rand(wave.shape, generator=g) * 2 * math.pi)
+    _, chance = AIRPILoss(normalization="balanced")(random_phase, wave, probe, random_phase.angle())
+    assert chance["phase_r"].item() == pytest.approx(2.0, abs=0.15)
+
+
+def test_unknown_normalization_is_named() -> None:
+    with pytest.raises(ValueError, match="normalization must be 'paper' or 'balanced', got 'unit'"):
+        AIRPILoss(normalization="unit")
