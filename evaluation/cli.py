@@ -147,11 +147,14 @@ def run_method(
     model: Any = None,
     device: str = "auto",
     precision: str = "auto",
+    channels_last: bool = True,
 ) -> Reconstruction:
     """Run one method on ``scan`` with the parameters of its config section.
 
     Network methods need ``model``: a loaded LightningModule or a checkpoint path; they run at
-    ``precision`` (auto | bf16 | 32: auto = bf16 where the device has bf16 units, fp32 otherwise).
+    ``precision`` (auto | bf16 | 32: auto = bf16 where the device has bf16 units, fp32 otherwise), with
+    weights and inputs in NHWC memory order where ``channels_last`` (NCHW otherwise). Both are ignored by
+    the conventional methods.
     """
     if method in NETWORK_METHODS:
         from evaluation.stitching import reconstruct_with_network
@@ -159,8 +162,9 @@ def run_method(
         if model is None:
             raise ValueError(f"method {method!r} needs a network checkpoint: give ckpt=PATH")
         return reconstruct_with_network(
-            scan, method, model, params, device=device, progress=progress, precision=precision
-        )
+            scan, method, model, params, device=device, progress=progress, precision=precision,
+            channels_last=channels_last,
+        )  # fmt: skip
     common = {
         "scan_step_A": scan.scan_step_A,
         "k_pixel_invA": scan.k_pixel_invA,

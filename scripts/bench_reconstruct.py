@@ -1,8 +1,9 @@
 """Reconstruction throughput (patterns/s) and peak memory of every method on a synthetic 4D-STEM scan.
 
 ``python scripts/bench_reconstruct.py [--methods airpi ptychonn chang epie ssb icom ricom] [--scan 128 128]
-[--detector 64 64] [--device cpu|cuda] [--threads N] [--epie-iterations 2] [--batch 256] [--scale-check]
-[--tmpdir DIR]``
+[--detector 64 64] [--device cpu|cuda] [--threads N] [--epie-iterations 2] [--batch 256]
+[--precisions 32 bf16] [--channels-last on|off|both] [--network-min-s 1.0] [--airpi-ckpt PATH]
+[--scale-check] [--tmpdir DIR]``
 
 The scan: ``--scan`` probe positions at 0.3 A steps over a weak phase object (Gaussian "atoms" up to 0.5
 rad), 300 keV, 20 mrad semi-angle, ``--detector`` pixels covering +-40 mrad (``k_pixel = 2 * 40 mrad /
@@ -16,13 +17,42 @@ data themselves are not resident memory of the method unless the method reads th
 Methods run through :func:`evaluation.cli.run_method` with the shipped defaults of ``conf/reconstruct.yaml``
 (ePIE ``iterations`` from ``--epie-iterations``, network ``batch_size`` from ``--batch``). Networks
 (``airpi``, ``ptychonn``, ``chang`` = ``chang_unet``) are built from ``conf/model/*.yaml`` with untrained
-weights (speed does not depend on them) and stitched by :mod:`evaluation.stitching`, each finding the
-detector centre from the mean CBED as by default.
+weights (speed does not depend on them; ``--airpi-ckpt`` loads AIRPI's from a checkpoint instead, e.g.
+``pretrained/airpi_reference.ckpt``, trained for this geometry, so that the bf16 agreement below is that of
+a working network) and stitched by :mod:`evaluation.stitching`, each finding the detector centre from the
+mean CBED as by default.
+
+Threads (``--threads``, default every core this process may use, :func:`physics.runtime.resolve_threads`):
+set deliberately in every process, torch's intra-op pool through :func:`physics.runtime.configure_threads`
+and the BLAS / OpenMP pools through ``OMP_NUM_THREADS`` and friends (overriding the caller's).
+
+Precision and layout (networks, issue #17): each network is measured, in its one process and on the same
+scan, once per configuration: every ``--precisions`` entry (``32`` = fp32, ``bf16`` = bf16 autocast with
+fp32 outputs, :func:`evaluation.stitching.model_predictor`) in the primary layout (``--channels-last on`` or
+``both``: NHWC weights and inputs; ``off``: NCHW), and with ``both`` fp32 also in NCHW; the fp32 run in the
+primary layout comes first and is the reference. bf16 is requested explicitly, so it runs even where the
+hardware has no bf16 units (emulated, slower; ``precision=auto`` would use fp32 there): the report's
+``bf16`` says whether it is ``native`` (:func:`physics.runtime.bf16_supported`), which of the CPU's
+``cpu_flags`` allow it (avx512_bf16, amx_bf16) and what ``auto_precision`` resolves to. Per configuration:
+
+* ``patterns_per_s`` end to end (the ``run_method`` call, below) and the precision the stitching used;
+* ``network_patterns_per_s``: the network alone, the predictor of ``model_predictor`` (forward pass under
+  ``inference_mode`` and the output conversion, e.g. AIRPI's complex wave) on a uniform random batch of
+  ``--batch`` inputs of the method's shape (``NETWORK_INPUT``), one untimed warm-up pass and then passes
+  until ``--network-min-s`` seconds have passed (at least one): ``batch * passes / seconds``;
+* for every run but the reference: ``xc_vs_fp32`` (:func:`evaluation.metrics.xc` of its phase image
+  against the reference's, no registration), ``max_abs_phase_diff_rad`` and ``reference_phase_std_rad``
+  (untrained networks give nearly flat phases, where rounding alone moves xc far from 1: read xc there
+  against the spread).
+
+With both AIRPI and SSB in the run, ``airpi_vs_ssb`` gives AIRPI's end-to-end patterns/s over SSB's per
+precision and whether it meets issue #17's goal (>= 5 %, ``AIRPI_SSB_GOAL``).
 
 Timed (``seconds``, ``patterns_per_s = positions / seconds``): the whole ``run_method`` call: reading the
 file (page cache warm: it was just written), the mean-CBED pass, resampling, inference and stitching or the
 reference algorithm. Not timed: process start, imports (the lazily imported SciPy / training modules are
-imported first), building the network and one warm-up forward pass on a zero batch. ePIE: a first call with
+imported first), building the network, one warm-up forward pass on a zero batch and, per configuration,
+the network-alone passes just before the call (so its kernels are warm). ePIE: a first call with
 0 iterations times the pattern preparation (``preparation_s``); ``seconds`` is the call with
 ``--epie-iterations`` and ``patterns_per_s`` is per iteration: ``positions / ((seconds - preparation_s) /
 iterations)``.
@@ -47,9 +77,15 @@ grows with the field): measured on 2 cores, 16 px detector, batch 64: 32x32 -> 6
 407 MB. A scan that fits into one
 block (fewer than ~900 / Ry rows, e.g. the 6x6 of the tests) is read whole, so there the peak does grow.
 
-Prints one JSON line: ``{"benchmark": "reconstruct", "device", "machine", "torch", "threads", "scan",
-"detector", "results": {method: {"patterns_per_s", "peak_memory_MB", "seconds", ...}},
-"airpi_scale_check": {...}}``; a method that fails gets ``{"error": ...}`` and the exit status is 1.
+``--scale-check`` runs AIRPI at its reference configuration only.
+
+Prints one JSON line: ``{"benchmark": "reconstruct", "device", "machine" (with "cpu_model",
+"cpu_simd_flags"), "torch", "threads", "scan", "detector", "precisions", "channels_last", "bf16":
+{"native", "cpu_flags", "auto_precision"}, "results": {method: {"patterns_per_s", "peak_memory_MB",
+"seconds", ...}}, "airpi_vs_ssb": {...}, "airpi_scale_check": {...}}``. A network's top-level fields are
+those of its reference run (the format before precisions), plus ``"weights"``, ``"precisions": {"32":
+run, "bf16": run}`` (primary layout) and, with ``--channels-last both``, ``"layouts": {"nhwc": run,
+"nchw": run}`` (fp32). A method that fails gets ``{"error": ...}`` and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -64,6 +100,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +116,14 @@ CONVENTIONAL = ("epie", "ssb", "icom", "ricom")
 METHODS = (*NETWORKS, *CONVENTIONAL)
 #: network input (channels, pixels) for the warm-up pass: the defaults of conf/reconstruct.yaml
 NETWORK_INPUT = {"airpi": (11, 64), "ptychonn": (1, 64), "chang": (1, 32)}
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+#: --channels-last: on = NHWC, off = NCHW, both = fp32 in both (bf16 in NHWC)
+LAYOUT_MODES = ("on", "off", "both")
+#: /proc/cpuinfo flags recorded in ``machine.cpu_simd_flags`` (those that decide fp32 / bf16 speed)
+SIMD_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8",
+)  # fmt: skip
+#: issue #17: AIRPI end-to-end at >= 5 % of SSB's patterns/s
+AIRPI_SSB_GOAL = 0.05
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -182,15 +226,23 @@ def _method_params(method: str, batch: int, epie_iterations: int) -> dict[str, A
     return params
 
 
-def _network(method: str, device: str, batch: int) -> Any:
-    """Untrained LightningModule from conf/model/*.yaml, in eval mode, warmed up with one forward pass."""
+def _network(method: str, device: str, batch: int, ckpt: Path | None = None) -> Any:
+    """The LightningModule of ``method`` in eval mode on ``device``, warmed up with one forward pass.
+
+    Untrained weights from ``conf/model/*.yaml`` (seed 0), or those of the checkpoint ``ckpt``.
+    """
     import torch
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    torch.manual_seed(0)
-    model = instantiate(OmegaConf.load(ROOT / "conf" / "model" / f"{NETWORKS[method]}.yaml"))
-    model = model.to(device).eval()
+    if ckpt is not None:
+        from evaluation.stitching import load_network
+
+        model = load_network(ckpt, NETWORKS[method], device)
+    else:
+        torch.manual_seed(0)
+        model = instantiate(OmegaConf.load(ROOT / "conf" / "model" / f"{NETWORKS[method]}.yaml"))
+        model = model.to(device).eval()
     channels, pixels = NETWORK_INPUT[method]
     with torch.inference_mode():
         model(torch.zeros(batch, channels, pixels, pixels, device=device))
@@ -199,38 +251,72 @@ def _network(method: str, device: str, batch: int) -> Any:
     return model
 
 
-def child(method: str, scan_path: Path, device: str, batch: int, epie_iterations: int) -> dict[str, Any]:
-    import importlib
-    import tracemalloc
+def configurations(precisions: Sequence[str], channels_last: str) -> list[tuple[str, bool]]:
+    """The ``(precision, channels_last)`` pairs a network is measured at, the reference first.
 
-    import numpy as np
+    Every precision in ``precisions`` (``"32"``, ``"bf16"``) at the primary layout (NHWC for
+    ``channels_last`` ``on`` and ``both``, NCHW for ``off``); with ``both`` fp32 also in NCHW, right after
+    fp32 NHWC.
+    """
+    if channels_last not in LAYOUT_MODES:
+        raise ValueError(f"channels_last must be one of {', '.join(LAYOUT_MODES)}, got {channels_last!r}")
+    primary = channels_last != "off"
+    pairs = [(precision, primary) for precision in precisions]
+    if channels_last == "both" and "32" in precisions:
+        pairs.insert(pairs.index(("32", True)) + 1, ("32", False))
+    return pairs
+
+
+def _label(precision: str, channels_last: bool) -> str:
+    return f"{precision}/{'nhwc' if channels_last else 'nchw'}"
+
+
+def network_rate(
+    model: Any, method: str, precision: str, channels_last: bool, batch: int, device: str, min_s: float
+) -> dict[str, Any]:
+    """Network-alone patterns/s: the predictor of :func:`evaluation.stitching.model_predictor` (forward
+    pass under ``inference_mode``, bf16 autocast for ``precision="bf16"``, NHWC where ``channels_last``, and
+    the output conversion: AIRPI's complex wave) on a uniform random batch of ``batch`` inputs of the
+    method's shape (:data:`NETWORK_INPUT`) on ``device``. One untimed warm-up pass, then passes until at
+    least ``min_s`` seconds have passed (at least one); ``network_patterns_per_s = batch * passes / s``.
+    """
     import torch
 
-    from evaluation.cli import run_method
-    from evaluation.io import load_4dstem
+    from evaluation.stitching import model_predictor
 
-    # the methods import these on first use: import them now so that the imports are not timed
-    for name in ("scipy.signal", "scipy.sparse.linalg", "datagen.stock_images", "training.augment"):
-        importlib.import_module(name)
+    channels, pixels = NETWORK_INPUT[method]
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.rand(batch, channels, pixels, pixels, generator=generator).to(device)
+    predict = model_predictor(model, NETWORKS[method], precision, channels_last)
 
-    scan = load_4dstem(scan_path, validate=False)
-    positions = scan.num_positions
-    network = method in NETWORKS
-    model = _network(method, device, batch) if network else None
-    run_device = device if network else "cpu"  # the references are NumPy code on the host
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
-    def call(overrides: dict[str, Any] | None = None) -> Any:
-        params = {**_method_params(method, batch, epie_iterations), **(overrides or {})}
-        return run_method(
-            scan, NETWORKS.get(method, method), params, progress=False, model=model, device=run_device
-        )
+    predict(inputs)
+    sync()
+    passes = 0
+    start = time.perf_counter()
+    while True:
+        predict(inputs)
+        sync()
+        passes += 1
+        elapsed_s = time.perf_counter() - start
+        if elapsed_s >= min_s:
+            break
+    return {
+        "network_patterns_per_s": round(batch * passes / elapsed_s, 2),
+        "network_batch": batch,
+        "network_passes": passes,
+        "network_seconds": round(elapsed_s, 4),
+    }
 
-    result: dict[str, Any] = {"device": run_device}
-    preparation = 0.0
-    if method == "epie":
-        start = time.perf_counter()
-        call({"iterations": 0})
-        preparation = time.perf_counter() - start
+
+def _measure(call: Any, run_device: str) -> tuple[Any, dict[str, Any]]:
+    """Run ``call()`` once; returns its result and ``seconds`` plus the memory fields of the module doc."""
+    import torch
+
+    result: dict[str, Any] = {}
     before = _status_MB()
     exact = before is not None and _reset_peak_rss()
     if run_device.startswith("cuda"):
@@ -255,6 +341,130 @@ def child(method: str, scan_path: Path, device: str, batch: int, epie_iterations
     if run_device.startswith("cuda"):
         result["cuda_peak_MB"] = round((torch.cuda.max_memory_allocated() - cuda_before) / 2**20, 1)
     result["seconds"] = round(seconds, 4)
+    return recon, result
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def _agreement(reference_rad: Any, test_rad: Any) -> dict[str, Any]:
+    """How far the phase image ``test_rad`` (rad) is from ``reference_rad`` of the same scan.
+
+    ``xc_vs_fp32``: :func:`evaluation.metrics.xc` (no registration; None, with ``xc_error``, where
+    undefined); ``max_abs_phase_diff_rad``; ``reference_phase_std_rad``: the spread of the reference, the
+    scale the difference is to be read against (untrained networks give nearly flat phases, where rounding
+    alone moves xc far from 1).
+    """
+    import numpy as np
+
+    from evaluation.metrics import xc
+
+    if reference_rad.shape != test_rad.shape:
+        return {"xc_vs_fp32": None, "xc_error": f"shapes {reference_rad.shape} != {test_rad.shape}"}
+    out: dict[str, Any] = {}
+    try:
+        out["xc_vs_fp32"] = round(xc(reference_rad, test_rad), 6)
+    except ValueError as err:  # a constant image
+        out.update(xc_vs_fp32=None, xc_error=str(err))
+    out["max_abs_phase_diff_rad"] = _significant(float(np.max(np.abs(test_rad - reference_rad))))
+    out["reference_phase_std_rad"] = _significant(float(np.std(reference_rad)))
+    return out
+
+
+#: the fields of a network's reference run repeated at the method's top level (the format before bf16)
+TOP_LEVEL_FIELDS = (
+    "peak_rss_MB", "baseline_rss_MB", "peak_memory_MB", "peak_memory_note", "cuda_peak_MB", "seconds",
+    "patterns_per_s", "patterns_per_s_reported", "precision", "channels_last",
+)  # fmt: skip
+
+
+def child(
+    method: str,
+    scan_path: Path,
+    device: str,
+    batch: int,
+    epie_iterations: int,
+    precisions: Sequence[str] = ("32", "bf16"),
+    channels_last: str = "on",
+    network_min_s: float = 1.0,
+    ckpt: Path | None = None,
+) -> dict[str, Any]:
+    """Measure ``method`` on the scan file ``scan_path`` in this process; returns its result dict.
+
+    Networks run once per :func:`configurations` pair of ``precisions`` x ``channels_last`` (on | off |
+    both), each with its :func:`network_rate` and a timed ``run_method`` call; conventional methods once.
+    """
+    import importlib
+    import tracemalloc
+
+    import numpy as np
+    import torch
+
+    from evaluation.cli import run_method
+    from evaluation.io import load_4dstem
+
+    # the methods import these on first use: import them now so that the imports are not timed
+    for name in ("scipy.signal", "scipy.sparse.linalg", "datagen.stock_images", "training.augment"):
+        importlib.import_module(name)
+
+    scan = load_4dstem(scan_path, validate=False)
+    positions = scan.num_positions
+    network = method in NETWORKS
+    model = _network(method, device, batch, ckpt) if network else None
+    run_device = device if network else "cpu"  # the references are NumPy code on the host
+
+    def call(overrides: dict[str, Any] | None = None, precision: str = "32", layout: bool = True) -> Any:
+        params = {**_method_params(method, batch, epie_iterations), **(overrides or {})}
+        return run_method(
+            scan, NETWORKS.get(method, method), params, progress=False, model=model, device=run_device,
+            precision=precision, channels_last=layout,
+        )  # fmt: skip
+
+    result: dict[str, Any] = {"device": run_device}
+    if network:
+        runs: dict[str, dict[str, Any]] = {}
+        phases: dict[str, Any] = {}
+        pairs = configurations(precisions, channels_last)
+        for precision, layout in pairs:
+            # model_predictor converts the weights to NHWC but never back: set the layout of this run
+            model.to(memory_format=torch.channels_last if layout else torch.contiguous_format)
+            entry: dict[str, Any] = {"precision_requested": precision, "channels_last": layout}
+            entry.update(network_rate(model, method, precision, layout, batch, run_device, network_min_s))
+            recon, measured = _measure(lambda p=precision, c=layout: call(precision=p, layout=c), run_device)
+            entry.update(measured)
+            entry["patterns_per_s"] = round(positions / measured["seconds"], 2)
+            entry["precision"] = recon.info.get("precision", precision)
+            if "patterns_per_s" in recon.info:
+                entry["patterns_per_s_reported"] = round(float(recon.info["patterns_per_s"]), 2)
+            entry["finite_output"] = bool(np.all(np.isfinite(recon.phase)))
+            phases[_label(precision, layout)] = np.asarray(recon.phase, dtype=np.float64)
+            runs[_label(precision, layout)] = entry
+            del recon
+        primary = channels_last != "off"
+        reference = _label("32", primary)
+        for label, entry in runs.items():
+            if label != reference and reference in phases:
+                entry.update(_agreement(phases[reference], phases[label]))
+        first = runs[_label(*pairs[0])]
+        result.update({key: first[key] for key in TOP_LEVEL_FIELDS if key in first})
+        result["finite_output"] = all(entry["finite_output"] for entry in runs.values())
+        result["weights"] = str(ckpt) if ckpt is not None else "untrained"
+        result["precisions"] = {precision: runs[_label(precision, primary)] for precision in precisions}
+        if channels_last == "both" and "32" in precisions:
+            result["layouts"] = {"nhwc": runs["32/nhwc"], "nchw": runs["32/nchw"]}
+        result["positions"] = positions
+        scan.close()
+        return result
+
+    preparation = 0.0
+    if method == "epie":
+        start = time.perf_counter()
+        call({"iterations": 0})
+        preparation = time.perf_counter() - start
+    recon, measured = _measure(call, run_device)
+    result.update(measured)
+    seconds = measured["seconds"]
     if method == "epie":
         iteration_s = (seconds - preparation) / epie_iterations
         if not iteration_s > 0:  # noise at tiny sizes: fall back to the whole call
@@ -271,11 +481,10 @@ def child(method: str, scan_path: Path, device: str, batch: int, epie_iterations
         result["patterns_per_s_reported"] = round(float(recon.info["patterns_per_s"]), 2)
     result["finite_output"] = bool(np.all(np.isfinite(recon.phase)))
     del recon  # not part of the tracemalloc pass below
-    if not network:
-        tracemalloc.start()
-        call({"iterations": 1} if method == "epie" else None)
-        result["tracemalloc_peak_MB"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
-        tracemalloc.stop()
+    tracemalloc.start()
+    call({"iterations": 1} if method == "epie" else None)
+    result["tracemalloc_peak_MB"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
+    tracemalloc.stop()
     result["positions"] = positions
     scan.close()
     return result
@@ -285,13 +494,20 @@ def child(method: str, scan_path: Path, device: str, batch: int, epie_iterations
 # Parent process
 
 
-def run_child(method: str, scan_path: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_child(
+    method: str, scan_path: Path, args: argparse.Namespace, reference_only: bool = False
+) -> dict[str, Any]:
+    """``method`` in a fresh process; ``reference_only``: a network at its first configuration only."""
+    precisions = args.precisions[:1] if reference_only else args.precisions
+    layout = ("on" if args.channels_last == "both" else args.channels_last) if reference_only else None
     command = [
         sys.executable, __file__, "--child", method, "--scan-path", str(scan_path), "--device", args.device,
         "--batch", str(args.batch), "--epie-iterations", str(args.epie_iterations),
+        "--threads", str(args.threads), "--precisions", *precisions,
+        "--channels-last", layout or args.channels_last, "--network-min-s", str(args.network_min_s),
     ]  # fmt: skip
-    if args.threads:
-        command += ["--threads", str(args.threads)]
+    if method == "airpi" and args.airpi_ckpt is not None:
+        command += ["--airpi-ckpt", str(args.airpi_ckpt)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -312,11 +528,48 @@ def _methods(values: list[str]) -> list[str]:
     return names
 
 
+def _precisions(values: list[str]) -> list[str]:
+    """``--precisions`` normalised (``fp32`` -> ``32``, ``bfloat16`` -> ``bf16``), duplicates dropped."""
+    from physics.runtime import check_precision
+
+    names: list[str] = []
+    for value in values:
+        try:
+            name = check_precision(value)
+        except ValueError as err:
+            raise SystemExit(f"bench_reconstruct: --precisions: {err}") from None
+        if name == "auto":
+            raise SystemExit("bench_reconstruct: --precisions takes 32 and/or bf16 (auto is one of them)")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _cpu_info(cpuinfo: str = "/proc/cpuinfo") -> tuple[str | None, list[str]]:
+    """The CPU's model name and which of :data:`SIMD_FLAGS` it reports (Linux; ``None, []`` elsewhere)."""
+    model, flags = None, []
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model is None:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    present = set(value.split())
+                    flags = [flag for flag in SIMD_FLAGS if flag in present]
+    except OSError:
+        pass
+    return model, flags
+
+
 def machine_info(device: str) -> dict[str, Any]:
+    model, flags = _cpu_info()
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor(),
+        "cpu_model": model,
+        "cpu_simd_flags": flags,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
@@ -325,6 +578,22 @@ def machine_info(device: str) -> dict[str, Any]:
 
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def airpi_vs_ssb(results: dict[str, Any]) -> dict[str, Any] | None:
+    """AIRPI end-to-end patterns/s over SSB's, per precision, against issue #17's goal (>= 5 %)."""
+    airpi, ssb = results.get("airpi"), results.get("ssb")
+    if not airpi or not ssb or "error" in airpi or "error" in ssb:
+        return None
+    ssb_rate = ssb["patterns_per_s"]
+    ratio = {p: round(run["patterns_per_s"] / ssb_rate, 5) for p, run in airpi.get("precisions", {}).items()}
+    return {
+        "ssb_patterns_per_s": ssb_rate,
+        "airpi_patterns_per_s": {p: run["patterns_per_s"] for p, run in airpi.get("precisions", {}).items()},
+        "ratio": ratio,
+        "goal_ratio": AIRPI_SSB_GOAL,
+        "meets_goal": {p: value >= AIRPI_SSB_GOAL for p, value in ratio.items()},
+    }
 
 
 def _write_scan(folder: Path, scan: tuple[int, int], detector: tuple[int, int]) -> tuple[Path, float, float]:
@@ -337,6 +606,8 @@ def _write_scan(folder: Path, scan: tuple[int, int], detector: tuple[int, int]) 
 
 
 def main() -> None:
+    from physics.runtime import THREAD_VARIABLES, configure_threads, resolve_threads
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -344,42 +615,67 @@ def main() -> None:
     parser.add_argument("--scan", type=int, nargs=2, default=[128, 128], help="probe positions Rx Ry")
     parser.add_argument("--detector", type=int, nargs=2, default=[64, 64], help="detector pixels Kx Ky")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="for the networks")
-    parser.add_argument("--threads", type=int, default=None, help="torch / BLAS threads per method")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch / BLAS threads per method (default: every core)"
+    )
     parser.add_argument("--epie-iterations", type=int, default=2)
     parser.add_argument("--batch", type=int, default=256, help="network batch (conf/reconstruct.yaml: 256)")
+    parser.add_argument(
+        "--precisions", nargs="+", default=["32", "bf16"], help="network inference precisions: 32 bf16"
+    )
+    parser.add_argument(
+        "--channels-last", default="on", choices=LAYOUT_MODES,
+        help="network memory layout: on = NHWC, off = NCHW, both = fp32 in both",
+    )  # fmt: skip
+    parser.add_argument(
+        "--network-min-s", type=float, default=1.0, help="least seconds of network-alone passes per run"
+    )
+    parser.add_argument(
+        "--airpi-ckpt", type=Path, default=None, help="AIRPI checkpoint (default: untrained weights)"
+    )
     parser.add_argument("--scale-check", action="store_true", help="AIRPI also on 2x the positions per side")
     parser.add_argument("--tmpdir", type=Path, default=None, help="where the scan files go (default: TMPDIR)")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--scan-path", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        # before NumPy / torch are imported (here and, through the environment, in every child)
-        for name in THREAD_VARIABLES:
-            os.environ[name] = str(args.threads)
+    try:
+        args.threads = resolve_threads(args.threads)  # None: every core this process may use
+    except ValueError as err:
+        raise SystemExit(f"bench_reconstruct: --threads: {err}") from None
+    # before NumPy / torch are imported (here and, through the environment, in every child)
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(args.threads)
+    args.precisions = _precisions(args.precisions)
     if args.child:
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        result = child(args.child, args.scan_path, args.device, args.batch, args.epie_iterations)
+        configure_threads(args.threads)
+        result = child(
+            args.child, args.scan_path, args.device, args.batch, args.epie_iterations,
+            precisions=args.precisions, channels_last=args.channels_last, network_min_s=args.network_min_s,
+            ckpt=args.airpi_ckpt if args.child == "airpi" else None,
+        )  # fmt: skip
         print("RESULT " + json.dumps(result), flush=True)
         return
     if args.epie_iterations < 1 or args.batch < 1 or min(args.scan) < 3 or min(args.detector) < 8:
         raise SystemExit(
             "bench_reconstruct: need --epie-iterations >= 1, --batch >= 1, --scan >= 3, --detector >= 8"
         )
+    if not args.network_min_s >= 0:
+        raise SystemExit("bench_reconstruct: need --network-min-s >= 0")
     methods = _methods(args.methods)
     import torch
 
+    from physics.runtime import bf16_supported, cpu_bf16_flags, resolve_precision
+
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_reconstruct: --device cuda was requested but CUDA is not available")
+    configure_threads(args.threads)
     scan, detector = tuple(args.scan), tuple(args.detector)
     report: dict[str, Any] = {
         "benchmark": "reconstruct",
         "device": args.device,
         "machine": machine_info(args.device),
         "torch": torch.__version__,
-        "threads": args.threads or torch.get_num_threads(),
+        "threads": args.threads,
         "scan": list(scan),
         "detector": list(detector),
         "calibration": {
@@ -390,6 +686,14 @@ def main() -> None:
         },
         "batch": args.batch,
         "epie_iterations": args.epie_iterations,
+        "precisions": args.precisions,
+        "channels_last": args.channels_last,
+        "network_min_s": args.network_min_s,
+        "bf16": {
+            "native": bf16_supported(args.device),
+            "cpu_flags": cpu_bf16_flags(),
+            "auto_precision": resolve_precision("auto", args.device),
+        },
     }
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as folder:
@@ -399,12 +703,15 @@ def main() -> None:
         for method in methods:
             results[method] = run_child(method, path, args)
         report["results"] = results
+        ratio = airpi_vs_ssb(results)
+        if ratio is not None:
+            report["airpi_vs_ssb"] = ratio
         if args.scale_check:
-            small = results.get("airpi") or run_child("airpi", path, args)
+            small = results.get("airpi") or run_child("airpi", path, args, reference_only=True)
             path.unlink()  # only one scan file on disk at a time
             large_scan = (2 * scan[0], 2 * scan[1])
             large_path, _, large_MB = _write_scan(Path(folder), large_scan, detector)
-            large = run_child("airpi", large_path, args)
+            large = run_child("airpi", large_path, args, reference_only=True)
             runs = (small, large)
             check: dict[str, Any] = {
                 "scans": [list(scan), list(large_scan)],
@@ -412,6 +719,7 @@ def main() -> None:
                 "peak_memory_MB": [r.get("peak_memory_MB") for r in runs],
                 "peak_rss_MB": [r.get("peak_rss_MB") for r in runs],
                 "patterns_per_s": [r.get("patterns_per_s") for r in runs],
+                "precision": large.get("precision"),
             }
             if all("peak_memory_MB" in r for r in runs) and small["peak_memory_MB"] > 0:
                 check["peak_memory_ratio"] = round(large["peak_memory_MB"] / small["peak_memory_MB"], 3)

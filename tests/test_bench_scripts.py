@@ -71,12 +71,16 @@ def test_bench_train_bf16_autocast():
 
 
 def test_bench_reconstruct_reports_every_method_and_the_scale_check():
+    # fp32 only here: bf16 and both layouts are tests/test_bench_reconstruct.py's (in-process, faster)
     report = run_script(
         "bench_reconstruct.py", "--scan", "6", "6", "--detector", "32", "32", "--batch", "16",
-        "--epie-iterations", "1", "--scale-check",
+        "--epie-iterations", "1", "--scale-check", "--precisions", "32", "--network-min-s", "0",
     )  # fmt: skip
     assert report["benchmark"] == "reconstruct"
     assert report["device"] == "cpu" and report["threads"] == 1
+    assert report["precisions"] == ["32"] and report["channels_last"] == "on"
+    assert isinstance(report["bf16"]["native"], bool) and report["bf16"]["auto_precision"] in ("32", "bf16")
+    assert report["airpi_vs_ssb"]["goal_ratio"] == 0.05 and positive(report["airpi_vs_ssb"]["ratio"]["32"])
     assert report["scan"] == [6, 6] and report["detector"] == [32, 32]
     methods = {"airpi", "ptychonn", "chang", "epie", "ssb", "icom", "ricom"}
     assert set(report["results"]) == methods
@@ -87,6 +91,9 @@ def test_bench_reconstruct_reports_every_method_and_the_scale_check():
         assert non_negative(result["peak_memory_MB"]), (name, result)
         assert positive(result["peak_rss_MB"]), (name, result)
         assert result["positions"] == 36 and result["finite_output"] is True
+    for name in ("airpi", "ptychonn", "chang"):
+        run = report["results"][name]["precisions"]["32"]
+        assert positive(run["network_patterns_per_s"]) and run["precision"] == "32", (name, run)
     for name in ("epie", "ssb", "icom", "ricom"):
         assert non_negative(report["results"][name]["tracemalloc_peak_MB"])
     assert report["results"]["epie"]["iterations"] == 1

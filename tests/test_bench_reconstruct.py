@@ -1,0 +1,94 @@
+"""`scripts/bench_reconstruct.py`'s measuring function in-process: one network at fp32 and bf16.
+
+Only the structure is checked (both precisions, both layouts, positive rates, an agreement field): the
+rates depend on the machine, and bf16 is emulated (slower) on CPUs without AVX512-BF16 / AMX, so there
+are no thresholds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench() -> ModuleType:
+    """The script as a module (it is not a package module)."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_reconstruct", ROOT / "scripts" / "bench_reconstruct.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_configurations_put_the_fp32_reference_first():
+    bench = _bench()
+    assert bench.configurations(["32", "bf16"], "on") == [("32", True), ("bf16", True)]
+    assert bench.configurations(["32", "bf16"], "off") == [("32", False), ("bf16", False)]
+    assert bench.configurations(["32", "bf16"], "both") == [("32", True), ("32", False), ("bf16", True)]
+    assert bench.configurations(["bf16"], "both") == [("bf16", True)]
+    with pytest.raises(ValueError, match="channels_last must be one of on, off, both"):
+        bench.configurations(["32"], "nhwc")
+
+
+def test_network_at_fp32_and_bf16_reports_both_rates_and_the_agreement(tmp_path, one_thread):
+    bench = _bench()
+    path = bench.SyntheticScan((4, 4), (32, 32)).write(tmp_path / "scan.h5")
+    result = bench.child(
+        "chang", path, "cpu", batch=4, epie_iterations=1, precisions=("32", "bf16"),
+        channels_last="both", network_min_s=0.0,
+    )  # fmt: skip
+    json.dumps(result)  # what the child prints
+    assert set(result["precisions"]) == {"32", "bf16"}
+    assert set(result["layouts"]) == {"nhwc", "nchw"}
+    assert result["layouts"]["nhwc"] is result["precisions"]["32"]
+    runs = [*result["precisions"].values(), result["layouts"]["nchw"]]
+    for run in runs:
+        assert _positive(run["patterns_per_s"]) and _positive(run["network_patterns_per_s"]), run
+        assert run["network_batch"] == 4 and run["network_passes"] >= 1
+        assert run["finite_output"] is True
+    assert [run["precision"] for run in runs] == ["32", "bf16", "32"]
+    assert [run["channels_last"] for run in runs] == [True, True, False]
+    bf16 = result["precisions"]["bf16"]
+    assert "xc_vs_fp32" in bf16 and "xc_vs_fp32" not in result["precisions"]["32"]
+    assert bf16["xc_vs_fp32"] is None or -1.0 <= bf16["xc_vs_fp32"] <= 1.0
+    assert bf16["max_abs_phase_diff_rad"] >= 0 and bf16["reference_phase_std_rad"] >= 0
+    assert result["layouts"]["nchw"]["max_abs_phase_diff_rad"] < 1e-4  # the layout changes no answer
+    # the format before precisions: the reference run at the method's top level
+    assert result["patterns_per_s"] == result["precisions"]["32"]["patterns_per_s"]
+    assert result["precision"] == "32" and result["positions"] == 16 and result["weights"] == "untrained"
+
+
+def test_airpi_to_ssb_ratio_per_precision():
+    bench = _bench()
+    results = {
+        "airpi": {"precisions": {"32": {"patterns_per_s": 30.0}, "bf16": {"patterns_per_s": 3.0}}},
+        "ssb": {"patterns_per_s": 300.0},
+    }
+    ratio = bench.airpi_vs_ssb(results)
+    assert ratio["ratio"] == {"32": 0.1, "bf16": 0.01}
+    assert ratio["meets_goal"] == {"32": True, "bf16": False} and ratio["goal_ratio"] == 0.05
+    assert bench.airpi_vs_ssb({"airpi": results["airpi"], "ssb": {"error": "exit 1"}}) is None
