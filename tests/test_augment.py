@@ -496,3 +496,27 @@ def test_dihedral_augmentation_only_in_training_and_probe_follows():
     assert torch.equal(train["inputs"][:, 9], train["probe"].abs())
     evaluation = aug(batch, deterministic=True)
     assert torch.equal(evaluation["probe"], batch["probe"]) and torch.equal(evaluation["wave"], batch["wave"])
+
+
+def test_probe_phase_channel_has_no_branch_cut_noise() -> None:
+    """An aberration-free probe is real: its negative rings must read one phase (+pi), not +-pi at random."""
+    from physics import probe, wavelength
+    from training.augment import probe_channels
+
+    gmax = 2 * 20e-3 / wavelength(300e3)
+    psi = torch.from_numpy(probe(300e3, 20.0, 64, gmax_invA=gmax))[None]
+    raw = psi.angle()
+    assert int((raw < -math.pi + 1e-3).sum()) > 500  # what angle() alone gives (round-off signs)
+    phase = probe_channels(psi)[0, 1]
+    negative = psi[0].real < 0
+    assert float((phase[negative] - math.pi).abs().max()) < 1e-5
+    assert float(phase[~negative].abs().max()) < 1e-5
+    # the encoded probe is the probe
+    rebuilt = torch.polar(probe_channels(psi)[:, 0], phase[None])
+    torch.testing.assert_close(rebuilt, psi.to(torch.complex64), atol=1e-6, rtol=0)
+    # an aberrated probe keeps its phase away from the seam
+    defocused = torch.from_numpy(probe(300e3, 20.0, 64, gmax_invA=gmax, defocus_A=50.0))[None]
+    kept = probe_channels(defocused)[0, 1]
+    wanted = defocused[0].angle()
+    away = wanted > -math.pi + 1e-3
+    torch.testing.assert_close(kept[away], wanted[away].float())
