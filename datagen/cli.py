@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from datagen import store
-from datagen.parameters import ConfigError, DrawnSample, ParameterSpace, sample_rng
+from datagen.parameters import STEP_KEYS, ConfigError, DrawnSample, ParameterSpace, sample_rng
 from datagen.provenance import config_yaml
 from datagen.shards import (
     KERNEL_LAYOUT,
@@ -263,6 +263,13 @@ def config_fingerprint(cfg: Mapping[str, Any]) -> str:
     """YAML of what determines the samples (seed, simulation, source, num_samples): a partial shard
     written under another fingerprint is not resumed."""
     relevant = {key: cfg.get(key) for key in ("seed", "simulation", "source")}
+    simulation = relevant["simulation"]
+    if isinstance(simulation, Mapping):
+        # the unused one of step_A / step_rayleigh is null and changes no sample: leaving it out keeps a
+        # dataset written before step_A existed (no such key) reusable under its unchanged settings
+        relevant["simulation"] = {
+            key: value for key, value in simulation.items() if not (key in STEP_KEYS and value is None)
+        }
     relevant["num_samples"] = cfg.get("simulation", {}).get("num_samples")
     return config_yaml(relevant)
 

@@ -122,8 +122,45 @@ def _zone_axes(value: Any, path: str) -> tuple[tuple[int, int, int], ...]:
     return tuple(axes)
 
 
+STEP_KEYS = ("step_A", "step_rayleigh")
+"""The two ways to give the scan step: uniform in Angstrom, or uniform in Rayleigh radii
+``0.61 lambda / sin(alpha)`` of each sample's optics. Exactly one is set, the other absent or null."""
+
+
+def _step(cfg: Mapping[str, Any], path: str) -> tuple[Uniform, str]:
+    """The scan-step distribution and its unit: ``"A"`` (``step_A``) or ``"rayleigh"`` (``step_rayleigh``)."""
+    given = [key for key in STEP_KEYS if cfg.get(key) is not None]
+    if len(given) != 1:
+        state = "both are set" if given else "neither is set"
+        raise ConfigError(
+            f"{path}.step_A",
+            f"set exactly one of {path}.step_A (Angstrom) and {path}.step_rayleigh (Rayleigh radii), "
+            f"the other null; {state}",
+        )
+    if given[0] == "step_A":
+        return _range(cfg, "step_A", 0.0, 10.0, path, strict_low=True), "A"
+    return _range(cfg, "step_rayleigh", 0.0, 10.0, path, strict_low=True), "rayleigh"
+
+
+def _spherical_aberrations(cfg: Mapping[str, Any], path: str) -> tuple[float, ...]:
+    """``Cs_A`` (C30 in Angstrom): a number, or a non-empty list of values drawn uniformly per sample."""
+    value = cfg.get("Cs_A")
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) == 0:
+            raise ConfigError(f"{path}.Cs_A", "must be a number or a non-empty list of numbers in Angstrom")
+        return tuple(_number({"Cs_A": item}, "Cs_A", path) for item in value)
+    return (_number(cfg, "Cs_A", path),)
+
+
 class ParameterSpace:
-    """The checked distributions of a ``simulation`` config node (conf/simulation/kernel*.yaml)."""
+    """The checked distributions of a ``simulation`` config node (conf/simulation/kernel*.yaml).
+
+    The scan step is ``step_A`` (uniform, Angstrom) or ``step_rayleigh`` (uniform, in Rayleigh radii
+    ``0.61 lambda / sin(alpha)`` of the sample's energy and semi-angle): exactly one of the two, the other
+    absent or null. ``Cs_A`` (C30, Angstrom) is a number or a list drawn uniformly per sample;
+    ``defocus_A: scherzer`` gives each sample the Scherzer defocus of its own Cs (0 for Cs = 0; abTEM sign,
+    ``C10 = -defocus``). ``step``, ``step_unit`` (``"A"`` or ``"rayleigh"``) and ``Cs_values_A`` hold them.
+    """
 
     def __init__(self, cfg: Mapping[str, Any], path: str = "simulation") -> None:
         self.path = path
@@ -162,11 +199,11 @@ class ParameterSpace:
             raise ConfigError(
                 ratio_path, f"high = {self.ratio.high}: the aperture must lie inside gmax (alpha / gmax < 1)"
             )
-        self.step = _range(cfg, "step_rayleigh", 0.0, 10.0, path, strict_low=True)
+        self.step, self.step_unit = _step(cfg, path)
         self.thickness = _range(cfg, "thickness_A", 0.0, 1e4, path, strict_low=True)
         self.rotation = _range(cfg, "rotation_deg", -1e4, 1e4, path, strict_low=False)
         self.zone_axes = _zone_axes(cfg.get("zone_axes"), f"{path}.zone_axes")
-        self.Cs_A = _number(cfg, "Cs_A", path)
+        self.Cs_values_A = _spherical_aberrations(cfg, path)
         defocus = cfg.get("defocus_A", "scherzer")
         if defocus != "scherzer":
             try:
@@ -206,7 +243,12 @@ class ParameterSpace:
             raise ConfigError(f"{path}.numerics.max_gpts", f"must be at least 2 * pixels = {2 * pixels}")
 
     def draw(self, rng: np.random.Generator, num_structures: int) -> DrawnSample:
-        """Draw one sample's parameters (the order of draws is part of the reproducibility contract)."""
+        """Draw one sample's parameters (the order of draws is part of the reproducibility contract).
+
+        Order: structure, zone axis, rotation, thickness, energy, semi-angle, alpha / gmax, step (one uniform
+        draw in either unit), position (2), phonon seed, then Cs only when ``Cs_A`` lists several values, so
+        that a config with a single Cs draws the same samples as before Cs lists existed.
+        """
         structure = int(rng.integers(num_structures))
         zone_axis = self.zone_axes[int(rng.integers(len(self.zone_axes)))]
         rotation = self.rotation.draw(rng)
@@ -214,17 +256,22 @@ class ParameterSpace:
         energy = float(self.energies_eV[int(rng.integers(len(self.energies_eV)))])
         semiangle = self.semiangle.draw(rng)
         ratio = self.ratio.draw(rng)
-        step_fraction = self.step.draw(rng)
+        step = self.step.draw(rng)  # in Rayleigh radii or in Angstrom (step_unit): the same single draw
         position = (float(rng.uniform()), float(rng.uniform()))
         phonon_seed = int(rng.integers(2**31 - 1))
+        # drawn last, and only when there is a choice: a single Cs keeps the draw sequence of before
+        Cs_A = self.Cs_values_A[0]
+        if len(self.Cs_values_A) > 1:
+            Cs_A = self.Cs_values_A[int(rng.integers(len(self.Cs_values_A)))]
         aperture_invA = semiangle * 1e-3 / wavelength(energy)
-        defocus = scherzer_defocus(self.Cs_A, energy) if self.defocus == "scherzer" else float(self.defocus)
+        defocus = scherzer_defocus(Cs_A, energy) if self.defocus == "scherzer" else float(self.defocus)
+        step_A = step if self.step_unit == "A" else step * rayleigh_radius_A(semiangle, energy)
         kernel = KernelParameters(
             energy_eV=energy,
             semiangle_mrad=semiangle,
             gmax_invA=aperture_invA / ratio,
-            step_A=step_fraction * rayleigh_radius_A(semiangle, energy),
-            Cs_A=self.Cs_A,
+            step_A=step_A,
+            Cs_A=Cs_A,
             defocus_A=defocus,
             num_phonons=self.num_phonons,
             rms_displacement_A=self.rms_A,

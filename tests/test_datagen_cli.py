@@ -31,7 +31,7 @@ def test_default_and_paper_configs():
     assert paper.numerics.parametrization == "lobato"
     assert paper.semiangle_mrad == {"mean": 20.0, "std": 10.0, "low": 5.0, "high": 30.0}
     assert paper.ratio_alpha_gmax == {"low": 0.1, "high": 0.95}
-    assert paper.step_rayleigh == {"low": 0.1, "high": 0.9}
+    assert paper.step_A == {"low": 0.0167, "high": 0.33} and paper.step_rayleigh is None  # Table 1
     assert paper.thickness_A == {"low": 3.0, "high": 30.0}
     assert len(paper.zone_axes) == 7 and len(paper.energy_eV) == 12
     assert paper.Cs_A == 1e4 and paper.defocus_A == "scherzer"
