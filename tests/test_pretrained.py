@@ -64,3 +64,13 @@ def test_shipped_model_reconstructs_a_scan_and_flags_other_optics():
         data=sim.data, energy_eV=80e3, semiangle_mrad=20.0, scan_step_A=(0.3, 0.3), k_pixel_invA=(0.1, 0.1)
     )
     assert [m.split("=")[0] for m in optics_mismatch(model, other)] == ["energy_eV"]
+
+
+def test_the_reference_experiment_ships_its_best_epoch_by_validation_xc():
+    """Issue #13: the shipped model was the last epoch (val xc 0.490), not the best (0.540)."""
+    from test_quickstart import compose_train
+
+    cfg = compose_train(["experiment=cpu_reference"])
+    assert cfg.callbacks.model_checkpoint.monitor == "val/xc_object_phase"  # logged by AIRPILightning
+    assert cfg.callbacks.model_checkpoint.mode == "max"
+    assert cfg.evaluate.checkpoint == "best"
