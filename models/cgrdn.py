@@ -2,9 +2,20 @@
 
 Generator (image restoration, distorted x -> clean y, one channel):
 
-* per-image standardisation ``x_s = (x - mean) / max(std, std_min)`` (``std_min = 0.1``); the output
-  is de-standardised ``y = y_s * max(std, std_min) + mean``, so ``G(c x) = c G(x)`` whenever
-  ``c std > std_min`` (and ``G(x + b) = G(x) + b``);
+* per-image standardisation ``x_s = (x - mean) / s`` and de-standardisation ``y = y_s * s + mean`` with the
+  scale ``s = max(std, std_min_rel * level)``, ``level = mean |x|`` (the image's mean absolute intensity;
+  ``std_min_rel = 0.1``; ``s`` is kept above the dtype's smallest normal number, so an all-zero image gives
+  zeros). The floor is relative to the image's own intensity, so the model is scale-free: ``G(c x) = c G(x)``
+  for every ``c > 0`` (up to float rounding), whatever the unit (fractions of the incident electrons,
+  counts, detector units), and ``G(x + b) = G(x) + b`` whenever the floor is inactive for ``x`` and ``x + b``
+  (``std >= std_min_rel * level`` for both). Why the mean absolute intensity: it scales with the image, is
+  robust to single hot pixels (unlike the maximum), and for a HAADF image (intensities >= 0) it is the mean
+  intensity, so the floor reads "contrast below 10% of the mean counts as flat": such an image is
+  standardised by ``0.1 * mean`` (``x_s`` = relative contrast in units of 10%) instead of being blown up by
+  its tiny std. The absolute value keeps the level non-zero for an offset-corrected (zero-mean) image.
+  Legacy rule: with ``std_min`` set (checkpoints made before issue #16, whose hyper-parameters hold
+  ``std_min: 0.1``) the floor is that absolute value, ``s = max(std, std_min)``, as before: those models
+  load and compute exactly what they were trained with (equivariant only where ``c std > std_min``);
 * conv3x3 (64) -> conv4x4 stride 2 (64) ("down-sampled features" ``f``);
 * 4 grouped residual dense blocks (GRDB). A GRDB chains 4 residual dense blocks (RDB), concatenates
   their 4 outputs, fuses them 1x1 to 64 and adds its input. An RDB is 8 densely connected
@@ -78,7 +89,11 @@ class CGRDN(nn.Module):
     growth, rdb_layers, rdbs_per_grdb, grdbs
         Growth rate (32), conv layers per RDB (8), RDBs per GRDB (4), GRDBs (4).
     std_min
-        Lower bound of the per-image standard deviation used to standardise (0.1).
+        Legacy absolute floor of the per-image standard deviation (None). Set (0.1 in checkpoints made
+        before issue #16) it selects the old rule ``max(std, std_min)`` and ``std_min_rel`` is ignored.
+    std_min_rel
+        Floor of the standardisation scale relative to the image's mean absolute intensity (0.1): the
+        scale-free rule of the module docstring, used when ``std_min`` is None (the default).
     """
 
     def __init__(
@@ -89,10 +104,14 @@ class CGRDN(nn.Module):
         rdb_layers: int = 8,
         rdbs_per_grdb: int = 4,
         grdbs: int = 4,
-        std_min: float = 0.1,
+        std_min: float | None = None,
+        std_min_rel: float = 0.1,
     ):
         super().__init__()
-        self.std_min = float(std_min)
+        if std_min_rel < 0 or (std_min is not None and std_min < 0):
+            raise ValueError(f"CGRDN: std_min_rel and std_min must be >= 0, got {std_min_rel}, {std_min}")
+        self.std_min_rel = float(std_min_rel)
+        self.std_min = None if std_min is None else float(std_min)
         self.head = nn.Conv2d(in_channels, features, 3, padding=1)
         self.down = nn.Conv2d(features, features, 4, stride=2, padding=1)
         self.grdbs = nn.ModuleList(GRDB(features, growth, rdb_layers, rdbs_per_grdb) for _ in range(grdbs))
@@ -100,12 +119,22 @@ class CGRDN(nn.Module):
         self.up = nn.ConvTranspose2d(features, features, 4, stride=2, padding=1)
         self.tail = nn.Conv2d(features, in_channels, 3, padding=1)
 
+    def standardisation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image ``(mean, scale)`` of ``x`` (B, C, H, W), each (B, 1, 1, 1), by the module docstring."""
+        dims = (-3, -2, -1)
+        mean = x.mean(dim=dims, keepdim=True)
+        std = x.std(dim=dims, keepdim=True, unbiased=False)
+        if self.std_min is not None:
+            return mean, std.clamp_min(self.std_min)
+        level = x.abs().mean(dim=dims, keepdim=True)
+        scale = torch.maximum(std, self.std_min_rel * level)
+        return mean, scale.clamp_min(torch.finfo(scale.dtype).tiny)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, C, H, W), H and W even -> restored image of the same shape and intensity scale."""
         if x.shape[-2] % 2 or x.shape[-1] % 2:
             raise ValueError(f"CGRDN: H and W must be even, got {tuple(x.shape)}")
-        mean = x.mean(dim=(-3, -2, -1), keepdim=True)
-        std = x.std(dim=(-3, -2, -1), keepdim=True, unbiased=False).clamp_min(self.std_min)
+        mean, std = self.standardisation(x)
         xs = (x - mean) / std
         f = self.down(self.head(xs))
         outputs = []

@@ -279,34 +279,51 @@ class PtychoNNLoss(nn.Module):
         return self.w_amplitude * terms["amplitude"] + self.w_phase * terms["phase"], terms
 
 
-def whitening_transform(y: torch.Tensor, window: int, std_min: float) -> torch.Tensor:
+def whitening_transform(y: torch.Tensor, window: int, std_min: float | torch.Tensor) -> torch.Tensor:
     """Local whitening (thesis eq. 2.35): ``(y - E_S[y]) / max(std_min, Std_S[y])`` over S x S windows.
 
     Local mean and standard deviation come from an S x S box (average pooling, stride 1, reflect padding
     so the output keeps the input size; for even S the window covers ``S // 2`` pixels before and
-    ``S // 2 - 1`` after the centre). ``y`` (B, C, H, W).
+    ``S // 2 - 1`` after the centre). ``y`` (B, C, H, W); ``std_min`` a number or a per-example floor
+    broadcastable to ``y`` (e.g. (B, 1, 1, 1), in ``y``'s units).
     """
     pad = (window // 2, window - 1 - window // 2, window // 2, window - 1 - window // 2)
     padded = F.pad(y, pad, mode="reflect") if min(y.shape[-2:]) > window else F.pad(y, pad, mode="replicate")
     mean = F.avg_pool2d(padded, window, stride=1)
     var = (F.avg_pool2d(padded**2, window, stride=1) - mean**2).clamp_min(0)
-    return (y - mean) / torch.sqrt(var).clamp_min(std_min)
+    floor = torch.as_tensor(std_min, dtype=var.dtype, device=var.device)
+    return (y - mean) / torch.maximum(torch.sqrt(var), floor)
 
 
 class CGRDNGeneratorLoss(nn.Module):
     """Pixel-wise CGRDN generator loss (thesis eq. 2.32-2.39, 2.42) plus ``w_adversarial L_Adv`` (2.41).
 
-    * ``L1 = E{w_y |y - y_g|}``, ``L2 = E{w_y |y - y_g|^2}``, ``w_y = 1 / max(sigma_min, Std{y})`` per
-      example (eq. 2.32-2.34);
-    * ``L_mlwt = 1/4 sum_{S=2,4,8,16} E{|y^S - y_g^S|}`` with the local whitening transform (2.35-2.36);
-    * ``L_fs = E{|F(y - y_g)|^gamma}``, orthonormal 2D FFT, ``gamma = 0.125`` (2.37);
-    * ``L_mean = E_batch |mean(y) - mean(y_g)|``, ``L_std = E_batch |Std(y) - Std(y_g)|`` per image
+    * ``L1 = E{w_y |y - y_g|}``, ``L2 = E{w_y^2 |y - y_g|^2}``, ``w_y = 1 / sigma_y`` per example with
+      ``sigma_y = max(sigma_min_rel * level, Std{y})`` (eq. 2.32-2.34, floor as below; ``w_y^2`` in L2
+      makes it dimensionless, as the thesis's ``w_y`` does for its unit-scale images);
+    * ``L_mlwt = 1/4 sum_{S=2,4,8,16} E{|y^S - y_g^S|}`` with the local whitening transform (2.35-2.36),
+      local std floored at ``sigma_min_rel * level``;
+    * ``L_fs = E{|F(w_y (y - y_g))|^gamma}``, orthonormal 2D FFT, ``gamma = 0.125`` (2.37);
+    * ``L_mean = E_batch w_y |mean(y) - mean(y_g)|``, ``L_std = E_batch w_y |Std(y) - Std(y_g)|`` per image
       (2.38-2.39);
     * ``L_Adv``: :func:`relativistic_generator_loss` of the critic outputs (2.40), added by the caller
       through :meth:`forward`'s ``critic_real``/``critic_fake``.
 
     Default weights: the public code's committed values (``w_l1 = 10``, ``w_adversarial = 5e-4``, the rest
-    0). ``sigma_min`` (default 0.1, the generator's ``std_min``) bounds both ``w_y`` and the local std.
+    0).
+
+    Scale-free floor (the default; the generator's rule, :class:`models.cgrdn.CGRDN`): ``level`` is the
+    larger of the per-example mean absolute intensities of the target and of the prediction (the latter
+    detached: it only sets the floor), ``mean |y|`` in the usual case that the prediction is about as bright
+    as the target, and non-zero for an empty (all-zero) target, whose weight would otherwise be ``1 / 0``.
+    Every term (the pixel-wise ones, L1, L2, FS, mean, std, through ``w_y``, and MLWT by construction) is then
+    invariant to the intensity unit: rescaling ``y`` and ``y_g`` together by any ``c > 0`` leaves the loss
+    unchanged, so a model trained on fractions of the incident electrons and one trained on counts see the
+    same loss. (The thesis weight ``1 / max(0.1, Std{y})`` assumes images normalised to unit scale; on this
+    project's intensities, std 0.0015-0.043, it was a constant 10.)
+    Legacy rule: ``sigma_min`` set (0.1 in checkpoints made before issue #16) is the absolute floor of
+    ``w_y = 1 / max(sigma_min, Std{y})`` and of the local std, L2 is ``E{w_y |y - y_g|^2}``, and FS, mean
+    and std are unweighted, exactly as before (``sigma_min_rel`` is then ignored).
     ``fs_delta`` keeps the gradient of ``|F|^gamma`` finite at 0: below ``|F| = fs_delta`` the power is
     replaced by the straight line ``|F| delta^(gamma - 1)`` (continuous at ``delta``, exactly 0 at 0);
     above it the term is exactly ``|F|^gamma``.
@@ -323,7 +340,8 @@ class CGRDNGeneratorLoss(nn.Module):
         w_mean: float = 0.0,
         w_std: float = 0.0,
         w_adversarial: float = 5e-4,
-        sigma_min: float = 0.1,
+        sigma_min: float | None = None,
+        sigma_min_rel: float = 0.1,
         windows: tuple[int, ...] = (2, 4, 8, 16),
         gamma: float = 0.125,
         fs_delta: float = 1e-6,
@@ -338,7 +356,12 @@ class CGRDNGeneratorLoss(nn.Module):
             "std": float(w_std),
         }
         self.w_adversarial = float(w_adversarial)
-        self.sigma_min = float(sigma_min)
+        if sigma_min_rel < 0 or (sigma_min is not None and sigma_min < 0):
+            raise ValueError(
+                f"CGRDN loss: sigma_min_rel and sigma_min must be >= 0, got {sigma_min_rel}, {sigma_min}"
+            )
+        self.sigma_min = None if sigma_min is None else float(sigma_min)
+        self.sigma_min_rel = float(sigma_min_rel)
         self.windows = tuple(int(w) for w in windows)
         self.gamma = float(gamma)
         self.fs_delta = float(fs_delta)
@@ -351,27 +374,40 @@ class CGRDNGeneratorLoss(nn.Module):
         """Unweighted pixel-wise terms for generated ``y_g`` and ground truth ``y`` (B, [1,] H, W)."""
         y_g, y = self._as_4d(y_g), self._as_4d(y)
         dims = (1, 2, 3)
-        w = 1.0 / y.std(dim=dims, unbiased=False, keepdim=True).clamp_min(self.sigma_min)
+        std_y = y.std(dim=dims, unbiased=False, keepdim=True)
+        floor: float | torch.Tensor
+        if self.sigma_min is not None:  # legacy absolute floor; FS, mean and std unweighted
+            floor = self.sigma_min
+            w = 1.0 / std_y.clamp_min(floor)
+            w_l2, w_other = w, torch.ones_like(w)
+        else:
+            level = torch.maximum(
+                y.abs().mean(dim=dims, keepdim=True), y_g.detach().abs().mean(dim=dims, keepdim=True)
+            )
+            floor = (self.sigma_min_rel * level).clamp_min(torch.finfo(level.dtype).tiny)
+            w = 1.0 / torch.maximum(std_y, floor)
+            w_l2, w_other = w**2, w
         diff = y - y_g
         out = {
             "l1": (w * diff.abs()).mean(),
-            "l2": (w * diff**2).mean(),
+            "l2": (w_l2 * diff**2).mean(),
         }
         mlwt = [
-            (whitening_transform(y, s, self.sigma_min) - whitening_transform(y_g, s, self.sigma_min))
-            .abs()
-            .mean()
+            (whitening_transform(y, s, floor) - whitening_transform(y_g, s, floor)).abs().mean()
             for s in self.windows
         ]
         out["mlwt"] = torch.stack(mlwt).mean()
-        spectrum = torch.fft.fft2(diff, norm="ortho").abs()
+        spectrum = torch.fft.fft2(w_other * diff, norm="ortho").abs()
         delta = self.fs_delta
         power = torch.where(
             spectrum >= delta, spectrum.clamp_min(delta) ** self.gamma, spectrum * delta ** (self.gamma - 1)
         )
         out["fs"] = power.mean()
-        out["mean"] = (y.mean(dim=dims) - y_g.mean(dim=dims)).abs().mean()
-        out["std"] = (y.std(dim=dims, unbiased=False) - y_g.std(dim=dims, unbiased=False)).abs().mean()
+        w_image = w_other.flatten()
+        out["mean"] = (w_image * (y.mean(dim=dims) - y_g.mean(dim=dims)).abs()).mean()
+        out["std"] = (
+            w_image * (y.std(dim=dims, unbiased=False) - y_g.std(dim=dims, unbiased=False)).abs()
+        ).mean()
         return out
 
     def pixel_loss(self, y_g: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -191,12 +191,13 @@ def test_cgrdn_loss_zero_for_identical() -> None:
 
 
 def test_cgrdn_loss_constant_offset() -> None:
-    """y_g = y + c: L1 = w c, L2 = w c^2 (w = 1/max(0.1, std y)); whitening removes c (mlwt = 0);
+    """Legacy absolute floor (sigma_min=0.1, checkpoints before issue #16):
+    y_g = y + c: L1 = w c, L2 = w c^2 (w = 1/max(0.1, std y)); whitening removes c (mlwt = 0);
     F(c) has only the DC term c sqrt(N) (orthonormal): fs = (c sqrt N)^gamma / N; mean = c, std = 0.
     (|F|^0.125 is so steep near 0 that float rounding noise would count: the values are exact here.)"""
     y = torch.randint(0, 64, (2, 1, 16, 16)) / 64.0  # dyadic values: y + c - y is exact in float32
     c = 0.25
-    _, terms = CGRDNGeneratorLoss(**ALL_ONE)(y + c, y)
+    _, terms = CGRDNGeneratorLoss(**ALL_ONE, sigma_min=0.1)(y + c, y)
     w = 1 / y.std(dim=(1, 2, 3), unbiased=False).clamp_min(0.1)
     n = 16 * 16
     assert terms["l1"].item() == pytest.approx((w * c).mean().item(), rel=1e-5)
@@ -208,16 +209,51 @@ def test_cgrdn_loss_constant_offset() -> None:
 
 
 def test_cgrdn_loss_weight_per_example_and_std_term() -> None:
-    """A low-contrast example (std < sigma_min) is weighted by 1/sigma_min, a high-contrast one by 1/std."""
+    """Legacy rule: a low-contrast example (std < sigma_min) is weighted by 1/sigma_min, a high-contrast one
+    by 1/std; the std term is unweighted."""
     flat = 0.5 + 0.01 * torch.rand(1, 1, 16, 16)
     sharp = torch.rand(1, 1, 16, 16)
     y = torch.cat([flat, sharp])
-    loss = CGRDNGeneratorLoss(w_l1=1.0, w_adversarial=0.0)
+    loss = CGRDNGeneratorLoss(w_l1=1.0, w_adversarial=0.0, sigma_min=0.1)
     total, _ = loss(y + 0.2, y)
     expected = 0.5 * (0.2 / 0.1 + 0.2 / sharp.std(unbiased=False).item())
     assert total.item() == pytest.approx(expected, rel=1e-5)
-    _, terms = CGRDNGeneratorLoss(**ALL_ONE)(2 * y, y)
+    _, terms = CGRDNGeneratorLoss(**ALL_ONE, sigma_min=0.1)(2 * y, y)
     assert terms["std"].item() == pytest.approx(y.std(dim=(1, 2, 3), unbiased=False).mean().item(), rel=1e-5)
+
+
+def test_cgrdn_loss_weight_relative_to_the_image_level() -> None:
+    """Scale-free rule (default): w_y = 1 / max(Std y, 0.1 mean|y|); HAADF-like intensities (fractions of
+    the beam, std ~0.004) are weighted by their own std, not by the constant 1/0.1 of the old floor."""
+    torch.manual_seed(0)
+    flat = 0.5 + 0.01 * torch.rand(1, 1, 16, 16)  # std 0.003 < 0.1 * 0.5: weight 1 / 0.05
+    haadf = 0.004 + 0.012 * torch.rand(1, 1, 16, 16)  # std 0.0035 > 0.1 * 0.01
+    y = torch.cat([flat, haadf])
+    d = 0.001
+    _, terms = CGRDNGeneratorLoss(w_l1=1.0, w_adversarial=0.0)(y + d, y)
+    level = (y + d).abs().mean(dim=(1, 2, 3))  # the (brighter) prediction's level sets the floor here
+    expected = 0.5 * (d / (0.1 * level[0]).item() + d / haadf.std(unbiased=False).item())
+    assert terms["l1"].item() == pytest.approx(expected, rel=1e-4)
+    # an empty target: the prediction's level bounds the weight (L1 = 1 / 0.1 for any prediction > 0)
+    _, terms = CGRDNGeneratorLoss(w_l1=1.0, w_adversarial=0.0)(
+        torch.full((1, 1, 8, 8), 3e-4), torch.zeros(1, 1, 8, 8)
+    )
+    assert terms["l1"].item() == pytest.approx(10.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("c", [1e-3, 1e3])
+def test_cgrdn_loss_invariant_to_the_intensity_unit(c: float) -> None:
+    """Rescaling prediction and target together (fractions of the beam -> counts) leaves every term
+    unchanged (issue #16)."""
+    torch.manual_seed(0)
+    y = 0.01 + 0.004 * torch.rand(3, 1, 32, 32)
+    y_g = y + 0.002 * torch.randn(3, 1, 32, 32)
+    loss = CGRDNGeneratorLoss(**ALL_ONE)
+    total, terms = loss(y_g, y)
+    total_c, terms_c = loss(c * y_g, c * y)
+    assert total_c.item() == pytest.approx(total.item(), rel=1e-4)
+    for name in CGRDNGeneratorLoss.TERMS:
+        assert terms_c[name].item() == pytest.approx(terms[name].item(), rel=1e-4), name
 
 
 def test_whitening_transform_checkerboard_and_constant() -> None:

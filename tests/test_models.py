@@ -130,15 +130,45 @@ def test_ptychonn_shapes_and_ranges() -> None:
 def test_cgrdn_shape_and_standardisation_invariance() -> None:
     torch.manual_seed(0)
     net = CGRDN(features=16, growth=8, rdb_layers=2, rdbs_per_grdb=2, grdbs=2).eval()
-    x = 1.0 + torch.rand(2, 1, 64, 64)  # std ~0.29 > 0.1
+    x = 1.0 + torch.rand(2, 1, 64, 64)  # std ~0.29 > 0.1 mean|x|: the floor is inactive
     with torch.no_grad():
         y = net(x)
         assert y.shape == x.shape
         torch.testing.assert_close(net(3.0 * x), 3.0 * y, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(net(x + 5.0), y + 5.0, rtol=1e-4, atol=1e-4)
-        # below std_min the scale is clamped: no longer equivariant
-        small = 0.01 * x
-        assert not torch.allclose(net(0.1 * small), 0.1 * net(small), rtol=1e-3, atol=1e-6)
+        # translation: while std >= 0.1 mean|x| for x and x + b (here mean|x + 0.5| ~2, std ~0.29)
+        torch.testing.assert_close(net(x + 0.5), y + 0.5, rtol=1e-4, atol=1e-4)
+
+
+def _tiny_cgrdn(**kwargs: float | None) -> CGRDN:
+    torch.manual_seed(0)
+    return CGRDN(features=4, growth=2, rdb_layers=1, rdbs_per_grdb=1, grdbs=1, **kwargs).eval()
+
+
+@pytest.mark.parametrize("c", [1e-3, 1.0, 1e3])
+def test_cgrdn_scale_equivariant_at_any_intensity_unit(c: float) -> None:
+    """G(c x) = c G(x) for HAADF-like intensities (fractions of the beam: std ~0.004, below the old
+    absolute floor 0.1) and a flat image (floor active), at any c > 0 (issue #16)."""
+    net = _tiny_cgrdn()
+    torch.manual_seed(1)
+    haadf = 0.01 + 0.004 * torch.rand(1, 1, 32, 32)
+    flat = 0.5 + 1e-4 * torch.rand(1, 1, 32, 32)  # std << 0.1 mean: standardised by 0.1 mean
+    x = torch.cat([haadf, flat])
+    with torch.no_grad():
+        y = net(x)
+        torch.testing.assert_close(net(c * x) / c, y, rtol=1e-5, atol=1e-7)
+        assert net(torch.zeros(1, 1, 8, 8)).abs().max() < 1e-30  # an empty image stays empty
+
+
+def test_cgrdn_legacy_absolute_floor() -> None:
+    """std_min set (hyper-parameters of checkpoints made before issue #16): the old rule max(std, std_min)."""
+    net = _tiny_cgrdn(std_min=0.1)
+    x = 0.004 + 0.01 * torch.rand(1, 1, 32, 32)  # std ~0.003 > 0.1 mean|x| ~0.0009
+    _, scale = net.standardisation(x)
+    assert scale.item() == pytest.approx(0.1)
+    _, new_scale = _tiny_cgrdn().standardisation(x)
+    assert new_scale.item() == pytest.approx(x.std(unbiased=False).item(), rel=1e-5)
+    with torch.no_grad():  # below std_min the scale is clamped: not equivariant
+        assert not torch.allclose(net(0.1 * x), 0.1 * net(x), rtol=1e-3, atol=1e-7)
 
 
 def test_cgrdn_default_forward_64px() -> None:
