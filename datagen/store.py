@@ -27,6 +27,7 @@ __all__ = [
     "IMAGE",
     "KERNEL",
     "RECON",
+    "RESTORED",
     "SCAN4D",
     "SCHEMAS",
     "STOCK",
@@ -100,7 +101,11 @@ electrons per detector pixel, zero frequency at pixel n // 2), label ``phase`` (
 label window of ``pixel_size_A``, ``aberrations`` in the order of the ``aberration_keys`` attribute
 (Angstrom, rad); the detector spans ``-k_detector_invA .. +k_detector_invA``."""
 RECON = Schema("deepstem.recon", 1, datasets=("phase",), attrs=("pixel_size_A", "origin_A", "method"))
-SCHEMAS: dict[str, Schema] = {s.id: s for s in (KERNEL, IMAGE, SCAN4D, RECON, STOCK)}
+RESTORED = Schema("deepstem.restored", 1, datasets=("image",), attrs=("pixel_size_A", "method", "checkpoint"))
+"""A restored 2D image (``python reconstruct.py method=cgrdn``, :mod:`evaluation.restore`): ``image``
+(rows, columns) float32 in the input's intensity units, ``pixel_size_A`` (Angstrom along rows, columns),
+``method`` and ``checkpoint`` (file name of the model)."""
+SCHEMAS: dict[str, Schema] = {s.id: s for s in (KERNEL, IMAGE, SCAN4D, RECON, RESTORED, STOCK)}
 
 
 def _schema(schema: Schema | str) -> Schema:

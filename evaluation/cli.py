@@ -6,7 +6,8 @@ network methods (``airpi``, ``chang_unet``, ``ptychonn``) load ``ckpt=PATH`` and
 recorded training ranges cover the scan (:func:`choose_checkpoint`; the default, and the one taken on a tie,
 is ``pretrained/airpi_reference.ckpt``, model card ``pretrained/README.md``). A scan outside the model's
 training ranges (:func:`evaluation.stitching.optics_mismatch`) gets one ``reconstruct: warning: ...`` line
-per quantity, or, with ``strict_optics=true``, is refused.
+per quantity, or, with ``strict_optics=true``, is refused. ``method=cgrdn`` restores a 2D image instead
+(``input=IMAGE``: :mod:`evaluation.restore`, writing ``deepstem.restored/1`` + PNG).
 
 Exit codes: 0 done; 2 (:data:`physics.runtime.EXIT_ERROR`) bad config or input (scan, calibration,
 checkpoint of another model, optics outside the model's ranges under ``strict_optics``, ...) or a failed
@@ -40,6 +41,7 @@ from physics.runtime import check_precision, configure_threads, report_error
 
 __all__ = [
     "CONVENTIONAL_METHODS",
+    "IMAGE_METHODS",
     "NETWORK_METHODS",
     "choose_checkpoint",
     "default_checkpoint",
@@ -54,6 +56,8 @@ __all__ = [
 
 CONVENTIONAL_METHODS = ("epie", "ssb", "icom", "ricom", "vadf")
 NETWORK_METHODS = ("airpi", "chang_unet", "ptychonn")
+#: methods that restore a 2D image instead of reconstructing a 4D scan (evaluation.restore)
+IMAGE_METHODS = ("cgrdn",)
 PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 #: environment variable naming another folder of shipped models (tests; a site's own model collection)
 PRETRAINED_DIR_ENV = "DEEPSTEM_PRETRAINED_DIR"
@@ -301,10 +305,9 @@ def setup_threads(cfg: DictConfig) -> int:
 def reconstruct_main(cfg: DictConfig) -> int:
     """The body of ``reconstruct.py``; returns the exit code."""
     method = str(cfg.method)
-    if method not in CONVENTIONAL_METHODS + NETWORK_METHODS:
-        return _error(
-            f"unknown method {method!r}; choose one of {', '.join(CONVENTIONAL_METHODS + NETWORK_METHODS)}"
-        )
+    methods = CONVENTIONAL_METHODS + NETWORK_METHODS + IMAGE_METHODS
+    if method not in methods:
+        return _error(f"unknown method {method!r}; choose one of {', '.join(methods)}")
     if OmegaConf.is_missing(cfg, "input") or not cfg.input:
         return _error("no input: give input=SCAN (deepstem .h5, EMD 1.0, .mib, Velox .emd or .npy + YAML)")
     message = missing_key_message(cfg)
@@ -323,6 +326,10 @@ def reconstruct_main(cfg: DictConfig) -> int:
         if cfg.get("output")
         else input_path.with_name(f"{input_path.stem}_{method}.h5")
     )
+    if method in IMAGE_METHODS:
+        from evaluation.restore import restore_command
+
+        return restore_command(cfg, input_path, output, threads)
     overrides = {k: v for k, v in dict(cfg.get("calibration_override") or {}).items() if v is not None}
     calibration = to_absolute_path(str(cfg.calibration)) if cfg.get("calibration") else None
     progress = bool(cfg.get("progress", True))
@@ -337,6 +344,10 @@ def reconstruct_main(cfg: DictConfig) -> int:
 
             ckpt = Path(to_absolute_path(str(cfg.ckpt)))
             model = load_network(ckpt, method, device)
+        from evaluation.image_io import image_input_message
+
+        if (message := image_input_message(input_path, method)) is not None:
+            return _error(message)
         # the calibration (the data are read lazily) before a shipped model is chosen: the choice needs it
         scan = load_4dstem(input_path, calibration, progress=progress, **overrides)
         if method in NETWORK_METHODS:
