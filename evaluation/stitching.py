@@ -15,7 +15,13 @@ Pipeline, the same for the three networks:
    the exact area overlap of detector and network pixels, which preserves the counts inside ``+-gmax``
    (:func:`overlap_matrix`); the detector centre is the centre of mass of the position-averaged CBED
    (as for SSB and ePIE); scan rotation/transpose are applied on the network grid with
-   :func:`training.augment.rotate_patterns`.
+   :func:`training.augment.rotate_patterns`. Chang U-Net patterns go through the training data's own
+   geometry (:class:`datagen.stock_images.ChangForwardModel`): any detector (32, 128 x 128 EMPAD,
+   256 x 256 Merlin, an odd crop, unequal pixels along x and y) is resampled onto its simulation grid
+   (``pixels * bin_factor`` pixels over ``+-collection_ratio * alpha``, zero frequency at the centre
+   pixel), rotated there, and summed in ``bin_factor`` x ``bin_factor`` blocks (:func:`_bin_patterns`), so
+   zero frequency lies ``(bin_factor - 1) / (2 bin_factor)`` of a network pixel below ``K // 2``, as in
+   the training patterns.
 3. Network inputs are built with the training pre-processing: AIRPI with :func:`training.augment.preprocess`
    (``x^0.1``, ``zeta`` step weights, standardisation, probe channels), PtychoNN as in
    :func:`training.datamodules.ptychonn_view` (centre CBED / its maximum), Chang as in the stock-image data
@@ -474,7 +480,11 @@ class ScanGeometry:
 
 
 class _PatternStream:
-    """Reads effective rows of CBEDs resampled to the network grid (see the module docstring, 1-2)."""
+    """Reads effective rows of CBEDs resampled to the network grid (see the module docstring, 1-2).
+
+    ``margin_px`` network pixels per side are resampled beyond the grid when the scan is rotated, so the
+    rotation draws on what the detector holds there instead of zeros; they are cropped after it.
+    """
 
     def __init__(
         self,
@@ -483,13 +493,16 @@ class _PatternStream:
         g_invA: float,
         centre_px: np.ndarray,
         device: torch.device,
+        margin_px: int = 0,
     ) -> None:
         self.geometry = geometry
         self.device = device
         _, _, kx, ky = geometry.shape
         pixel_out = 2.0 * g_invA / pixels
-        mx = overlap_matrix(kx, geometry.k_pixel_invA[0], centre_px[0], pixels, pixel_out)
-        my = overlap_matrix(ky, geometry.k_pixel_invA[1], centre_px[1], pixels, pixel_out)
+        self.margin = int(margin_px) if geometry.scan_rotation_deg else 0
+        size = pixels + 2 * self.margin  # zero frequency at size // 2 = pixels // 2 + margin
+        mx = overlap_matrix(kx, geometry.k_pixel_invA[0], centre_px[0], size, pixel_out)
+        my = overlap_matrix(ky, geometry.k_pixel_invA[1], centre_px[1], size, pixel_out)
         self.mx = torch.from_numpy(mx.astype(np.float32)).to(device)
         self.my_t = torch.from_numpy(my.T.astype(np.float32)).to(device)
         self.pixels = pixels
@@ -498,13 +511,17 @@ class _PatternStream:
         from training.augment import rotate_patterns
 
         x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(self.device)
-        out = torch.matmul(torch.matmul(self.mx, x), self.my_t)  # (..., K, K)
+        out = torch.matmul(torch.matmul(self.mx, x), self.my_t)  # (..., K + 2 margin, K + 2 margin)
         if self.geometry.transpose:
             out = out.transpose(-2, -1)
         if self.geometry.scan_rotation_deg:
-            flat = out.reshape(-1, self.pixels, self.pixels)
+            size = out.shape[-1]
+            flat = out.reshape(-1, size, size)
             angle = torch.full((flat.shape[0],), self.geometry.scan_rotation_deg, device=self.device)
             out = rotate_patterns(flat, angle).reshape(out.shape)
+        if self.margin:
+            m = self.margin
+            out = out[..., m : m + self.pixels, m : m + self.pixels].contiguous()
         return out
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
@@ -886,6 +903,47 @@ def _chang_probe_and_mask(
     return model.k_detector_invA, model.pixel_size_A, mask
 
 
+def _bin_patterns(patterns: torch.Tensor, factor: int) -> torch.Tensor:
+    """Sum ``factor`` x ``factor`` blocks of the last two axes, ``(..., n * factor, m * factor) -> (..., n,
+    m)``: the binning of :meth:`datagen.stock_images.ChangForwardModel.diffraction` (counts preserved)."""
+    if factor == 1:
+        return patterns
+    *lead, h, w = patterns.shape
+    return patterns.reshape(*lead, h // factor, factor, w // factor, factor).sum(dim=(-3, -1))
+
+
+def _chang_detector_shortfall(
+    geometry: ScanGeometry, centre_px: np.ndarray, k_det_invA: float, sim_px: int, slack_invA: float
+) -> str | None:
+    """Where the detector falls short of the Chang simulation grid, in words; None when it reaches it.
+
+    The grid has ``sim_px`` pixels of ``2 k_det / sim_px`` (1/A) with zero frequency at pixel ``sim_px //
+    2``: it reaches ``(sim_px // 2 + 1/2)`` pixels below zero and ``(sim_px - sim_px // 2 - 1/2)`` above. The
+    detector, zero frequency at (sub-pixel) ``centre_px``, reaches ``centre + 1/2`` and ``n - 1/2 - centre``
+    of its pixels (``k_pixel_invA`` per axis). ``slack_invA`` of overhang is allowed at every edge. The
+    shortest side (relative to what it needs) is named.
+    """
+    dk = 2.0 * k_det_invA / sim_px
+    needed = ((sim_px // 2 + 0.5) * dk, (sim_px - sim_px // 2 - 0.5) * dk)
+    worst: tuple[float, str] | None = None
+    for a, axis in enumerate("xy"):
+        n, k_pixel = geometry.shape[2 + a], geometry.k_pixel_invA[a]
+        available = ((centre_px[a] + 0.5) * k_pixel, (n - 0.5 - centre_px[a]) * k_pixel)
+        for side, have, need in zip(("below", "above"), available, needed, strict=True):
+            if have + slack_invA >= need * (1 - 1e-9):
+                continue
+            # the largest k_det this side allows (need and slack scale with k_det)
+            reach = max(have, 0.0) * k_det_invA / (need - slack_invA)
+            if worst is None or reach < worst[0]:
+                where = f"pixel {centre_px[a]:.2f} of {n}, {k_pixel:.4g} 1/A per pixel"
+                worst = (
+                    reach,
+                    f"along {axis} it reaches {reach:.4g} 1/A ({reach / geometry.alpha_invA:.3g} alpha) "
+                    f"{side} its centre ({where})",
+                )
+    return None if worst is None else worst[1]
+
+
 def chang_reconstruct(
     scan: Any,
     predictor: Predictor,
@@ -909,6 +967,11 @@ def chang_reconstruct(
 
     ``predictor(inputs (B, 1, K, K), positions_A)`` returns phase patches (B, K, K) (rad) on the label grid
     of :class:`datagen.stock_images.ChangForwardModel` (pixel ``1 / (2 k_det)``, centre pixel ``K // 2``).
+    The inputs are the training patterns' geometry on any detector: each CBED resampled by area overlap onto
+    the simulation grid (``pixels * bin_factor`` pixels over ``+-k_det = +-collection_ratio * alpha``,
+    counts inside preserved), rotated onto the scan frame there and binned by ``bin_factor``;
+    :class:`DetectorReachError` (a ``ValueError``) names both reaches when the detector ends short of
+    ``k_det`` (half an input pixel of overhang allowed).
     Pairs are positions at most ``max_pair_offset`` steps apart along x and y whose illuminated discs share
     at least ``min_overlap_fraction`` of a disc. ``info['offsets_rad']`` holds the solved offsets
     ``(Rx, Ry)`` (``c_0 = 0``), ``info['lsqr_residual']`` the least-squares residual norm.
@@ -925,16 +988,20 @@ def chang_reconstruct(
     k_det, d, mask = _chang_probe_and_mask(
         geometry, pixels, bin_factor, collection_ratio, illuminated_fraction
     )
-    # the input grid's outermost pixels (the dark rim at collection_ratio x alpha) may overhang the detector
-    # by half an input pixel: a detector that ends exactly at 2 alpha is what the training data assume
-    slack_px = 0.5 * (2.0 * k_det / pixels) / min(geometry.k_pixel_invA)
-    reach = _detector_reach_invA(geometry.shape[2:], geometry.k_pixel_invA, centre, pixels, slack_px=slack_px)
-    if k_det > reach:
-        raise ValueError(
-            f"Chang input needs the detector to reach {k_det:.4g} 1/A (collection_ratio={collection_ratio} x "
-            f"alpha); it reaches {reach:.4g} 1/A: lower collection_ratio to what the network was trained on"
+    # the training geometry: patterns simulated on pixels * bin_factor pixels over +-k_det, then binned; the
+    # input grid's outermost pixels (the dark rim at collection_ratio x alpha) may overhang the detector by
+    # half an input pixel: a detector that ends exactly at 2 alpha is what the training data assume
+    sim_px = int(pixels) * int(bin_factor)
+    shortfall = _chang_detector_shortfall(geometry, centre, k_det, sim_px, slack_invA=k_det / pixels)
+    if shortfall is not None:
+        raise DetectorReachError(
+            f"Chang input needs the detector to reach {k_det:.4g} 1/A from its centre (collection_ratio="
+            f"{collection_ratio:g} x alpha, the detector of the training data); {shortfall}: the network "
+            f"was trained on patterns to {collection_ratio:g} alpha (chang_unet.collection_ratio)"
         )
-    stream = _PatternStream(geometry, pixels, k_det, centre, dev)
+    # rotated scans: the corners of the rotated grid come from the detector beyond it (sqrt 2 reach)
+    margin = math.ceil(sim_px * (math.sqrt(2.0) - 1.0) / 2.0) + 1
+    stream = _PatternStream(geometry, sim_px, k_det, centre, dev, margin_px=margin)
     pixel_A = _object_pixel(geometry, oversampling, None, allow_fractional=False)
     os_ = int(oversampling)
     half = _mask_half_width(mask, pixels // 2, d, pixel_A)
@@ -970,12 +1037,15 @@ def chang_reconstruct(
     rx, ry = geometry.positions_shape
     means = np.zeros((rx, ry, len(shifts)), dtype=np.float64)
     accumulator = torch.zeros(grid.shape[0] * grid.shape[1], dtype=torch.float32, device=dev)
-    rows_per_block = block_rows or _default_block_rows(ry, pixels)
+    kx, ky = geometry.shape[2:]
+    # a block holds the raw detector rows, the half-resampled ones and the simulation-grid patterns
+    row_bytes = ry * (kx * ky + sim_px * ky + sim_px * sim_px) * 4
+    rows_per_block = block_rows or max(1, int(2**27 // row_bytes))
     count = 0
     bar = _inference_bar(geometry, progress, "Chang U-Net")
     for e, c, kernels in stream.kernels(rows_per_block, False, "Chang U-Net", neighbours=False):
         for part in _batches(len(e), batch_size):
-            counts = kernels[part, 0]
+            counts = _bin_patterns(kernels[part, 0], int(bin_factor))  # (B, K, K), the training binning
             total = counts.flatten(1).sum(1).clamp_min(1e-12)[:, None, None]
             inputs = torch.sqrt(counts.clamp_min(0) / total)[:, None]
             positions = np.stack([e[part] * geometry.step_A[0], c[part] * geometry.step_A[1]], -1)
@@ -1050,6 +1120,9 @@ def chang_reconstruct(
             "lsqr_residual": residual,
             "pairs": int(num_rows),
             "k_detector_invA": float(k_det),
+            "network_pixels": int(pixels),
+            "bin_factor": int(bin_factor),
+            "collection_ratio": float(collection_ratio),
             "oversampling": os_,
             "detector_centre_px": centre.tolist(),
             "patterns_per_s": count / max(elapsed, 1e-9),
