@@ -397,7 +397,7 @@ def image_input_message(path: str | os.PathLike, method: str) -> str | None:
             ndim = np.load(path, mmap_mode="r", allow_pickle=False).ndim
         except (OSError, ValueError):
             return None
-        what = f"a {ndim}D array" if ndim in (2, 3) else None
+        what = "a 2D array" if ndim == 2 else None
     elif kind in ("hdf5", "emd") and h5py.is_hdf5(path):
         try:
             schema = _hdf5_schema(path)

@@ -414,6 +414,11 @@ class CGRDNLightning(_NetModule):
     lr_g, lr_d, betas
         Adam settings of the two optimisers (1e-4 each, betas (0.9, 0.999); the thesis does not state
         them, these are this project's defaults).
+
+    Standardisation and loss weights are scale-free by default (``net.std_min_rel``,
+    ``loss.sigma_min_rel``; issue #16); the hyper-parameters of checkpoints made before that hold
+    ``net.std_min: 0.1`` and ``loss.sigma_min: 0.1``, which select the legacy absolute floor, so they load
+    and compute as they were trained.
     """
 
     def __init__(
