@@ -311,7 +311,10 @@ def _prepare_scan(name: str, entry: Mapping[str, Any], generate_missing: bool, p
 
 
 def _method_entries(suite: Mapping[str, Any]) -> list[dict[str, Any]]:
-    from evaluation.cli import CONVENTIONAL_METHODS, NETWORK_METHODS
+    """The methods to run. A network entry with ``ckpt: null`` gets the shipped model of its method
+    (:func:`evaluation.cli.default_checkpoint`) or, when none ships, is skipped with one line on stderr
+    naming the entry and ``suite.methods.<label>.ckpt=PATH`` (the rest of the suite still runs)."""
+    from evaluation.cli import CONVENTIONAL_METHODS, NETWORK_METHODS, default_checkpoint, pretrained_dir
 
     entries = []
     for label, entry in (suite.get("methods") or {}).items():
@@ -323,7 +326,15 @@ def _method_entries(suite: Mapping[str, Any]) -> list[dict[str, Any]]:
                 f"{', '.join(CONVENTIONAL_METHODS + NETWORK_METHODS)}"
             )
         if method in NETWORK_METHODS and not entry.get("ckpt"):
-            raise SuiteError(f"suite.methods.{label}: network method {method!r} needs ckpt: PATH")
+            shipped = default_checkpoint(method)
+            if shipped is None:
+                print(f"evaluate: skipping suite.methods.{label} ({method}): no ckpt given and no shipped "
+                      f"{method} model in {pretrained_dir()}; give suite.methods.{label}.ckpt=PATH",
+                      file=sys.stderr)  # fmt: skip
+                continue
+            print(f"evaluate: suite.methods.{label}: ckpt not given; using the shipped model {shipped}",
+                  file=sys.stderr)  # fmt: skip
+            entry["ckpt"] = str(shipped)
         entries.append(
             {
                 "label": str(label),
@@ -333,7 +344,8 @@ def _method_entries(suite: Mapping[str, Any]) -> list[dict[str, Any]]:
             }
         )
     if not entries:
-        raise SuiteError("suite.methods is empty: list at least one method")
+        skipped = " (every network entry was skipped: no checkpoint)" if suite.get("methods") else ""
+        raise SuiteError(f"suite.methods is empty{skipped}: list at least one method")
     return entries
 
 

@@ -142,7 +142,6 @@ def test_evaluate_py_writes_its_outputs_in_the_run_directory(folder, tmp_path):
     [
         (["+suite.methods.net.method=airpi", "+suite.methods.net.ckpt=FOLDER/ptychonn.ckpt"],
          "holds model 'ptychonn', not 'airpi'"),
-        (["+suite.methods.net.method=chang_unet"], "needs ckpt"),
         (["suite.scans.tiny.path=FOLDER/absent.h5"], "does not exist"),
         (["+suite.methods.x.method=nonsense"], "unknown method 'nonsense'"),
         (["logger=tensorboard"], "evaluate logs to W&B (logger=wandb) or not at all"),
