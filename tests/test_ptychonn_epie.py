@@ -1,0 +1,58 @@
+"""``experiment=ptychonn_epie`` (issue #15): PtychoNN trained on one scan's own ePIE reconstruction."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from tests.test_train import ROOT, compose_train
+
+TINY = ["data.patch_px=16", "data.batch_size=8", "model.net.channels=[4,8,16]", "threads=1",
+        "callbacks.prediction_images=null", "callbacks.progress_bar=null"]  # fmt: skip
+
+
+def test_experiment_composes_with_the_paper_split_and_a_time_cap(tmp_path):
+    cfg = compose_train(["experiment=ptychonn_epie", "data.scan_path=S.h5", "data.recon_path=S_epie.h5"])
+    assert cfg.data._target_.endswith("EpieLabelsDataModule") and cfg.model._target_.endswith(
+        "PtychoNNLightning"
+    )
+    assert abs(cfg.data.train_fraction - 100 / 161) < 1e-3
+    assert cfg.trainer.max_time == "00:00:14:00" and cfg.logger.csv is not None
+    for name in ("model_checkpoint", "last_checkpoint"):
+        assert OmegaConf.to_container(cfg.callbacks[name])["dirpath"] == "${paths.output_dir}/checkpoints"
+
+
+def test_experiment_trains_a_few_steps_on_a_tiny_scan(tmp_path):
+    from tests.test_datamodules import _epie_fixture
+    from training.cli import train
+
+    _, scan_path, recon_path = _epie_fixture(tmp_path)
+    cfg = compose_train(["experiment=ptychonn_epie", f"data.scan_path={scan_path}",
+                         f"data.recon_path={recon_path}", f"paths.output_dir={tmp_path}/run", *TINY,
+                         "trainer.max_epochs=1", "+trainer.limit_train_batches=2"])  # fmt: skip
+    metrics = train(cfg)
+    assert np.isfinite(metrics["val/loss"]) and np.isfinite(metrics["test/loss"])
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_train_py_honours_hydra_run_dir(tmp_path):
+    """The command line of the docs: checkpoints and the CSV log land in ``hydra.run.dir``."""
+    from tests.test_datamodules import _epie_fixture
+
+    _, scan_path, recon_path = _epie_fixture(tmp_path)
+    run_dir = tmp_path / "my run"
+    command = [sys.executable, str(ROOT / "train.py"), "experiment=ptychonn_epie",
+               f"data.scan_path={scan_path}", f"data.recon_path={recon_path}", f"hydra.run.dir='{run_dir}'",
+               *TINY, "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "test=false"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file() and len(list((run_dir / "checkpoints").glob("epoch_*.ckpt"))) == 1
+    assert list((run_dir / "csv").rglob("metrics.csv"))
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert not (tmp_path / "outputs").exists() and not (Path(ROOT) / "outputs" / "ptychonn_epie").exists()
