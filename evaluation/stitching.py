@@ -1321,6 +1321,23 @@ def reconstruct_with_network(
         ) from None
     if source is not None:
         result.info["alpha_over_gmax_from"] = source
+    recorded = model_ratio_alpha_gmax(model) if source in ("gmax_invA", "params") else None
+    ratio = result.info.get("alpha_over_gmax")
+    if (
+        recorded is not None
+        and ratio is not None
+        and not (recorded[0] * (1 - 0.02) <= ratio <= recorded[1] * (1 + 0.02))
+    ):
+        import warnings
+
+        low, high = training_ranges(model)["alpha_over_gmax"]
+        key = "gmax_invA" if source == "gmax_invA" else "ratio_alpha_gmax"
+        warnings.warn(
+            f"{method}: alpha/gmax={ratio:.3g} (set by {method}.{key}) outside the model's training range "
+            f"{_format_range('alpha_over_gmax', low, high)}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     result.info["precision"] = used
     result.info["channels_last"] = bool(channels_last)
     return result

@@ -187,7 +187,8 @@ def test_network_grid_follows_the_models_alpha_over_gmax(tmp_path, method):
     result = reconstruct_with_network(scan, method, plain, params, **run)
     assert result.info["gmax_invA"] > 2.9 * alpha and result.info["alpha_over_gmax_from"] == "paper"
     paper = {**params, "ratio_alpha_gmax": [0.1, 0.95]}
-    given = reconstruct_with_network(scan, method, recorded, paper, **run)
+    with pytest.warns(RuntimeWarning, match=r"ratio_alpha_gmax\) outside the model's training range"):
+        given = reconstruct_with_network(scan, method, recorded, paper, **run)  # the user's grid: ~3 alpha
     assert given.info["gmax_invA"] == pytest.approx(result.info["gmax_invA"])
     short = _scan(gmax_over_alpha=1.5, scan_px=3)  # the model needs 2 alpha: refused, naming the range
     with pytest.raises(ValueError, match=r"alpha_over_gmax training range \[0.5, 0.5\].*ratio_alpha_gmax"):
