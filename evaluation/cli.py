@@ -26,17 +26,17 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from datagen import store
+from evaluation.engines import ENGINES
 from evaluation.io import Scan4D, ScanError, load_4dstem
 from evaluation.references import (
     Reconstruction,
-    detector_angles_mrad,
     epie,
     icom,
     ricom,
+    scan_detector_angles_mrad,
     ssb,
     virtual_detector,
 )
-from physics import wavelength
 from physics.runtime import check_precision, configure_threads, report_error
 
 __all__ = [
@@ -152,6 +152,9 @@ def run_method(
     device: str = "auto",
     precision: str = "auto",
     channels_last: bool = True,
+    engine: str = "local",
+    engine_workers: Any = None,
+    engine_scheduler: Any = None,
 ) -> Reconstruction:
     """Run one method on ``scan`` with the parameters of its config section.
 
@@ -159,7 +162,26 @@ def run_method(
     ``precision`` (auto | bf16 | 32: auto = bf16 where the device has bf16 units, fp32 otherwise), with
     weights and inputs in NHWC memory order where ``channels_last`` (NCHW otherwise). Both are ignored by
     the conventional methods.
+
+    ``engine="libertem"`` runs the per-pattern part as LiberTEM UDFs (:mod:`evaluation.engines.libertem`:
+    icom, ricom, vadf, ptychonn; inline with ``engine_workers`` None, else a local Dask cluster of that
+    many workers, or the Dask scheduler at ``engine_scheduler``); the other methods raise ValueError.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "libertem":
+        from evaluation.engines.libertem import run_libertem
+
+        if method in NETWORK_METHODS and isinstance(model, (str, Path)):
+            from evaluation.stitching import load_network
+
+            model = load_network(model, method, "cpu")
+        elif method in NETWORK_METHODS and model is not None:
+            model = model.to("cpu")  # the UDF runs the network on the workers' CPUs
+        return run_libertem(
+            scan, method, params, workers=engine_workers, scheduler=engine_scheduler, model=model,
+            precision=precision, channels_last=channels_last, progress=progress,
+        )  # fmt: skip
     if method in NETWORK_METHODS:
         from evaluation.stitching import reconstruct_with_network
 
@@ -188,13 +210,10 @@ def run_method(
         band = params.pop("band_pass_invA", None)
         return ricom(scan.data, **common, band_pass_invA=tuple(band) if band else None, **params)
     if method == "vadf":
-        kx, ky = scan.shape[2:]
-        edge_mrad = (
-            1e3 * wavelength(scan.energy_eV) * min(kx * scan.k_pixel_invA[0], ky * scan.k_pixel_invA[1]) / 2
-        )
-        inner, outer = detector_angles_mrad(params.get("detector", "adf"), scan.semiangle_mrad, edge_mrad)
-        inner = params["inner_mrad"] if params.get("inner_mrad") is not None else inner
-        outer = params["outer_mrad"] if params.get("outer_mrad") is not None else outer
+        inner, outer = scan_detector_angles_mrad(
+            scan.shape[2:], scan.k_pixel_invA, scan.energy_eV, scan.semiangle_mrad,
+            params.get("detector", "adf"), params.get("inner_mrad"), params.get("outer_mrad"),
+        )  # fmt: skip
         result = virtual_detector(
             scan.data,
             scan.k_pixel_invA,
@@ -318,6 +337,14 @@ def reconstruct_main(cfg: DictConfig) -> int:
         check_precision(cfg.get("precision", "auto"))
     except ValueError as err:
         return _error(str(err))
+    engine = str(cfg.get("engine", "local"))
+    if engine not in ENGINES:
+        return _error(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "libertem":
+        from evaluation.engines.libertem import unsupported_message
+
+        if (message := unsupported_message(method)) is not None:
+            return _error(message)
     from hydra.utils import to_absolute_path
 
     input_path = Path(to_absolute_path(str(cfg.input)))
@@ -375,7 +402,8 @@ def reconstruct_main(cfg: DictConfig) -> int:
         start = time.perf_counter()
         result = run_method(
             scan, method, params, progress=progress, model=model, device=device,
-            precision=str(cfg.get("precision", "auto")),
+            precision=str(cfg.get("precision", "auto")), engine=engine,
+            engine_workers=cfg.get("engine_workers"), engine_scheduler=cfg.get("engine_scheduler"),
         )  # fmt: skip
         elapsed = time.perf_counter() - start
         num_patterns = scan.num_positions

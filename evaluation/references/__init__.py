@@ -10,24 +10,35 @@ from evaluation.references.com import (
     centre_of_mass,
     estimate_scan_rotation,
     icom,
+    icom_from_com,
     integrate_gradient,
     ricom,
+    ricom_from_com,
     ricom_kernel,
 )
 from evaluation.references.epie import epie
 from evaluation.references.ssb import ssb
-from evaluation.references.vdet import detector_angles_mrad, virtual_detector
+from evaluation.references.vdet import (
+    annulus_weights,
+    detector_angles_mrad,
+    scan_detector_angles_mrad,
+    virtual_detector,
+)
 
 __all__ = [
     "Reconstruction",
+    "annulus_weights",
     "centre_of_mass",
     "detector_angles_mrad",
     "epie",
     "estimate_scan_rotation",
     "icom",
+    "icom_from_com",
     "integrate_gradient",
     "ricom",
+    "ricom_from_com",
     "ricom_kernel",
+    "scan_detector_angles_mrad",
     "ssb",
     "virtual_detector",
 ]

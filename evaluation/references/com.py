@@ -19,7 +19,16 @@ from evaluation.references._common import (
     rotate_vectors,
 )
 
-__all__ = ["centre_of_mass", "estimate_scan_rotation", "icom", "integrate_gradient", "ricom", "ricom_kernel"]
+__all__ = [
+    "centre_of_mass",
+    "estimate_scan_rotation",
+    "icom",
+    "icom_from_com",
+    "integrate_gradient",
+    "ricom",
+    "ricom_from_com",
+    "ricom_kernel",
+]
 
 
 def centre_of_mass(data: Any, k_pixel_invA: float | Sequence[float], progress: bool = True) -> np.ndarray:
@@ -156,8 +165,22 @@ def icom(
     The image is on the scan grid: pixel = scan step, origin = first probe position.
     """
     check_scan_array(data)
-    step = pair(scan_step_A, "scan_step_A")
     com_det = centre_of_mass(data, k_pixel_invA, progress=progress)
+    return icom_from_com(com_det, scan_step_A, scan_rotation_deg, transpose, estimate_rotation, boundary)
+
+
+def icom_from_com(
+    com_det: np.ndarray,
+    scan_step_A: float | Sequence[float],
+    scan_rotation_deg: float = 0.0,
+    transpose: bool = False,
+    estimate_rotation: bool = False,
+    boundary: str = "mirror",
+) -> Reconstruction:
+    """iCOM from a COM field already measured (``(Rx, Ry, 2)``, 1/A, detector frame, zero mean over the
+    scan as :func:`centre_of_mass` returns it): the rotation and integration of :func:`icom`, shared by
+    every engine that measures the COM (``engine=libertem``: :mod:`evaluation.engines.libertem`)."""
+    step = pair(scan_step_A, "scan_step_A")
     if estimate_rotation:
         scan_rotation_deg, transpose = estimate_scan_rotation(com_det, step)
     gradient = 2 * np.pi * rotate_vectors(com_det, scan_rotation_deg, transpose)
@@ -233,11 +256,24 @@ def ricom(
     (eq. 3.6-3.7).
     """
     check_scan_array(data)
+    com_det = centre_of_mass(data, k_pixel_invA, progress)
+    return ricom_from_com(com_det, scan_step_A, kernel_size, band_pass_invA, scan_rotation_deg, transpose)
+
+
+def ricom_from_com(
+    com_det: np.ndarray,
+    scan_step_A: float | Sequence[float],
+    kernel_size: int = 21,
+    band_pass_invA: Sequence[float] | None = None,
+    scan_rotation_deg: float = 0.0,
+    transpose: bool = False,
+) -> Reconstruction:
+    """riCOM from a COM field already measured (``(Rx, Ry, 2)``, 1/A, detector frame, as
+    :func:`centre_of_mass` returns it): the kernel cross-correlation of :func:`ricom`, shared by every
+    engine."""
     step = pair(scan_step_A, "scan_step_A")
     kernel = ricom_kernel(kernel_size, step, band_pass_invA)
-    gradient = (
-        2 * np.pi * rotate_vectors(centre_of_mass(data, k_pixel_invA, progress), scan_rotation_deg, transpose)
-    )
+    gradient = 2 * np.pi * rotate_vectors(com_det, scan_rotation_deg, transpose)
     # cross-correlation = convolution with the point-reflected kernel
     image = sum(fftconvolve(gradient[..., c], kernel[::-1, ::-1, c], mode="same") for c in range(2))
     return Reconstruction(

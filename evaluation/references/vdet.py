@@ -17,7 +17,7 @@ from evaluation.references._common import (
 )
 from physics import wavelength
 
-__all__ = ["detector_angles_mrad", "virtual_detector"]
+__all__ = ["annulus_weights", "detector_angles_mrad", "scan_detector_angles_mrad", "virtual_detector"]
 
 
 def detector_angles_mrad(kind: str, semiangle_mrad: float, max_angle_mrad: float) -> tuple[float, float]:
@@ -38,6 +38,55 @@ def detector_angles_mrad(kind: str, semiangle_mrad: float, max_angle_mrad: float
     return table[kind]
 
 
+def scan_detector_angles_mrad(
+    detector_shape: Sequence[int],
+    k_pixel_invA: float | Sequence[float],
+    energy_eV: float,
+    semiangle_mrad: float,
+    kind: str = "adf",
+    inner_mrad: float | None = None,
+    outer_mrad: float | None = None,
+) -> tuple[float, float]:
+    """Inner and outer angles (mrad) of ``kind`` (:func:`detector_angles_mrad`) on a detector of
+    ``detector_shape`` pixels, whose edge is half its smaller side; ``inner_mrad`` / ``outer_mrad``
+    replace them when given (``reconstruct.py method=vadf``, every engine)."""
+    k_pixel = pair(k_pixel_invA, "k_pixel_invA")
+    kx, ky = (int(n) for n in detector_shape)
+    edge_mrad = 1e3 * wavelength(energy_eV) * min(kx * k_pixel[0], ky * k_pixel[1]) / 2
+    inner, outer = detector_angles_mrad(kind, semiangle_mrad, edge_mrad)
+    return (
+        float(inner_mrad) if inner_mrad is not None else inner,
+        float(outer_mrad) if outer_mrad is not None else outer,
+    )
+
+
+def annulus_weights(
+    detector_shape: Sequence[int],
+    k_pixel_invA: float | Sequence[float],
+    energy_eV: float,
+    inner_mrad: float,
+    outer_mrad: float,
+    centre_px: Sequence[float],
+) -> np.ndarray:
+    """float32 mask ``(Kx, Ky)`` of the pixels with ``inner_mrad <= theta < outer_mrad`` about
+    ``centre_px`` (``theta = lambda |k|``): the virtual detector of :func:`virtual_detector` and of every
+    engine. ValueError when no pixel lies in the annulus."""
+    kx, ky = (int(n) for n in detector_shape)
+    k_pixel = pair(k_pixel_invA, "k_pixel_invA")
+    centre = np.asarray(centre_px, dtype=np.float64)
+    lam = wavelength(energy_eV)
+    qx = (np.arange(kx) - centre[0]) * k_pixel[0]
+    qy = (np.arange(ky) - centre[1]) * k_pixel[1]
+    theta_mrad = 1e3 * lam * np.hypot(qx[:, None], qy[None, :])
+    mask = (theta_mrad >= inner_mrad) & (theta_mrad < outer_mrad)
+    if not mask.any():
+        raise ValueError(
+            f"virtual_detector: no detector pixel between {inner_mrad} and {outer_mrad} mrad "
+            f"(the detector records up to {theta_mrad.max():.1f} mrad)"
+        )
+    return mask.astype(np.float32)
+
+
 def virtual_detector(
     data: Any,
     k_pixel_invA: float | Sequence[float],
@@ -55,23 +104,12 @@ def virtual_detector(
     grid: pixel = scan step, origin = first probe position.
     """
     rx, ry, kx, ky = check_scan_array(data, minimum_scan=1)
-    k_pixel = pair(k_pixel_invA, "k_pixel_invA")
     if not 0 <= inner_mrad < outer_mrad:
         raise ValueError(f"virtual_detector: need 0 <= inner < outer, got {inner_mrad}, {outer_mrad} mrad")
     centre = np.asarray(centre_px, dtype=np.float64) if centre_px is not None else None
     if centre is None:
         centre = pattern_centre(mean_pattern(data, progress=progress))
-    lam = wavelength(energy_eV)
-    qx = (np.arange(kx) - centre[0]) * k_pixel[0]
-    qy = (np.arange(ky) - centre[1]) * k_pixel[1]
-    theta_mrad = 1e3 * lam * np.hypot(qx[:, None], qy[None, :])
-    mask = (theta_mrad >= inner_mrad) & (theta_mrad < outer_mrad)
-    if not mask.any():
-        raise ValueError(
-            f"virtual_detector: no detector pixel between {inner_mrad} and {outer_mrad} mrad "
-            f"(the detector records up to {theta_mrad.max():.1f} mrad)"
-        )
-    weights = mask.ravel().astype(np.float32)
+    weights = annulus_weights((kx, ky), k_pixel_invA, energy_eV, inner_mrad, outer_mrad, centre).ravel()
     image = np.empty((rx, ry))
     for rows, block in iter_scan_rows(data, desc="virtual detector", progress=progress):
         image[rows] = block.reshape(*block.shape[:2], -1) @ weights
