@@ -6,6 +6,7 @@ workers (its start-up takes seconds). Skipped without LiberTEM (``pip install -e
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,7 @@ def folder(tmp_path_factory) -> Path:
 def cluster():
     """One LiberTEM context on a local Dask cluster of 2 single-threaded workers for the module."""
     with libertem_context(workers=2) as ctx:
+        assert len(ctx.executor.get_available_workers().has_cpu()) == 2
         yield ctx
 
 
@@ -181,3 +183,40 @@ def test_reconstruct_end_to_end_writes_the_same_file(folder, method, extra, caps
             np.testing.assert_allclose(got, value, rtol=1e-6, err_msg=key)
         else:
             assert got == value, key
+
+
+def test_existing_scheduler_is_used(folder, capsys, tmp_path):
+    """engine_scheduler=tcp://HOST:PORT: a running Dask scheduler (here in-process, one worker carrying the
+    resource tags LiberTEM schedules on) runs the UDFs; it keeps running after reconstruct.py."""
+    from distributed import LocalCluster
+
+    resources = {"CPU": 1, "compute": 1, "ndarray": 1}
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", resources=resources,
+        dashboard_address=None,
+    ) as dask_cluster:  # fmt: skip
+        address = dask_cluster.scheduler_address
+        assert address.startswith("tcp://")
+        outputs = {}
+        for engine in ("local", "libertem"):
+            outputs[engine] = tmp_path / f"{engine}.h5"
+            cfg = _config(
+                folder, "method=icom", f"engine={engine}", f"engine_scheduler={address}",
+                f"output={outputs[engine]}",
+            )  # fmt: skip
+            assert reconstruct_main(cfg) == 0, capsys.readouterr().err
+        assert dask_cluster.scheduler.status.name == "running"
+    phases = {}
+    for engine, path in outputs.items():
+        with store.open_checked(path, store.RECON) as handle:
+            phases[engine] = handle["phase"][()]
+    assert np.abs(phases["libertem"] - phases["local"]).max() <= 1e-3
+
+
+def test_without_libertem_the_error_names_the_extra(folder, capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "libertem.api", None)  # import libertem.api raises ImportError
+    cfg = _config(folder, "method=icom", "engine=libertem", f"output={tmp_path}/out.h5")
+    assert reconstruct_main(cfg) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deepstem: error: engine=libertem needs LiberTEM")
+    assert ".[libertem]" in err[0] and not (tmp_path / "out.h5").exists()

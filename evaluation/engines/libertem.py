@@ -21,7 +21,8 @@ scan at once; ``airpi`` and ``chang_unet`` need each position's neighbours, whic
 
 A deepstem.4dstem/1 or EMD 1.0 file reaches LiberTEM through its HDF5 reader on the file's 4D dataset
 (``data``, ``(Rx, Ry, Kx, Ky)``); other inputs (.npy, .mib through RosettaSciIO, ...) as a memory dataset
-of the loaded scan.
+of the loaded scan. On a cluster of other machines the file must be readable at the same path on the
+workers (a shared filesystem); a memory dataset and the network travel to the workers pickled.
 """
 
 from __future__ import annotations
