@@ -378,9 +378,26 @@ def run_libertem(
                 scan, method, params, ctx=own, model=model, precision=precision, channels_last=channels_last,
                 progress=progress, partitions=partitions,
             )  # fmt: skip
-    params = dict(params)
     check_scan_array(scan.data)
     dataset = load_dataset(ctx, scan.data, partitions)
+    result = _dispatch(ctx, dataset, scan, method, dict(params), model, precision, channels_last, progress)
+    result.info["engine"] = "libertem"
+    result.info["engine_executor"] = type(ctx.executor).__name__
+    return result
+
+
+def _dispatch(
+    ctx: Any,
+    dataset: Any,
+    scan: Any,
+    method: str,
+    params: dict[str, Any],
+    model: Any,
+    precision: str,
+    channels_last: bool,
+    progress: bool,
+) -> Reconstruction:
+    """One method on a loaded LiberTEM dataset (see :func:`run_libertem`)."""
     common = {"scan_rotation_deg": scan.scan_rotation_deg, "transpose": scan.scan_transpose}
     if method == "icom":
         return icom_from_com(
