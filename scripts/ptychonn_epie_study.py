@@ -76,6 +76,21 @@ def score_region(scan: Scan4D, results: dict[str, Reconstruction], first_line: i
     return out
 
 
+def make_sparse(scan_path: Path, factor: int, out: Path) -> Path:
+    """Write the scan subsampled to every ``factor``-th position in both directions (step x ``factor``)."""
+    from evaluation.io import save_4dstem
+
+    scan = load_4dstem(scan_path)
+    step = np.broadcast_to(np.asarray(scan.scan_step_A, float), (2,))
+    data = np.asarray(scan.data[::factor, ::factor])
+    return save_4dstem(
+        out, data, energy_eV=scan.energy_eV, semiangle_mrad=scan.semiangle_mrad,
+        scan_step_A=tuple(float(v) for v in step * factor), k_pixel_invA=scan.k_pixel_invA,
+        Cs_A=scan.Cs_A, defocus_A=scan.defocus_A, truth_phase=scan.truth_phase,
+        truth_pixel_size_A=scan.truth_pixel_size_A, truth_origin_A=scan.truth_origin_A, overwrite=True,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scan", type=Path, required=True)
@@ -85,7 +100,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epie-wall-s", type=float, default=None, help="wall time of reconstruct.py epie")
     parser.add_argument("--ptychonn-wall-s", type=float, default=None, help="... of reconstruct.py ptychonn")
     parser.add_argument("--label-half-width-A", type=float, default=None)
+    parser.add_argument("--held-out-from-A", type=float, default=None,
+                        help="score scan x >= this (A), not the lines after train_fraction")  # fmt: skip
+    parser.add_argument("--make-sparse", type=int, default=None, metavar="FACTOR",
+                        help="only write SCAN subsampled by FACTOR to --out and exit")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.make_sparse:
+        print(make_sparse(args.scan, args.make_sparse, args.out))
+        return {}
 
     scan = load_4dstem(args.scan)
     rx, ry = scan.shape[:2]
@@ -93,6 +116,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     nn_result, nn_attrs = read_reconstruction(args.ptychonn)
     results = {"ptychonn": nn_result, "epie": epie_result}
     train_lines = round(args.train_fraction * rx)
+    if args.held_out_from_A is not None:
+        step_x_A = float(np.broadcast_to(np.asarray(scan.scan_step_A, float), (2,))[0])
+        train_lines = int(np.ceil(args.held_out_from_A / step_x_A - 1e-9))
     report: dict[str, Any] = {
         "scan": str(args.scan),
         "scan_shape": list(scan.shape),
