@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -109,6 +110,7 @@ def libertem_context(workers: Any = None, scheduler: Any = None) -> Iterator[Any
     if workers is not None and scheduler is not None:
         raise ValueError("give engine_workers or engine_scheduler, not both")
     api = _libertem()
+    quiet = _quiet_loggers()
     if scheduler is not None:
         from libertem.executor.dask import DaskJobExecutor
 
@@ -125,6 +127,19 @@ def libertem_context(workers: Any = None, scheduler: Any = None) -> Iterator[Any
         yield ctx
     finally:
         ctx.close()
+        for logger, level in quiet.items():
+            logger.setLevel(level)
+
+
+def _quiet_loggers() -> dict[logging.Logger, int]:
+    """Raise Dask's and LiberTEM's loggers to WARNING (Hydra logs INFO: dozens of lines per cluster start and
+    stop); returns the previous levels."""
+    previous = {}
+    for name in ("distributed", "libertem"):
+        logger = logging.getLogger(name)
+        previous[logger] = logger.level
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    return previous
 
 
 def load_dataset(ctx: Any, data: Any, partitions: int | None = None) -> Any:
