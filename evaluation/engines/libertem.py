@@ -63,6 +63,8 @@ UNSUPPORTED = {
     "airpi": "it needs each position's 3x3 neighbouring patterns, which LiberTEM's partitions do not hold",
     "chang_unet": "its least-squares stitching pairs each position with its neighbours across partitions",
 }
+#: seconds to wait for engine_scheduler to answer
+CONNECT_TIMEOUT_S = 20
 MISSING = "engine=libertem needs LiberTEM: pip install -e '.[libertem]' (the libertem extra)"
 
 
@@ -111,22 +113,24 @@ def libertem_context(workers: Any = None, scheduler: Any = None) -> Iterator[Any
         raise ValueError("give engine_workers or engine_scheduler, not both")
     api = _libertem()
     quiet = _quiet_loggers()
-    if scheduler is not None:
-        from libertem.executor.dask import DaskJobExecutor
-
-        try:
-            executor = DaskJobExecutor.connect(scheduler)
-        except (OSError, TimeoutError) as err:
-            raise RuntimeError(f"engine_scheduler={scheduler}: cannot connect ({err})") from None
-        ctx = api.Context(executor=executor)
-    elif workers is not None:
-        ctx = api.Context.make_with("dask", cpus=workers, gpus=0)
-    else:
-        ctx = api.Context.make_with("inline")
     try:
-        yield ctx
+        if scheduler is not None:
+            from libertem.executor.dask import DaskJobExecutor
+
+            try:
+                executor = DaskJobExecutor.connect(scheduler, client_kwargs={"timeout": CONNECT_TIMEOUT_S})
+            except (OSError, TimeoutError) as err:
+                raise RuntimeError(f"engine_scheduler={scheduler}: cannot connect ({err})") from None
+            ctx = api.Context(executor=executor)
+        elif workers is not None:
+            ctx = api.Context.make_with("dask", cpus=workers, gpus=0)
+        else:
+            ctx = api.Context.make_with("inline")
+        try:
+            yield ctx
+        finally:
+            ctx.close()
     finally:
-        ctx.close()
         for logger, level in quiet.items():
             logger.setLevel(level)
 
