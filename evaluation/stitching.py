@@ -992,9 +992,11 @@ def chang_reconstruct(
     )
     # the training geometry: patterns simulated on pixels * bin_factor pixels over +-k_det, then binned; the
     # input grid's outermost pixels (the dark rim at collection_ratio x alpha) may overhang the detector by
-    # half an input pixel: a detector that ends exactly at 2 alpha is what the training data assume
+    # half an input pixel plus half a detector pixel: a detector that ends exactly at 2 alpha is what the
+    # training data assume, and its measured centre of mass sits a fraction of a pixel off its middle
     sim_px = int(pixels) * int(bin_factor)
-    shortfall = _chang_detector_shortfall(geometry, centre, k_det, sim_px, slack_invA=k_det / pixels)
+    slack = k_det / pixels + 0.5 * float(min(geometry.k_pixel_invA))
+    shortfall = _chang_detector_shortfall(geometry, centre, k_det, sim_px, slack_invA=slack)
     if shortfall is not None:
         raise DetectorReachError(
             f"Chang input needs the detector to reach {k_det:.4g} 1/A from its centre (collection_ratio="
