@@ -15,14 +15,14 @@ Pipeline, the same for the three networks:
    the exact area overlap of detector and network pixels, which preserves the counts inside ``+-gmax``
    (:func:`overlap_matrix`); the detector centre is the centre of mass of the position-averaged CBED
    (as for SSB and ePIE); scan rotation/transpose are applied on the network grid with
-   :func:`training.augment.rotate_patterns`. Chang U-Net patterns go through the training data's own
+   :func:`models.inputs.rotate_patterns`. Chang U-Net patterns go through the training data's own
    geometry (:class:`datagen.stock_images.ChangForwardModel`): any detector (32, 128 x 128 EMPAD,
    256 x 256 Merlin, an odd crop, unequal pixels along x and y) is resampled onto its simulation grid
    (``pixels * bin_factor`` pixels over ``+-collection_ratio * alpha``, zero frequency at the centre
    pixel), rotated there, and summed in ``bin_factor`` x ``bin_factor`` blocks (:func:`_bin_patterns`), so
    zero frequency lies ``(bin_factor - 1) / (2 bin_factor)`` of a network pixel below ``K // 2``, as in
    the training patterns.
-3. Network inputs are built with the training pre-processing: AIRPI with :func:`training.augment.preprocess`
+3. Network inputs are built with the training pre-processing: AIRPI with :func:`models.inputs.preprocess`
    (``x^0.1``, ``zeta`` step weights, standardisation, probe channels), PtychoNN as in
    :func:`training.datamodules.ptychonn_view` (centre CBED / its maximum), Chang as in the stock-image data
    module (``sqrt(counts / total)`` on 32 x 32 pixels over ``+-collection_ratio * alpha``).
@@ -510,7 +510,7 @@ class _PatternStream:
         self.pixels = pixels
 
     def _resample(self, block: np.ndarray) -> torch.Tensor:
-        from training.augment import rotate_patterns
+        from models.inputs import rotate_patterns
 
         x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(self.device)
         out = torch.matmul(torch.matmul(self.mx, x), self.my_t)  # (..., K + 2 margin, K + 2 margin)
@@ -788,7 +788,7 @@ def airpi_reconstruct(
     covers within ``alpha / gmax`` in ``ratio_alpha_gmax`` (None: paper 002's (0.1, 0.95); a model's own
     range is applied by :func:`reconstruct_with_network`); ``info['alpha_over_gmax']`` is the ratio used.
     """
-    from training.augment import preprocess
+    from models.inputs import preprocess
 
     dev = resolve_device(device)
     geometry = ScanGeometry.from_scan(scan, data_repetition, repetition_box, repetition_stride)

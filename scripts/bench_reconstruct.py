@@ -405,7 +405,7 @@ def child(
     from evaluation.io import load_4dstem
 
     # the methods import these on first use: import them now so that the imports are not timed
-    for name in ("scipy.signal", "scipy.sparse.linalg", "datagen.stock_images", "training.augment"):
+    for name in ("scipy.signal", "scipy.sparse.linalg", "datagen.stock_images", "models.inputs"):
         importlib.import_module(name)
 
     scan = load_4dstem(scan_path, validate=False)

@@ -9,25 +9,27 @@ import pytest
 import torch
 from scipy import stats
 
+from models.inputs import (
+    compress_intensity,
+    preprocess,
+    probe_intensity,
+    rotate_patterns,
+    standardise,
+    zeta_weights,
+)
 from physics import probe as make_probe
 from training.augment import (
     AirpiAugmentation,
     PMTParameters,
     apply_dose,
-    compress_intensity,
     dead_hot_pixels,
     dihedral_transform,
     draw_no_specimen,
     flip_about_centre,
     gaussian_readout_noise,
     make_generator,
-    preprocess,
-    probe_intensity,
     replace_no_specimen,
-    rotate_patterns,
     shift_patterns,
-    standardise,
-    zeta_weights,
 )
 from training.distortions import uniform_range
 
@@ -500,8 +502,8 @@ def test_dihedral_augmentation_only_in_training_and_probe_follows():
 
 def test_probe_phase_channel_has_no_branch_cut_noise() -> None:
     """An aberration-free probe is real: its negative rings must read one phase (+pi), not +-pi at random."""
+    from models.inputs import probe_channels
     from physics import probe, wavelength
-    from training.augment import probe_channels
 
     gmax = 2 * 20e-3 / wavelength(300e3)
     psi = torch.from_numpy(probe(300e3, 20.0, 64, gmax_invA=gmax))[None]

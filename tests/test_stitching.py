@@ -29,8 +29,8 @@ from evaluation.stitching import (
     overlap_matrix,
     ptychonn_reconstruct,
 )
+from models.inputs import preprocess, probe_intensity
 from physics import probe, wavelength
-from training.augment import preprocess, probe_intensity
 
 K = 32  # network grid of the oracle tests (pixels)
 
