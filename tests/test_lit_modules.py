@@ -415,3 +415,31 @@ def test_config_instantiates_with_expected_parameter_count(name: str) -> None:
 
     signature = inspect.signature(type(module.net).__init__)
     assert set(cfg.model.net) == {p for p in signature.parameters if p != "self"}
+
+
+def test_chang_optimizer_choice_steps_the_weights_as_adam_or_sgd() -> None:
+    """optimizer=adam gives an Adam step of ~lr per weight (sign of the gradient), sgd a step lr * grad;
+    anything else is refused by name."""
+    batch = chang_samples(n=2)
+    moved = {}
+    for name in ("sgd", "adam"):
+        torch.manual_seed(0)
+        module = small("chang", optimizer=name, lr=1e-3)
+        opt = module.configure_optimizers()
+        assert isinstance(opt, torch.optim.Adam if name == "adam" else torch.optim.SGD)
+        weight = module.net.head.weight if hasattr(module.net, "head") else next(module.parameters())
+        before = weight.detach().clone()
+        module.train()
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        grad = weight.grad.detach().clone()
+        opt.step()
+        moved[name] = (weight.detach() - before, grad)
+    step, grad = moved["adam"]
+    # Adam's first step is lr * g / (|g| + eps) = lr * sign(g) where the gradient is not tiny
+    big = grad.abs() > 1e-6
+    assert torch.allclose(step[big], -1e-3 * torch.sign(grad[big]), rtol=1e-2, atol=1e-6)
+    step, grad = moved["sgd"]
+    assert torch.allclose(step, -1e-3 * grad, rtol=1e-3, atol=1e-7)  # float32 rounding of w - w0
+    with pytest.raises(ValueError, match="optimizer"):
+        small("chang", optimizer="rmsprop")
