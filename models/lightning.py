@@ -24,8 +24,9 @@ one clear ``KeyError`` for a wrong model/data pairing (also called at every step
 
 Logged metrics (stable names): ``train/loss``, ``val/loss`` for all; per-term losses under
 ``train/loss_<term>`` and ``val/loss_<term>``; AIRPI ``val/xc_object_phase``; Chang ``val/xc_phase``;
-PtychoNN ``val/xc_amplitude``, ``val/xc_phase``; CGRDN ``train/loss_d``, ``val/psnr``,
-``val/psnr_input`` (the distorted input against the clean image, the baseline).
+PtychoNN ``val/xc_amplitude``, ``val/xc_phase`` (``val/xc_phase_weighted`` given a ``weight``);
+CGRDN ``train/loss_d``, ``val/psnr``, ``val/psnr_input`` (the distorted input against the clean image,
+the baseline).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from models.losses import (
     psnr,
     relativistic_discriminator_loss,
 )
-from models.ptychonn import PtychoNN
+from models.ptychonn import PtychoNN, PtychoNNStandardisation, to_physical_units
 
 __all__ = ["AIRPILightning", "CGRDNLightning", "ChangLightning", "PtychoNNLightning"]
 
@@ -326,6 +327,16 @@ class PtychoNNLightning(_NetModule):
     half_cycle_epochs
         Epochs from the bottom to the top of a cycle (6). The step count per epoch comes from the
         Trainer (``estimated_stepping_batches / max_epochs``) or, without one, ``steps_per_epoch``.
+    standardise_inputs, standardise_labels, input_px, input_std_floor
+        Off by default (paper). :class:`models.ptychonn.PtychoNNStandardisation`, fitted on the training
+        split when a fit starts (the data module's ``training_statistics()``) and saved in the checkpoint:
+        ``standardise_inputs`` z-scores each input pixel (``input_px`` the pattern size, ``input_std_floor``
+        the std floor as a fraction of the largest); ``standardise_labels`` makes the network predict
+        ``(label - mean) / std`` with linear heads (``net.output`` null or ``"linear"``). The loss is taken
+        on the standardised labels; :meth:`forward` returns physical units (amplitude, phase in rad), so a
+        reconstruction needs nothing else.
+
+    A batch may carry ``weight`` (B, 1, H, W), per-pixel loss weights (``data.label_weight=probe``).
     """
 
     def __init__(
@@ -337,9 +348,18 @@ class PtychoNNLightning(_NetModule):
         steps_per_epoch: int | None = None,
         compile: bool = False,
         channels_last: bool = False,
+        standardise_inputs: bool = False,
+        standardise_labels: bool = False,
+        input_px: int | None = None,
+        input_std_floor: float = 0.01,
     ):
         super().__init__()
         net, loss = _plain(net or {}), _plain(loss or {})
+        if net.get("output") is None:  # null: the heads the label convention needs
+            net["output"] = "linear" if standardise_labels else "bounded"
+        if standardise_labels and net["output"] != "linear":
+            raise ValueError("PtychoNNLightning: standardise_labels needs net.output=linear (or null), got "
+                             f"{net['output']!r}: bounded heads miss standardised labels")  # fmt: skip
         self.save_hyperparameters(
             {
                 "net": net,
@@ -349,29 +369,60 @@ class PtychoNNLightning(_NetModule):
                 "steps_per_epoch": steps_per_epoch,
                 "compile": compile,
                 "channels_last": channels_last,
+                "standardise_inputs": standardise_inputs,
+                "standardise_labels": standardise_labels,
+                "input_px": input_px,
+                "input_std_floor": input_std_floor,
             }
         )
         self.net = PtychoNN(**net)
         self.loss = PtychoNNLoss(**loss)
+        self.norm = PtychoNNStandardisation(standardise_inputs, standardise_labels, input_px, input_std_floor)
         self._init_switches(compile, channels_last)
 
     BATCH_KEYS = ("diffraction", "amplitude", "phase")
+    OPTIONAL_BATCH_KEYS = ("weight",)
+
+    def forward_standardised(self, diffraction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Diffraction (B, 1, H, W) -> the network's raw (amplitude, phase): standardised labels when
+        ``standardise_labels``, else physical units."""
+        return self.run_net(self.norm.standardise_inputs(_image(diffraction)))
 
     def forward(self, diffraction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Diffraction (B, 1, H, W) -> (amplitude, phase), each (B, 1, H, W)."""
-        return self.run_net(_image(diffraction))
+        """Diffraction (B, 1, H, W) -> (amplitude, phase in rad), each (B, 1, H, W)."""
+        return to_physical_units(*self.forward_standardised(diffraction), self.norm)
+
+    def on_fit_start(self) -> None:
+        """Fit the standardisation on the training split (once: a resumed run keeps its checkpoint's)."""
+        if not self.norm.active or bool(self.norm.fitted):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "training_statistics"):
+            raise ValueError("PtychoNNLightning: standardise_inputs/standardise_labels need a data module "
+                             "with training_statistics() (data=epie_labels), got "
+                             f"{type(datamodule).__name__}")  # fmt: skip
+        stats = datamodule.training_statistics()
+        self.norm.fit(*(stats[k].to(self.device) for k in ("diffraction", "amplitude", "phase")))
 
     def _step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
         self.check_batch(batch)
-        amplitude, phase = self(batch["diffraction"])
+        amplitude, phase = self.forward_standardised(batch["diffraction"])
         amplitude_true, phase_true = _image(batch["amplitude"]), _image(batch["phase"])
-        total, terms = self.loss(amplitude, phase, amplitude_true, phase_true)
+        weight = batch.get("weight")
+        total, terms = self.loss(
+            amplitude, phase, *self.norm.standardise_labels(amplitude_true, phase_true), weight
+        )
         bs = amplitude.shape[0]
         self.log(f"{stage}/loss", total, prog_bar=True, batch_size=bs)
         self._log_terms(stage, terms, bs)
         if stage == "val":
+            amplitude, phase = to_physical_units(amplitude, phase, self.norm)
             self.log("val/xc_amplitude", pearson_xc(amplitude, amplitude_true).mean(), batch_size=bs)
             self.log("val/xc_phase", pearson_xc(phase, phase_true).mean(), batch_size=bs)
+            if weight is not None:
+                # pooled over the batch's weighted pixels: the region a reconstruction stitches
+                flat = [t.reshape(1, -1) for t in (phase, phase_true, _image(weight).expand_as(phase))]
+                self.log("val/xc_phase_weighted", pearson_xc(*flat)[0], batch_size=bs)
         return total
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

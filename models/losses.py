@@ -2,7 +2,8 @@
 
 * :class:`AIRPILoss`: paper 002 eq. 11-14 (thesis eq. 4.11-4.14) plus the output-layer penalties.
 * :func:`masked_l1`: Chang et al. (paper 001), L1 inside the illuminated area.
-* :class:`PtychoNNLoss`: paper 004, L1 (mean absolute error) on amplitude and phase.
+* :class:`PtychoNNLoss`: paper 004, L1 (mean absolute error) on amplitude and phase; options L2, a phase
+  xc term and per-pixel weights (issue #15).
 * :class:`CGRDNGeneratorLoss`, :func:`relativistic_generator_loss`, :func:`relativistic_discriminator_loss`:
   thesis ch.2 eq. 2.30-2.43.
 
@@ -258,12 +259,42 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | Non
 
 
 class PtychoNNLoss(nn.Module):
-    """PtychoNN (paper 004): ``w_amplitude L1(amplitude) + w_phase L1(phase)`` (per-pixel MAE)."""
+    """PtychoNN (paper 004): ``w_amplitude E(amplitude) + w_phase E(phase) + w_xc (1 - xc(phase))``.
 
-    def __init__(self, w_amplitude: float = 1.0, w_phase: float = 1.0):
+    Parameters
+    ----------
+    w_amplitude, w_phase
+        Weights of the per-pixel errors (1, 1).
+    kind
+        ``"l1"`` (paper: mean absolute error) or ``"l2"`` (mean squared error). L1's minimiser is the
+        median: on sparse atomic phases (mostly near 0, peaks to 1 rad) a network can sit there (issue #15).
+    w_xc
+        Weight of ``1 - xc`` of the phase, the Pearson cross-correlation pooled over the batch's pixels
+        (weighted by ``weight``): scale- and offset-free, it rewards contrast a flat output lacks (0: off).
+
+    ``forward(..., weight=None)``: optional per-pixel weights broadcastable to (B, H, W) (e.g. the probe
+    intensity on the label window, ``data.label_weight=probe``); errors are the weighted means
+    ``sum(w e) / sum(w)``. The terms are in the units of the tensors given (rad, or standardised labels).
+    """
+
+    KINDS = ("l1", "l2")
+
+    def __init__(self, w_amplitude: float = 1.0, w_phase: float = 1.0, kind: str = "l1", w_xc: float = 0.0):
         super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"PtychoNNLoss: kind must be one of {self.KINDS}, got {kind!r}")
         self.w_amplitude = float(w_amplitude)
         self.w_phase = float(w_phase)
+        self.kind = kind
+        self.w_xc = float(w_xc)
+
+    def _error(self, pred: torch.Tensor, true: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        diff = _squeeze_channel(pred) - _squeeze_channel(true)
+        err = diff.abs() if self.kind == "l1" else diff * diff
+        if weight is None:
+            return err.mean()
+        w = _squeeze_channel(weight).to(err.dtype).expand_as(err)
+        return (w * err).sum() / w.sum().clamp_min(1e-12)
 
     def forward(
         self,
@@ -271,12 +302,23 @@ class PtychoNNLoss(nn.Module):
         phase_pred: torch.Tensor,
         amplitude_true: torch.Tensor,
         phase_true: torch.Tensor,
+        weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms = {
-            "amplitude": F.l1_loss(_squeeze_channel(amplitude_pred), _squeeze_channel(amplitude_true)),
-            "phase": F.l1_loss(_squeeze_channel(phase_pred), _squeeze_channel(phase_true)),
+            "amplitude": self._error(amplitude_pred, amplitude_true, weight),
+            "phase": self._error(phase_pred, phase_true, weight),
         }
-        return self.w_amplitude * terms["amplitude"] + self.w_phase * terms["phase"], terms
+        total = self.w_amplitude * terms["amplitude"] + self.w_phase * terms["phase"]
+        if self.w_xc:
+            pred, true = _squeeze_channel(phase_pred), _squeeze_channel(phase_true)
+            w = (
+                None
+                if weight is None
+                else _squeeze_channel(weight).to(pred.dtype).expand_as(pred).reshape(1, -1)
+            )
+            terms["xc"] = 1.0 - pearson_xc(pred.reshape(1, -1), true.reshape(1, -1), w)[0]
+            total = total + self.w_xc * terms["xc"]
+        return total, terms
 
 
 def whitening_transform(y: torch.Tensor, window: int, std_min: float | torch.Tensor) -> torch.Tensor:

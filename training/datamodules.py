@@ -485,6 +485,15 @@ class EpieLabelsDataModule(L.LightningDataModule):
     by ``(seed + 1, index)``. The training order is shuffled per epoch from ``(seed, epoch)``
     (:class:`training.datasets.EpochBatchSampler`); loaders are :class:`ResumableDataLoader`, so that a
     run resumed from any checkpoint trains on the batches and noise of the uninterrupted one.
+
+    ``label_weight="probe"`` adds ``weight`` (B, 1, patch_px, patch_px) to every batch: the probe intensity
+    ``|psi_in|^2 / max`` on the label window (the ePIE pixel; the scan's energy, semi-angle, defocus, Cs)
+    where it exceeds ``weight_threshold``, 0 elsewhere: the weights with which a reconstruction stitches
+    the patches. A pattern sees only the illuminated object (a 0.6 A probe radius against a window of
+    ``patch_px`` ePIE pixels, ~8 A for 32 px of 0.25 A): the rest of the window cannot be predicted from it,
+    and with uniform weights it is ~99 % of the loss (issue #15). ``"uniform"`` (default): no weight.
+    :meth:`training_statistics` gives the training split's (noise-free) inputs and labels, from which a
+    PtychoNN with ``standardise_inputs`` / ``standardise_labels`` fits its standardisation.
     """
 
     def __init__(
@@ -498,8 +507,14 @@ class EpieLabelsDataModule(L.LightningDataModule):
         num_workers: int = 0,
         dose_e_range: Sequence[float] | None = None,
         seed: int = 0,
+        label_weight: str = "uniform",
+        weight_threshold: float = 0.1,
     ) -> None:
         super().__init__()
+        if label_weight not in ("uniform", "probe"):
+            raise ValueError(f"data.label_weight must be 'uniform' or 'probe', got {label_weight!r}")
+        self.label_weight, self.weight_threshold = label_weight, float(weight_threshold)
+        self.weight: torch.Tensor | None = None
         if not 0 < train_fraction < 1 or not 0 <= val_fraction < 1:
             raise ValueError(f"data.train_fraction in (0, 1) and val_fraction in [0, 1) required, got "
                              f"{train_fraction}, {val_fraction}")  # fmt: skip
@@ -541,6 +556,40 @@ class EpieLabelsDataModule(L.LightningDataModule):
         self.positions = {
             name: np.array([(i, j) for i in rows for j in range(ry)], dtype=np.int64).reshape(-1, 2)
             for name, rows in lines.items()
+        }
+        if self.label_weight == "probe":
+            self.weight = self.probe_weight()
+
+    def probe_weight(self) -> torch.Tensor:
+        """The probe intensity on the label window (1, patch_px, patch_px), max 1, 0 below the threshold."""
+        from physics import probe
+
+        pixel_A = float(self.pixel_size_A[0])
+        if not np.isclose(self.pixel_size_A[1], pixel_A, rtol=1e-6):
+            raise ValueError(f"{self.recon_path}: label_weight=probe needs square pixels, "
+                             f"got {self.pixel_size_A}")  # fmt: skip
+        scan = self.scan
+        psi = probe(
+            float(scan.energy_eV), float(scan.semiangle_mrad), self.patch_px, sampling_A=pixel_A,
+            defocus_A=float(getattr(scan, "defocus_A", 0.0) or 0.0),
+            Cs_A=float(getattr(scan, "Cs_A", 0.0) or 0.0),
+        )  # fmt: skip
+        intensity = np.abs(psi) ** 2
+        intensity = intensity / intensity.max()
+        weight = np.where(intensity > self.weight_threshold, intensity, 0.0)
+        return torch.from_numpy(weight.astype(np.float32))[None]
+
+    def training_statistics(self) -> dict[str, torch.Tensor]:
+        """The training split stacked: ``diffraction`` (N, 1, K, K), each pattern over its maximum (no dose
+        noise), ``amplitude`` and ``phase`` (N, 1, K, K): what a standardisation is fitted on."""
+        self.setup()
+        samples = [self.sample(int(i), int(j)) for i, j in self.positions["train"]]
+        patterns = torch.stack([s["pattern"] for s in samples])[:, None]
+        patterns = patterns / patterns.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
+        return {
+            "diffraction": patterns.float(),
+            "amplitude": torch.stack([s["amplitude"] for s in samples]),
+            "phase": torch.stack([s["phase"] for s in samples]),
         }
 
     def label(self, i: int, j: int) -> np.ndarray:
@@ -631,9 +680,12 @@ class EpieLabelsDataModule(L.LightningDataModule):
             )
             counts = apply_dose(counts, dose, generator)
         peak = counts.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-        return {
+        out = {
             "diffraction": (counts / peak)[:, None].float(),
             "amplitude": batch["amplitude"],
             "phase": batch["phase"],
             "index": batch["index"],
         }
+        if self.weight is not None:
+            out["weight"] = self.weight.to(counts.device)[None].expand(counts.shape[0], -1, -1, -1)
+        return out
