@@ -2,10 +2,10 @@
 
 Conventional methods (``epie``, ``ssb``, ``icom``, ``ricom``, ``vadf``) run from :mod:`evaluation.references`;
 network methods (``airpi``, ``chang_unet``, ``ptychonn``) load ``ckpt=PATH`` and stitch with
-:mod:`evaluation.stitching`; without ``ckpt``, ``airpi`` uses the shipped model in ``pretrained/`` whose
+:mod:`evaluation.networks`; without ``ckpt``, ``airpi`` uses the shipped model in ``pretrained/`` whose
 recorded training ranges cover the scan (:func:`choose_checkpoint`; the default, and the one taken on a tie,
 is ``pretrained/airpi_reference.ckpt``, model card ``pretrained/README.md``). A scan outside the model's
-training ranges (:func:`evaluation.stitching.optics_mismatch`) gets one ``reconstruct: warning: ...`` line
+training ranges (:func:`evaluation.networks.optics_mismatch`) gets one ``reconstruct: warning: ...`` line
 per quantity, or, with ``strict_optics=true``, is refused. ``method=cgrdn`` restores a 2D image instead
 (``input=IMAGE``: :mod:`evaluation.restore`, writing ``deepstem.restored/1`` + PNG).
 
@@ -74,9 +74,10 @@ def pretrained_dir() -> Path:
 
 def shipped_checkpoints(method: str) -> list[tuple[Path, dict[str, Any]]]:
     """``(path, checkpoint)`` of every ``*.ckpt`` in :func:`pretrained_dir` that holds a ``method`` network
-    (:func:`evaluation.stitching.identify_checkpoint`), sorted by name; files that do not load
+    (:func:`evaluation.networks.identify_checkpoint`), sorted by name; files that do not load
     weights-only are skipped."""
-    from evaluation.stitching import CheckpointError, identify_checkpoint, load_checkpoint
+    from evaluation.networks import CheckpointError, identify_checkpoint
+    from models.checkpoints import load_checkpoint
 
     found = []
     for path in sorted(pretrained_dir().glob("*.ckpt")):
@@ -96,13 +97,13 @@ def choose_checkpoint(
     best, or None when none is shipped.
 
     Score: the quantities of the scan outside the model's ranges
-    (:func:`evaluation.stitching.optics_mismatch`, ``step_factor`` as there) plus one when the detector
+    (:func:`evaluation.networks.optics_mismatch`, ``step_factor`` as there) plus one when the detector
     does not reach the model's ``alpha / gmax`` on a ``pixels`` grid
-    (:func:`evaluation.stitching.detector_mismatch`); the lowest wins, ties go to the default of
+    (:func:`evaluation.networks.detector_mismatch`); the lowest wins, ties go to the default of
     :data:`PRETRAINED`, then to the first by name. Without ``scan``: the default (or the first).
     ``reason`` says why, in words, for the log.
     """
-    from evaluation.stitching import detector_mismatch, optics_mismatch
+    from evaluation.networks import detector_mismatch, optics_mismatch
 
     candidates = shipped_checkpoints(method)
     if not candidates:
@@ -173,7 +174,7 @@ def run_method(
         from evaluation.engines.libertem import run_libertem
 
         if method in NETWORK_METHODS and isinstance(model, (str, Path)):
-            from evaluation.stitching import load_network
+            from evaluation.networks import load_network
 
             model = load_network(model, method, "cpu")
         elif method in NETWORK_METHODS and model is not None:
@@ -183,7 +184,7 @@ def run_method(
             precision=precision, channels_last=channels_last, progress=progress,
         )  # fmt: skip
     if method in NETWORK_METHODS:
-        from evaluation.stitching import reconstruct_with_network
+        from evaluation.networks import reconstruct_with_network
 
         if model is None:
             raise ValueError(f"method {method!r} needs a network checkpoint: give ckpt=PATH")
@@ -367,7 +368,7 @@ def reconstruct_main(cfg: DictConfig) -> int:
         params = _params(cfg, method)
         ckpt = None
         if method in NETWORK_METHODS and cfg.get("ckpt"):  # a given checkpoint is checked before the input
-            from evaluation.stitching import load_network
+            from evaluation.networks import load_network
 
             ckpt = Path(to_absolute_path(str(cfg.ckpt)))
             model = load_network(ckpt, method, device)
@@ -378,7 +379,7 @@ def reconstruct_main(cfg: DictConfig) -> int:
         # the calibration (the data are read lazily) before a shipped model is chosen: the choice needs it
         scan = load_4dstem(input_path, calibration, progress=progress, **overrides)
         if method in NETWORK_METHODS:
-            from evaluation.stitching import load_network, optics_mismatch
+            from evaluation.networks import load_network, optics_mismatch
 
             # data repetition feeds the network CBED sums at repetition_stride x the scan step
             step_factor = float(params.get("repetition_stride", 2)) if params.get("data_repetition") else 1.0

@@ -53,7 +53,7 @@ def load_cgrdn(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
     :class:`~models.checkpoints.CheckpointError` naming the model it holds. Hyper-parameters of checkpoints
     made before issue #16 (``net.std_min: 0.1``) select the generator's legacy absolute standardisation.
     """
-    from evaluation.stitching import NETWORK_CLASSES, identify_checkpoint, resolve_device
+    from evaluation.networks import NETWORK_CLASSES, identify_checkpoint, resolve_device
     from models.lightning import CGRDNLightning
 
     path = Path(path)

@@ -380,7 +380,7 @@ def _method_params(entry: Mapping[str, Any], grid: ScoringGrid) -> dict[str, Any
 def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run the suite of ``cfg.suite`` and write its outputs into ``run_dir``; returns the JSON content."""
     from evaluation.cli import run_method
-    from evaluation.stitching import CheckpointError, load_network
+    from evaluation.networks import CheckpointError, load_network
 
     suite = OmegaConf.to_container(cfg.suite, resolve=True)
     assert isinstance(suite, dict)

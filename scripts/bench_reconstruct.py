@@ -19,7 +19,7 @@ Methods run through :func:`evaluation.cli.run_method` with the shipped defaults 
 (``airpi``, ``ptychonn``, ``chang`` = ``chang_unet``) are built from ``conf/model/*.yaml`` with untrained
 weights (speed does not depend on them; ``--airpi-ckpt`` loads AIRPI's from a checkpoint instead, e.g.
 ``pretrained/airpi_reference.ckpt``, trained for this geometry, so that the bf16 agreement below is that of
-a working network) and stitched by :mod:`evaluation.stitching`, each finding the detector centre from the
+a working network) and stitched by :mod:`evaluation.networks`, each finding the detector centre from the
 mean CBED as by default.
 
 Threads (``--threads``, default every core this process may use, :func:`physics.runtime.resolve_threads`):
@@ -28,7 +28,7 @@ and the BLAS / OpenMP pools through ``OMP_NUM_THREADS`` and friends (overriding 
 
 Precision and layout (networks, issue #17): each network is measured, in its one process and on the same
 scan, once per configuration: every ``--precisions`` entry (``32`` = fp32, ``bf16`` = bf16 autocast with
-fp32 outputs, :func:`evaluation.stitching.model_predictor`) in the primary layout (``--channels-last on`` or
+fp32 outputs, :func:`evaluation.networks.model_predictor`) in the primary layout (``--channels-last on`` or
 ``both``: NHWC weights and inputs; ``off``: NCHW), and with ``both`` fp32 also in NCHW; the fp32 run in the
 primary layout comes first and is the reference. bf16 is requested explicitly, so it runs even where the
 hardware has no bf16 units (emulated, slower; ``precision=auto`` would use fp32 there): the report's
@@ -236,7 +236,7 @@ def _network(method: str, device: str, batch: int, ckpt: Path | None = None) -> 
     from omegaconf import OmegaConf
 
     if ckpt is not None:
-        from evaluation.stitching import load_network
+        from evaluation.networks import load_network
 
         model = load_network(ckpt, NETWORKS[method], device)
     else:
@@ -274,7 +274,7 @@ def _label(precision: str, channels_last: bool) -> str:
 def network_rate(
     model: Any, method: str, precision: str, channels_last: bool, batch: int, device: str, min_s: float
 ) -> dict[str, Any]:
-    """Network-alone patterns/s: the predictor of :func:`evaluation.stitching.model_predictor` (forward
+    """Network-alone patterns/s: the predictor of :func:`evaluation.networks.model_predictor` (forward
     pass under ``inference_mode``, bf16 autocast for ``precision="bf16"``, NHWC where ``channels_last``, and
     the output conversion: AIRPI's complex wave) on a uniform random batch of ``batch`` inputs of the
     method's shape (:data:`NETWORK_INPUT`) on ``device``. One untimed warm-up pass, then passes until at
@@ -282,7 +282,7 @@ def network_rate(
     """
     import torch
 
-    from evaluation.stitching import model_predictor
+    from evaluation.networks import model_predictor
 
     channels, pixels = NETWORK_INPUT[method]
     generator = torch.Generator().manual_seed(0)

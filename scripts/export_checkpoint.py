@@ -3,7 +3,7 @@
 ``python scripts/export_checkpoint.py RUN/checkpoints/last.ckpt pretrained/airpi_reference.ckpt
 [--config RUN/config.yaml] [--trained-for energy_eV=300000 semiangle_mrad=20 scan_step_A=0.24:0.36 ...]``
 
-Keeps what :func:`evaluation.stitching.load_network` and ``LightningModule.load_from_checkpoint`` need
+Keeps what :func:`evaluation.networks.load_network` and ``LightningModule.load_from_checkpoint`` need
 (``state_dict`` with the batch-norm running statistics, ``hyper_parameters``) plus the epoch, the global step
 and a ``deepstem`` section (source checkpoint name, export time, the training run's resolved config as YAML
 text, ``trained_for``: the ranges of the training data, which ``reconstruct.py`` compares with a scan's
@@ -14,7 +14,7 @@ partial file under the final name. The resolved config is passed through the pro
 API key reaches the file.
 
 ``--trained-for`` takes ``KEY=VALUE`` (one value) or ``KEY=LOW:HIGH`` for the quantities of
-:data:`evaluation.stitching.TRAINED_FOR_UNITS`: ``energy_eV``, ``semiangle_mrad``, ``alpha_over_gmax``,
+:data:`evaluation.networks.TRAINED_FOR_UNITS`: ``energy_eV``, ``semiangle_mrad``, ``alpha_over_gmax``,
 ``scan_step_A``, ``Cs_A``, ``defocus_A``, ``dose_e_per_cbed``; each is stored as ``[low, high]`` (floats).
 
 Re-exporting an export (source = an earlier output of this script, e.g. to record new ranges in place:
@@ -55,7 +55,7 @@ def parse_trained_for(items: Sequence[str]) -> dict[str, list[float]]:
     Raises ValueError (one line naming the item) for an unknown or repeated key, a value that is not a
     finite number, ``LOW > HIGH``, or an ``alpha_over_gmax`` outside ``(0, 1)``.
     """
-    from evaluation.stitching import TRAINED_FOR_UNITS
+    from evaluation.networks import TRAINED_FOR_UNITS
 
     ranges: dict[str, list[float]] = {}
     for item in items:

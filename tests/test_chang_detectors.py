@@ -33,14 +33,9 @@ from scipy.ndimage import map_coordinates
 from evaluation.cli import reconstruct_main
 from evaluation.io import Scan4D, save_4dstem
 from evaluation.metrics import xc
-from evaluation.stitching import (
-    DetectorReachError,
-    ScanGeometry,
-    _bin_patterns,
-    _chang_probe_and_mask,
-    _PatternStream,
-    chang_reconstruct,
-)
+from evaluation.networks import DetectorReachError, ScanGeometry, chang_reconstruct
+from evaluation.networks.chang import _bin_patterns, _chang_probe_and_mask
+from evaluation.networks.geometry import _PatternStream
 from models.lightning import ChangLightning
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from datagen import store
 from evaluation.cli import reconstruct_main, run_method
 from evaluation.engines.libertem import libertem_context, run_libertem, unsupported_message
 from evaluation.io import load_4dstem, save_4dstem
-from evaluation.stitching import load_network
+from evaluation.networks import load_network
 
 pytest.importorskip("libertem.api", reason="LiberTEM is not installed (the libertem extra)")
 

@@ -14,7 +14,7 @@ from test_reconstruct_networks import TINY, _config, folder  # noqa: F401  (fixt
 
 from evaluation.cli import reconstruct_main
 from evaluation.metrics import xc
-from evaluation.stitching import model_predictor
+from evaluation.networks import model_predictor
 from physics import runtime
 from physics.runtime import check_precision, cpu_bf16_flags, resolve_precision
 

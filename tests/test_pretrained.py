@@ -11,7 +11,7 @@ from scan4d_helpers import simulate_scan
 
 from evaluation.cli import PRETRAINED, default_checkpoint, run_method
 from evaluation.io import Scan4D
-from evaluation.stitching import identify_checkpoint, load_network, optics_mismatch, training_ranges
+from evaluation.networks import identify_checkpoint, load_network, optics_mismatch, training_ranges
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "pretrained" / "airpi_reference.ckpt"

@@ -16,7 +16,7 @@ from scan4d_helpers import simulate_scan
 from datagen import store
 from evaluation.cli import reconstruct_main
 from evaluation.io import load_4dstem, save_4dstem
-from evaluation.stitching import CheckpointError, identify_checkpoint, load_network, training_ranges
+from evaluation.networks import CheckpointError, identify_checkpoint, load_network, training_ranges
 from models.lightning import AIRPILightning, CGRDNLightning, ChangLightning, PtychoNNLightning
 from tests.entrypoint_helpers import run_entry_point
 

@@ -120,7 +120,7 @@ def test_safe_loader_refuses_a_checkpoint_that_runs_code(tmp_path):
 
 
 def test_evaluation_load_network_refuses_it(tmp_path):
-    from evaluation.stitching import load_network
+    from evaluation.networks import load_network
 
     path, marker = crafted_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="refused"):
@@ -155,7 +155,7 @@ def test_own_checkpoints_still_load(tmp_path, kernel_data):
     """The shipped export and a checkpoint of a real (short) training run, through every loader."""
     from hydra import compose, initialize_config_dir
 
-    from evaluation.stitching import load_network
+    from evaluation.networks import load_network
     from training.cli import checked_resume_path, train
 
     assert load_network(SHIPPED, "airpi").deepstem_info  # the export's provenance section

@@ -19,16 +19,16 @@ from scipy.ndimage import map_coordinates
 
 from evaluation.io import Scan4D, load_4dstem, save_4dstem
 from evaluation.metrics import xc
-from evaluation.stitching import (
+from evaluation.networks import (
     ScanGeometry,
-    _chang_probe_and_mask,
-    _PatternStream,
     airpi_reconstruct,
     chang_reconstruct,
     default_gmax_invA,
     overlap_matrix,
     ptychonn_reconstruct,
 )
+from evaluation.networks.chang import _chang_probe_and_mask
+from evaluation.networks.geometry import _PatternStream
 from models.inputs import preprocess, probe_intensity
 from physics import probe, wavelength
 

@@ -18,7 +18,7 @@ from scan4d_helpers import simulate_scan
 
 from evaluation.cli import choose_checkpoint, reconstruct_main
 from evaluation.io import Scan4D, save_4dstem
-from evaluation.stitching import (
+from evaluation.networks import (
     load_network,
     optics_mismatch,
     reconstruct_with_network,

@@ -14,7 +14,7 @@ import pytest
 from test_stitching import K, airpi_oracle, as_scan, gmax_of, sim, truth_on  # noqa: F401  (fixture)
 
 from evaluation.metrics import xc
-from evaluation.stitching import airpi_reconstruct
+from evaluation.networks import airpi_reconstruct
 from evaluation.unwrap import count_wraps, unwrap_phase_image
 
 

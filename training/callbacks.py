@@ -219,7 +219,7 @@ class ScanReconstruction(L.Callback):
             return
         from evaluation.io import load_4dstem
         from evaluation.metrics import resample_to_grid
-        from evaluation.stitching import reconstruct_with_network
+        from evaluation.networks import reconstruct_with_network
         from evaluation.suite import PoissonScan, score
 
         scan = load_4dstem(self.scan_path)

@@ -14,7 +14,7 @@ the local engine's code, so the results equal ``engine=local``:
   over :func:`evaluation.references.annulus_weights` (:class:`AnnulusUDF`).
 * ``ptychonn``: :class:`PtychoNNUDF` resamples, normalises and predicts every frame of a partition in
   batches and adds the weighted patches into object-grid sums (one buffer per partition, merged by
-  addition); placement, weights and normalisation are :class:`evaluation.stitching.PtychoNNPlacement`'s.
+  addition); placement, weights and normalisation are :class:`evaluation.networks.PtychoNNPlacement`'s.
 
 Not offered (:data:`UNSUPPORTED`, one error naming ``engine=local``): ``ssb`` and ``epie`` need the whole
 scan at once; ``airpi`` and ``chang_unet`` need each position's neighbours, which a partition does not hold.
@@ -331,9 +331,9 @@ def _vadf(ctx: Any, dataset: Any, scan: Any, params: Mapping[str, Any]) -> Recon
 
 
 def _ptychonn_reconstructor(ctx: Any, dataset: Any) -> Any:
-    """A reconstructor for :func:`evaluation.stitching.reconstruct_with_network` that runs the predictor
+    """A reconstructor for :func:`evaluation.networks.reconstruct_with_network` that runs the predictor
     in :class:`PtychoNNUDF` and stitches with the local engine's placement."""
-    from evaluation.stitching import ptychonn_placement
+    from evaluation.networks import ptychonn_placement
 
     def reconstruct(
         scan: Any,
@@ -432,7 +432,7 @@ def _dispatch(
         )  # fmt: skip
     if method == "vadf":
         return _vadf(ctx, dataset, scan, params)
-    from evaluation.stitching import reconstruct_with_network
+    from evaluation.networks import reconstruct_with_network
 
     if model is None:
         raise ValueError(f"method {method!r} needs a network checkpoint: give ckpt=PATH")

@@ -1,0 +1,277 @@
+"""Network checkpoints: loading, identification, the ranges a model was trained for, and the predictor.
+
+* :func:`load_network` loads a Lightning checkpoint of a method in :data:`NETWORK_CLASSES` (weights only,
+  :func:`models.checkpoints.load_checkpoint`); :func:`identify_checkpoint` names the model a checkpoint
+  holds from its state-dict keys.
+* :func:`training_ranges`, :func:`optics_mismatch`, :func:`detector_mismatch`, :func:`model_ratio_alpha_gmax`:
+  the optics a model was trained for (``deepstem.trained_for``, written by ``scripts/export_checkpoint.py``)
+  held against a scan's calibration (units in :data:`TRAINED_FOR_UNITS`).
+* :func:`model_predictor`: the ``predictor(inputs, positions_A)`` the reconstructions call, in fp32 or bf16.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evaluation.networks.geometry import Predictor, _detector_reach_invA, resolve_device
+from evaluation.references._common import pair
+from models.checkpoints import CheckpointError, load_checkpoint  # the one class for a refused checkpoint
+from physics import wavelength
+
+__all__ = [
+    "ABSOLUTE_TOLERANCE",
+    "NETWORK_CLASSES",
+    "TRAINED_FOR_UNITS",
+    "CheckpointError",
+    "detector_mismatch",
+    "identify_checkpoint",
+    "load_network",
+    "model_predictor",
+    "model_ratio_alpha_gmax",
+    "optics_mismatch",
+    "training_ranges",
+]
+
+#: method name -> LightningModule class path (module, class)
+NETWORK_CLASSES = {
+    "airpi": ("models.lightning", "AIRPILightning"),
+    "chang_unet": ("models.lightning", "ChangLightning"),
+    "ptychonn": ("models.lightning", "PtychoNNLightning"),
+}
+
+
+def identify_checkpoint(checkpoint: Mapping[str, Any]) -> str:
+    """Which network a Lightning checkpoint holds, from its state-dict keys.
+
+    Returns ``"airpi"``, ``"chang_unet"``, ``"ptychonn"``, ``"cgrdn"`` or ``"unknown"``.
+    """
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping):
+        return "unknown"
+    keys = list(state)
+    if any(k.startswith("discriminator.") for k in keys):
+        return "cgrdn"
+    if any(k.startswith("net.amplitude_head.") for k in keys):
+        return "airpi"
+    if any(k.startswith("net.amplitude_decoder.") for k in keys):
+        return "ptychonn"
+    if any(k.startswith("net.bridge") for k in keys) or (
+        any(k.startswith("net.head.") for k in keys) and any(k.startswith("net.encoder.") for k in keys)
+    ):
+        return "chang_unet"
+    return "unknown"
+
+
+def load_network(path: str | Path, method: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load the LightningModule of ``method`` from a Lightning checkpoint, in eval mode on ``device``.
+
+    The checkpoint must be a dict with ``state_dict`` and ``hyper_parameters`` (what ``Trainer`` and
+    ``load_from_checkpoint`` use). A checkpoint of another model raises :class:`CheckpointError` naming
+    the model it holds.
+    """
+    import importlib
+
+    path = Path(path)
+    if method not in NETWORK_CLASSES:
+        raise CheckpointError(
+            f"unknown network method {method!r}; choose one of {', '.join(NETWORK_CLASSES)}"
+        )
+    checkpoint = load_checkpoint(path)  # weights only: a file that could run code is refused, never retried
+    if "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    held = identify_checkpoint(checkpoint)
+    if held != method:
+        hint = f"; use method={held}" if held in NETWORK_CLASSES else ""
+        raise CheckpointError(f"{path}: the checkpoint holds model '{held}', not '{method}'{hint}")
+    module_name, class_name = NETWORK_CLASSES[method]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams["compile"] = False
+    try:
+        model = cls(**hparams)
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+    except (TypeError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: the {method} checkpoint does not load: {first}") from None
+    # what the exporter recorded (scripts/export_checkpoint.py: provenance, the optics it was trained for)
+    model.deepstem_info = dict(checkpoint.get("deepstem") or {})
+    return model.to(resolve_device(device)).eval()
+
+
+#: quantities a checkpoint's ``deepstem.trained_for`` may record (scripts/export_checkpoint.py) -> unit
+TRAINED_FOR_UNITS = {
+    "energy_eV": "eV",
+    "semiangle_mrad": "mrad",
+    "alpha_over_gmax": "",
+    "scan_step_A": "A",
+    "Cs_A": "A",
+    "defocus_A": "A",
+    "dose_e_per_cbed": "electrons per CBED",
+}
+#: absolute tolerance (in the quantity's unit) added to the relative one, for ranges that may be [0, 0];
+#: the reasons are in :func:`optics_mismatch`
+ABSOLUTE_TOLERANCE = {"defocus_A": 2.0, "Cs_A": 1000.0}
+
+
+def training_ranges(model: Any) -> dict[str, tuple[float, float]]:
+    """The ranges a model was trained for: ``{quantity: (low, high)}`` in the units of
+    :data:`TRAINED_FOR_UNITS` (e.g. ``{"energy_eV": (300000.0, 300000.0), "scan_step_A": (0.24, 0.36)}``).
+
+    ``model`` is a network from :func:`load_network` (its ``deepstem_info``) or a checkpoint dict (its
+    ``deepstem`` section). The exporter stores ``[low, high]`` lists; a scalar (checkpoints exported before
+    ranges) is the range ``[v, v]``. Empty when nothing was recorded. A malformed entry raises
+    :class:`CheckpointError` naming it.
+    """
+    info = getattr(model, "deepstem_info", None)
+    if info is None and isinstance(model, Mapping):
+        info = model.get("deepstem")
+    trained = (info or {}).get("trained_for") if isinstance(info, Mapping) else None
+    ranges: dict[str, tuple[float, float]] = {}
+    for key, value in (trained or {}).items():
+        bounds = list(value) if isinstance(value, list | tuple) else [value]
+        try:
+            low, high = (float(bounds[0]), float(bounds[-1])) if len(bounds) in (1, 2) else (math.nan, 0.0)
+        except (TypeError, ValueError):
+            low, high = math.nan, 0.0
+        if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+            raise CheckpointError(
+                f"the model's trained_for[{key!r}] = {value!r} is not a number or [low, high]"
+            )
+        ranges[str(key)] = (low, high)
+    return ranges
+
+
+def _format_range(key: str, low: float, high: float) -> str:
+    unit = TRAINED_FOR_UNITS.get(key, "")
+    return f"[{low:g}, {high:g}]" + (f" {unit}" if unit else "")
+
+
+def _outside(key: str, value: float, low: float, high: float, tolerance: float) -> bool:
+    extra = ABSOLUTE_TOLERANCE.get(key, 0.0)
+    return not low - tolerance * abs(low) - extra <= value <= high + tolerance * abs(high) + extra
+
+
+def optics_mismatch(model: Any, scan: Any, tolerance: float = 0.02, step_factor: float = 1.0) -> list[str]:
+    """The calibration values of ``scan`` outside the ranges the model was trained for, one message each,
+    e.g. ``defocus_A=-52.1 outside the model's training range [0, 0] A``; empty when all are inside or
+    nothing is recorded (:func:`training_ranges`).
+
+    Checked: ``energy_eV``, ``semiangle_mrad``, ``scan_step_A`` (each axis; one message when both are the
+    same), ``Cs_A``, ``defocus_A``. Not here: ``alpha_over_gmax`` (the network grid is resampled to it,
+    :func:`evaluation.networks.reconstruct_with_network`) and ``dose_e_per_cbed`` (a scan does not tell its
+    dose).
+    ``step_factor`` multiplies the scan step (data repetition reconstructs at ``repetition_stride`` x the
+    step, and that is the step the network sees).
+
+    A value is inside when it lies in ``[low, high]`` widened by ``tolerance`` (relative, of each bound's
+    magnitude) plus, for ranges that may be ``[0, 0]``, an absolute tolerance (:data:`ABSOLUTE_TOLERANCE`):
+    ``defocus_A`` 2 A, an aberration phase ``pi df alpha^2 / lambda`` at the aperture edge of 0.13 rad at
+    300 kV / 20 mrad (0.29 rad at 30 mrad), and ``Cs_A`` 1000 A = 0.1 um, ``pi/2 Cs alpha^4 / lambda`` =
+    0.013 rad there (0.065 rad at 30 mrad): both far inside the quarter-wave (pi/2) limit, i.e. optics the
+    network cannot tell from an aberration-free probe, while paper 002's Table 1 setting, Cs = 0.001 mm
+    (10,000 A) at its Scherzer defocus (17 A at 300 kV), lies outside both.
+    """
+    ranges = training_ranges(model)
+    found: list[str] = []
+
+    def check(key: str, label: str, value: float, note: str = "") -> None:
+        low, high = ranges[key]
+        if _outside(key, value, low, high, tolerance):
+            found.append(
+                f"{label}={value:g}{note} outside the model's training range {_format_range(key, low, high)}"
+            )
+
+    for key in ("energy_eV", "semiangle_mrad"):
+        if key in ranges and getattr(scan, key, None) is not None:
+            check(key, key, float(getattr(scan, key)))
+    if "scan_step_A" in ranges and getattr(scan, "scan_step_A", None) is not None:
+        steps = [float(s) for s in np.atleast_1d(np.asarray(scan.scan_step_A, dtype=np.float64))][:2]
+        note = f" (data repetition: {step_factor:g} x the scan step)" if step_factor != 1 else ""
+        if len(set(steps)) == 1:
+            check("scan_step_A", "scan_step_A", steps[0] * step_factor, note)
+        else:
+            for axis, step in zip("xy", steps, strict=False):
+                check("scan_step_A", f"scan_step_A[{axis}]", step * step_factor, note)
+    for key in ("Cs_A", "defocus_A"):
+        if key in ranges and getattr(scan, key, None) is not None:
+            check(key, key, float(getattr(scan, key)))
+    return found
+
+
+def model_ratio_alpha_gmax(model: Any, tolerance: float = 0.02) -> tuple[float, float] | None:
+    """The ``alpha / gmax`` range to resample a scan to for ``model``: its recorded ``alpha_over_gmax``
+    with the upper bound widened by ``tolerance`` (relative, as in :func:`optics_mismatch`; a model trained
+    at exactly 0.5 then accepts a detector that ends a rounding error short of 2 alpha); the lower bound,
+    which sets ``gmax = alpha / low`` on a large detector, is kept. None when not recorded."""
+    recorded = training_ranges(model).get("alpha_over_gmax")
+    if recorded is None:
+        return None
+    low, high = recorded
+    return low, max(high, min(high * (1 + tolerance), 0.99))
+
+
+def detector_mismatch(model: Any, scan: Any, pixels: int = 64, tolerance: float = 0.02) -> list[str]:
+    """One message when the detector of ``scan`` (about its middle pixel) does not reach ``alpha / high``
+    of the model's recorded ``alpha_over_gmax`` range on a ``pixels`` grid, so that the model's grid would
+    not fit; empty otherwise or when not recorded. Used to choose among shipped models before the scan's
+    data are read (the reconstruction itself measures the detector centre and refuses such a scan)."""
+    ratio = model_ratio_alpha_gmax(model, tolerance)
+    needed = ("energy_eV", "semiangle_mrad", "k_pixel_invA", "data")
+    if ratio is None or any(getattr(scan, k, None) is None for k in needed):
+        return []
+    shape = tuple(int(n) for n in scan.data.shape[2:])
+    k_pixel = pair(scan.k_pixel_invA, "k_pixel_invA")
+    reach = _detector_reach_invA(shape, k_pixel, np.array([n // 2 for n in shape], dtype=np.float64), pixels)
+    alpha = float(scan.semiangle_mrad) * 1e-3 / wavelength(float(scan.energy_eV))
+    if reach >= alpha / ratio[1]:
+        return []
+    low, high = training_ranges(model)["alpha_over_gmax"]
+    return [
+        f"the detector reaches {reach / alpha:.3g} alpha, short of the alpha / {high:g} = {1 / high:.3g} "
+        f"alpha of the model's alpha_over_gmax training range {_format_range('alpha_over_gmax', low, high)}"
+    ]
+
+
+def model_predictor(
+    model: torch.nn.Module, method: str, precision: str = "32", channels_last: bool = True
+) -> Predictor:
+    """A ``predictor(inputs, positions_A)`` around a loaded LightningModule (positions are ignored).
+
+    AIRPI returns the complex exit wave (B, K, K); Chang the phase (B, K, K); PtychoNN (amplitude, phase).
+    ``precision`` ``"bf16"`` runs the network under bf16 autocast (outputs back in fp32 before the complex
+    wave is formed), ``"32"`` in fp32 (resolve ``auto`` first: :func:`physics.runtime.resolve_precision`).
+    ``channels_last`` puts the weights and inputs in NHWC memory order (oneDNN's and cuDNN's fast
+    convolution layout). The model's weights are converted in place.
+    """
+    from models.airpi import output_to_wave
+
+    if precision not in ("32", "bf16"):
+        raise ValueError(f"model_predictor: precision must be '32' or 'bf16', got {precision!r}")
+    device_type = next(model.parameters()).device.type
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    use_bf16 = precision == "bf16"
+
+    def network(inputs: torch.Tensor) -> Any:
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = model(inputs)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+    @torch.inference_mode()
+    def predict(inputs: torch.Tensor, positions_A: torch.Tensor | None = None) -> Any:
+        if method == "airpi":
+            return output_to_wave(network(inputs), model.net.amplitude_exponent)
+        if method == "chang_unet":
+            return network(inputs)[:, 0]
+        amplitude, phase = network(inputs)
+        return amplitude[:, 0], phase[:, 0]
+
+    return predict
