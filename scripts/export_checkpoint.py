@@ -22,6 +22,11 @@ Re-exporting an export (source = an earlier output of this script, e.g. to recor
 keeps its ``deepstem`` section (source checkpoint, export time, config) and replaces only what is given,
 noting the time in ``deepstem.updated``; the tensors are copied unchanged.
 
+With ``--config`` of a Chang U-Net run (stock-image data) the ranges and the input geometry are read off the
+config (:func:`recorded_from_config`: energy, semi-angle, defocus, Cs, dose; ``deepstem.geometry`` =
+``diffraction_px``, ``bin_factor``, ``collection_ratio``, ``illuminated_fraction``), which
+``reconstruct.py method=chang_unet`` then uses; ``--trained-for`` overrides single quantities.
+
 Bad arguments (unknown key, ``LOW > HIGH``, not a number, a missing or unreadable source) print one line
 ``deepstem: error: ...`` and exit 2 (:func:`physics.runtime.report_error`).
 """
@@ -84,17 +89,62 @@ def parse_trained_for(items: Sequence[str]) -> dict[str, list[float]]:
     return ranges
 
 
+def _bounds(value: Any) -> list[float]:
+    values = [float(v) for v in value] if isinstance(value, list | tuple) else [float(value)]
+    return [min(values), max(values)]
+
+
+def recorded_from_config(config: Mapping[str, Any]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """``(trained_for, geometry)`` read off a training run's resolved config, for the data modules whose
+    config states the optics: the stock-image data of the Chang U-Net (``data.forward_model``, missing keys
+    at :class:`datagen.stock_images.ChangForwardModel`'s defaults): ``energy_eV``, ``semiangle_mrad``,
+    ``defocus_A`` (``-C10_A`` reversed), ``Cs_A``, ``dose_e_per_cbed`` (``data.dose_e_range``; absent for
+    noise-free training) and the geometry ``diffraction_px``, ``bin_factor``, ``collection_ratio``,
+    ``illuminated_fraction``. ``({}, {})`` for other data (their optics live in the shards: give
+    ``--trained-for``). The scan step is not recorded: one pattern's network does not depend on it."""
+    import inspect
+
+    data = config.get("data") or {}
+    if not str(data.get("_target_", "")).endswith("StockImagesDataModule"):
+        return {}, {}
+    from datagen.stock_images import ChangForwardModel
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(ChangForwardModel.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    forward = {**defaults, **(data.get("forward_model") or {})}
+    c10 = _bounds(forward["C10_A"])
+    trained_for = {
+        "energy_eV": _bounds(forward["energy_eV"]),
+        "semiangle_mrad": _bounds(forward["semiangle_mrad"]),
+        "defocus_A": [-c10[1], -c10[0]],
+        "Cs_A": _bounds(forward["Cs_A"]),
+    }
+    if data.get("dose_e_range") is not None:
+        trained_for["dose_e_per_cbed"] = _bounds(data["dose_e_range"])
+    geometry = {
+        key: float(forward[key])
+        for key in ("diffraction_px", "bin_factor", "collection_ratio", "illuminated_fraction")
+    }
+    return trained_for, geometry
+
+
 def export(
     source: Path,
     target: Path,
     config_yaml: str | None = None,
     trained_for: Mapping[str, Sequence[float] | float] | None = None,
+    geometry: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Write the slim checkpoint of ``source`` to ``target``; returns what was written.
 
     ``trained_for`` maps a quantity to ``[low, high]`` (or one number: ``[v, v]``). When ``source`` is
     itself an export, its ``deepstem`` section is kept and only ``config_yaml`` / ``trained_for`` given
-    here replace its entries. Raises :class:`models.checkpoints.CheckpointError` for an unreadable source.
+    here replace its entries; ``geometry`` (the network's input geometry, e.g. the Chang U-Net's
+    ``diffraction_px`` / ``bin_factor`` / ``collection_ratio`` / ``illuminated_fraction``) likewise.
+    Raises :class:`models.checkpoints.CheckpointError` for an unreadable source.
     """
     from models.checkpoints import CheckpointError, load_checkpoint
 
@@ -119,6 +169,8 @@ def export(
             str(k): [float(v), float(v)] if isinstance(v, int | float) else [float(v[0]), float(v[-1])]
             for k, v in trained_for.items()
         }
+    if geometry is not None:
+        deepstem["geometry"] = {str(k): float(v) for k, v in geometry.items()}
     slim = {
         "state_dict": {k: v.detach().clone() for k, v in checkpoint["state_dict"].items()},
         "hyper_parameters": plain(checkpoint.get("hyper_parameters") or {}),
@@ -160,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.source.is_file():
         return report_error(f"export_checkpoint: {args.source}: no such file")
     config_yaml = None
+    geometry = None
     if args.config is not None:
         import yaml
 
@@ -167,11 +220,16 @@ def main(argv: list[str] | None = None) -> int:
 
         # as written (a run's .hydra/config.yaml keeps ${hydra:...} interpolations that resolve only inside
         # that run; the run folder's config.yaml is the resolved one)
-        config_yaml = redacted_yaml(yaml.safe_load(args.config.read_text()))
+        config = yaml.safe_load(args.config.read_text())
+        config_yaml = redacted_yaml(config)
+        # the ranges the config states (stock-image data); --trained-for wins where both give a quantity
+        from_config, geometry = recorded_from_config(config if isinstance(config, dict) else {})
+        if from_config:
+            trained_for = {**from_config, **(trained_for or {})}
     from models.checkpoints import CheckpointError
 
     try:
-        slim = export(args.source, args.target, config_yaml, trained_for)
+        slim = export(args.source, args.target, config_yaml, trained_for, geometry or None)
     except CheckpointError as err:
         return report_error(f"export_checkpoint: {err}")
     size_mb = args.target.stat().st_size / 1e6

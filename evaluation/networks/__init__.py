@@ -76,16 +76,19 @@ from evaluation.networks.airpi import airpi_reconstruct
 from evaluation.networks.chang import chang_reconstruct
 from evaluation.networks.checkpoints import (
     ABSOLUTE_TOLERANCE,
+    CHANG_GEOMETRY,
     NETWORK_CLASSES,
     TRAINED_FOR_UNITS,
     CheckpointError,
     _format_range,
+    chang_geometry_params,
     detector_mismatch,
     identify_checkpoint,
     load_network,
     model_predictor,
     model_ratio_alpha_gmax,
     optics_mismatch,
+    recorded_geometry,
     training_ranges,
 )
 from evaluation.networks.geometry import (
@@ -101,6 +104,7 @@ from evaluation.references import Reconstruction
 
 __all__ = [
     "ABSOLUTE_TOLERANCE",
+    "CHANG_GEOMETRY",
     "NETWORK_CLASSES",
     "PAPER_RATIO_ALPHA_GMAX",
     "RECONSTRUCTORS",
@@ -110,6 +114,7 @@ __all__ = [
     "PtychoNNPlacement",
     "ScanGeometry",
     "airpi_reconstruct",
+    "chang_geometry_params",
     "chang_reconstruct",
     "default_gmax_invA",
     "detector_mismatch",
@@ -122,6 +127,7 @@ __all__ = [
     "ptychonn_placement",
     "ptychonn_reconstruct",
     "reconstruct_with_network",
+    "recorded_geometry",
     "resolve_device",
     "training_ranges",
 ]
@@ -161,6 +167,11 @@ def reconstruct_with_network(
     detector short of ``alpha / high`` is refused (``ValueError`` naming the range and the override).
     ``info['alpha_over_gmax']`` is the ratio used, ``info['alpha_over_gmax_from']`` where its bounds came
     from (``gmax_invA``, ``params``, ``model`` or ``paper``).
+
+    The Chang U-Net takes ``pixels``, ``bin_factor``, ``collection_ratio`` and ``illuminated_fraction`` left
+    unset (None) from the model's recorded training geometry (:func:`chang_geometry_params`; the defaults of
+    :func:`chang_reconstruct`, paper 001's 32 / 2 / 2.0 / 0.9, when it records none) and warns for a value
+    set otherwise.
     """
     from physics.runtime import resolve_precision
 
@@ -175,6 +186,15 @@ def reconstruct_with_network(
         if options.get(key) is not None:
             options[key] = tuple(options[key])
     source = None
+    if method == "chang_unet":
+        # the patterns must have the geometry the model was trained on: unset keywords take the recorded one
+        options, conflicts = chang_geometry_params(model, options)
+        if conflicts:
+            import warnings
+
+            for message in conflicts:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+        options = {k: v for k, v in options.items() if v is not None}
     if method in ("airpi", "ptychonn"):
         if options.get("gmax_invA") is not None:
             source = "gmax_invA"

@@ -147,6 +147,58 @@ def training_ranges(model: Any) -> dict[str, tuple[float, float]]:
     return ranges
 
 
+#: the Chang U-Net input geometry a checkpoint may record (``deepstem.geometry``, written by
+#: scripts/export_checkpoint.py from the training run's ``data.forward_model``) -> chang_reconstruct keyword
+CHANG_GEOMETRY = {
+    "diffraction_px": "pixels",
+    "bin_factor": "bin_factor",
+    "collection_ratio": "collection_ratio",
+    "illuminated_fraction": "illuminated_fraction",
+}
+
+
+def recorded_geometry(model: Any) -> dict[str, float]:
+    """The input geometry a model records (``deepstem.geometry``: ``{"diffraction_px": 32, "bin_factor": 2,
+    "collection_ratio": 2.0, "illuminated_fraction": 0.9}`` for a Chang U-Net), empty when none. ``model``
+    as for :func:`training_ranges`. A value that is not a positive number raises :class:`CheckpointError`."""
+    info = getattr(model, "deepstem_info", None)
+    if info is None and isinstance(model, Mapping):
+        info = model.get("deepstem")
+    geometry = (info or {}).get("geometry") if isinstance(info, Mapping) else None
+    found: dict[str, float] = {}
+    for key, value in (geometry or {}).items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not (math.isfinite(number) and number > 0):
+            raise CheckpointError(f"the model's geometry[{key!r}] = {value!r} is not a positive number")
+        found[str(key)] = number
+    return found
+
+
+def chang_geometry_params(model: Any, params: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``params`` with the Chang geometry keywords the caller left unset (None or absent) taken from the
+    model's :func:`recorded_geometry`, and one message per keyword the caller set to a value other than the
+    recorded one (the network then sees patterns of another geometry than it was trained on)."""
+    out = dict(params)
+    conflicts: list[str] = []
+    recorded = recorded_geometry(model)
+    for key, keyword in CHANG_GEOMETRY.items():
+        if key not in recorded:
+            continue
+        value = recorded[key]
+        typed: Any = round(value) if keyword in ("pixels", "bin_factor") else value
+        if out.get(keyword) is None:
+            out[keyword] = typed
+        elif not math.isclose(float(out[keyword]), value, rel_tol=1e-6):
+            conflicts.append(
+                f"chang_unet.{keyword}={out[keyword]} differs from the model's training geometry "
+                f"({key}={typed})"
+            )
+    return out, conflicts
+
+
 def _format_range(key: str, low: float, high: float) -> str:
     unit = TRAINED_FOR_UNITS.get(key, "")
     return f"[{low:g}, {high:g}]" + (f" {unit}" if unit else "")
