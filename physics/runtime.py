@@ -154,3 +154,52 @@ def resolve_precision(precision: str | int | None, device_type: str) -> str:
             stacklevel=2,
         )
     return value
+
+
+# Training precision (Lightning's ``trainer.precision``) ------------------------------------------------
+# ``auto`` is resolved once, before the Trainer is built, to Lightning's ``bf16-mixed`` where the accelerator
+# has native bf16 arithmetic (:func:`bf16_supported`) and to ``32-true`` elsewhere. Every other value is
+# Lightning's own and passes through unchanged (Lightning validates it).
+
+TRAINING_AUTO = "auto"
+TRAINING_BF16 = "bf16-mixed"
+TRAINING_FP32 = "32-true"
+
+
+def accelerator_device_type(accelerator: str | None) -> str:
+    """The torch device type (``"cpu"``, ``"cuda"``, ...) of a Lightning ``trainer.accelerator`` value.
+
+    ``gpu`` and ``cuda`` are ``"cuda"``; ``auto`` / ``None`` is ``"cuda"`` where CUDA is available and
+    ``"cpu"`` otherwise (the choice Lightning makes on a machine without TPUs or Apple GPUs); any other name
+    (``mps``, ``tpu``, ...) is returned lower-cased.
+    """
+    value = "auto" if accelerator is None else str(accelerator).strip().lower()
+    if value in ("gpu", "cuda"):
+        return "cuda"
+    if value == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return value
+
+
+def resolve_training_precision(precision: str | int | None, device_type: str) -> str | int:
+    """Lightning's ``trainer.precision`` for ``precision`` on ``device_type`` (``"cpu"`` / ``"cuda"``).
+
+    ``auto`` (or ``None``) is ``"bf16-mixed"`` where :func:`bf16_supported` and ``"32-true"`` otherwise.
+    Any other value is returned unchanged (``32-true``, ``bf16-mixed``, ``16-mixed``, ``32``, ...); a bf16
+    value on hardware without bf16 units warns (RuntimeWarning: emulated, slower than ``32-true``) and is
+    honoured.
+    """
+    import warnings
+
+    if precision is None or (isinstance(precision, str) and precision.strip().lower() == TRAINING_AUTO):
+        return TRAINING_BF16 if bf16_supported(device_type) else TRAINING_FP32
+    if "bf16" in str(precision).lower() and not bf16_supported(device_type):
+        warnings.warn(
+            f"trainer.precision={precision}: this {device_type} has no native bf16 units "
+            f"({' / '.join(CPU_BF16_FLAGS)} on a CPU); bf16 is emulated and trains slower than 32-true",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return precision

@@ -1,7 +1,8 @@
 """Training throughput (samples/s) of the four LightningModules on synthetic batches.
 
 ``python scripts/bench_train.py [--models airpi chang ptychonn cgrdn] [--batch N] [--steps 10] [--warmup 2]
-[--device cpu|cuda] [--precision 32|bf16] [--compile] [--threads N] [--cgrdn-tile 256]``
+[--device cpu|cuda] [--precision both|32|bf16] [--channels-last auto|on|off] [--compile] [--threads N]
+[--cgrdn-tile 256]``
 
 Each model is instantiated from its shipped Hydra config (``conf/model/<name>.yaml`` through
 ``hydra.utils.instantiate``; ``--compile`` sets the config's own ``compile`` switch, so the network is
@@ -17,13 +18,26 @@ would). For the CGRDN GAN (manual optimisation) ``training_step`` itself runs th
 then the generator update; the two Trainer hooks it calls (``optimizers()`` and ``manual_backward``) are
 bound to the module's own two Adam optimisers and ``loss.backward()``. Not timed: data loading and
 augmentation (see ``scripts/bench_loader.py``), the ``--warmup`` steps (which include ``torch.compile``'s
-compilation; reported as ``warmup_s``), model construction. With ``--precision bf16`` the training step
-runs under ``torch.autocast(device, torch.bfloat16)`` (the backward of the automatic-optimisation
-modules outside it, as Lightning's ``bf16-mixed`` does). On CUDA the clock is read after
+compilation; reported as ``warmup_s``), model construction. On CUDA the clock is read after
 ``torch.cuda.synchronize()``.
 
+Precision (``--precision``, default ``both``): ``32`` is fp32 (Lightning's ``32-true``); ``bf16`` runs the
+training step under ``torch.autocast(device, torch.bfloat16)`` (the backward of the automatic-optimisation
+modules outside it, as Lightning's ``bf16-mixed`` does); ``both`` measures each model in fp32 and then in
+bf16, each from the same initial weights (seed 0) and the same batch. bf16 is measured even where the
+hardware has no bf16 units (then torch emulates it, slower than fp32, and ``trainer.precision=auto`` trains
+in fp32): the report's ``bf16`` says whether it is ``native`` (:func:`physics.runtime.bf16_supported`),
+``"mode": "native" | "emulated"``, which bf16 ``cpu_flags`` the CPU has and what ``trainer.precision=auto``
+resolves to here. ``--channels-last auto`` (default) puts the network in NHWC memory order for bf16 only,
+as ``train.py`` does with a bf16 precision (``on`` / ``off``: for every precision).
+
 Prints one JSON line: ``{"benchmark": "train", "device", "machine", "torch", "threads", "precision",
-"compile", "results": {model: {"samples_per_s", "batch", "input_shape", "params", ...}}}``.
+"precisions", "bf16": {"native", "mode", "cpu_flags", "auto_precision"}, "channels_last", "compile",
+"results": {model: {"samples_per_s", "batch", "input_shape", "params", ... (of the first precision),
+"precisions": {"32": {...}, "bf16": {...}}, "bf16_speedup", "bf16_first_loss_rel_diff"}}}``; the last two
+(bf16 samples/s over fp32's, and the relative difference of the first step's loss, same weights and batch)
+only with both precisions. Per precision: ``samples_per_s``, ``seconds``, ``seconds_per_step``,
+``warmup_s``, ``first_loss``, ``last_loss``, ``channels_last``.
 """
 
 from __future__ import annotations
@@ -54,14 +68,28 @@ DEFAULT_BATCH = {"airpi": 16, "chang": 16, "ptychonn": 16, "cgrdn": 2}
 ENERGY_EV, SEMIANGLE_MRAD = 300e3, 20.0
 
 
-def build_module(name: str, compile_net: bool) -> torch.nn.Module:
-    """The LightningModule of ``name`` from its shipped YAML config (``compile`` switched as asked)."""
+#: --precision choices -> the precisions measured, in order (fp32 first: the reference)
+PRECISION_CHOICES = {"both": ("32", "bf16"), "32": ("32",), "bf16": ("bf16",)}
+
+
+def build_module(name: str, compile_net: bool, channels_last: bool = False) -> torch.nn.Module:
+    """The LightningModule of ``name`` from its shipped YAML config (``compile`` and ``channels_last``
+    switched as asked)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{CONFIGS[name]}.yaml")
     cfg.compile = bool(compile_net)
+    if "channels_last" in cfg:
+        cfg.channels_last = bool(channels_last)
     return instantiate(cfg)
+
+
+def uses_channels_last(precision: str, channels_last: str) -> bool:
+    """Whether a ``precision`` run uses NHWC: ``auto`` = for bf16 only (as train.py), ``on`` / ``off``."""
+    if channels_last == "auto":
+        return precision == "bf16"
+    return channels_last == "on"
 
 
 def _probe_grid(pixels: int) -> torch.Tensor:
@@ -178,20 +206,25 @@ def bench_model(
     precision: str,
     compile_net: bool,
     cgrdn_tile: int,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
-    torch.manual_seed(0)
-    module = build_module(name, compile_net).to(device).train()
+    """Time ``steps`` training steps of model ``name`` in ``precision`` (``"32"`` or ``"bf16"``)."""
+    torch.manual_seed(0)  # the same initial weights for every precision
+    module = build_module(name, compile_net, channels_last).to(device).train()
     data = synthetic_batch(name, batch, device, cgrdn_tile)
     module.check_batch(data)
     step = step_function(module, data, device, precision)
+    first: torch.Tensor | None = None  # the first step's loss: from the seed-0 weights, whatever precision
     start = time.perf_counter()
     for i in range(warmup):
-        step(i)
+        loss = step(i)
+        first = loss.detach() if first is None else first
     _sync(device)
     warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     for i in range(steps):
         loss = step(warmup + i)
+        first = loss.detach() if first is None else first  # detach: no copy, no device sync
     _sync(device)
     seconds = time.perf_counter() - start
     first_key = module.BATCH_KEYS[0]
@@ -205,7 +238,10 @@ def bench_model(
         "seconds_per_step": round(seconds / steps, 5),
         "warmup_steps": warmup,
         "warmup_s": round(warmup_s, 3),
+        "first_loss": float(first),
         "last_loss": float(loss),
+        "precision": precision,
+        "channels_last": bool(channels_last),
         "config": f"conf/model/{CONFIGS[name]}.yaml",
     }
     if hasattr(module, "discriminator"):
@@ -224,6 +260,30 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def bf16_info(device: torch.device) -> dict[str, Any]:
+    """Whether bf16 is native on ``device`` (else emulated), the CPU's bf16 flags, and ``trainer.precision``
+    ``auto`` here (:func:`physics.runtime.resolve_training_precision`)."""
+    from physics.runtime import bf16_supported, cpu_bf16_flags, resolve_training_precision
+
+    native = bf16_supported(device.type)
+    return {
+        "native": native,
+        "mode": "native" if native else "emulated",
+        "cpu_flags": cpu_bf16_flags(),
+        "auto_precision": resolve_training_precision("auto", device.type),
+    }
+
+
+def compare_precisions(fp32: dict[str, Any], bf16: dict[str, Any]) -> dict[str, float]:
+    """bf16 samples/s over fp32's, and the relative difference of their first-step losses (same weights,
+    same batch: what bf16 autocast alone changes)."""
+    scale = max(abs(fp32["first_loss"]), 1e-30)
+    return {
+        "bf16_speedup": round(bf16["samples_per_s"] / fp32["samples_per_s"], 4),
+        "bf16_first_loss_rel_diff": abs(bf16["first_loss"] - fp32["first_loss"]) / scale,
+    }
 
 
 def _models(values: list[str]) -> Iterator[str]:
@@ -246,7 +306,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, caches)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--precision", default="32", choices=["32", "bf16"])
+    parser.add_argument(
+        "--precision", default="both", choices=list(PRECISION_CHOICES), help="fp32, bf16 autocast, or both"
+    )
+    parser.add_argument(
+        "--channels-last", default="auto", choices=["auto", "on", "off"], help="NHWC: auto = for bf16 only"
+    )
     parser.add_argument("--compile", action="store_true", help="the configs' compile switch (torch.compile)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--cgrdn-tile", type=int, default=256, help="CGRDN tile side, px (thesis: 256)")
@@ -260,15 +325,32 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    precisions = PRECISION_CHOICES[args.precision]
     # without a Trainer, self.log() warns and does nothing; the benchmark has no Trainer on purpose
     warnings.filterwarnings("ignore", message=".*self.log.*")
+    bf16 = bf16_info(device)
+    mode = bf16["mode"]
     results = {}
     for name in _models(args.models):
         batch = args.batch or DEFAULT_BATCH[name]
-        results[name] = bench_model(
-            name, batch, args.steps, args.warmup, device, args.precision, args.compile, args.cgrdn_tile
-        )
-        print(f"bench_train: {name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+        runs = {}
+        for precision in precisions:
+            runs[precision] = bench_model(
+                name, batch, args.steps, args.warmup, device, precision, args.compile, args.cgrdn_tile,
+                channels_last=uses_channels_last(precision, args.channels_last),
+            )  # fmt: skip
+            print(
+                f"bench_train: {name} {precision}: {json.dumps(runs[precision])}", file=sys.stderr, flush=True
+            )
+        results[name] = {**runs[precisions[0]], "precisions": runs}
+        if len(runs) == 2:
+            results[name].update(compare_precisions(runs["32"], runs["bf16"]))
+            print(
+                f"bench_train: {name}: fp32 {runs['32']['samples_per_s']:.4g} samples/s, bf16 ({mode}) "
+                f"{runs['bf16']['samples_per_s']:.4g} samples/s ({results[name]['bf16_speedup']:.3g}x)",
+                file=sys.stderr,
+                flush=True,
+            )
     print(
         json.dumps(
             {
@@ -278,6 +360,9 @@ def main() -> None:
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
                 "precision": args.precision,
+                "precisions": list(precisions),
+                "bf16": bf16,
+                "channels_last": args.channels_last,
                 "compile": bool(args.compile),
                 "results": results,
             }

@@ -343,3 +343,43 @@ def test_scan_reconstruction_callback_logs_xc_against_the_truth(tmp_path, data_r
     assert -1 <= metrics["val/scan_xc"] <= 1 and metrics["val/scan_frc_0143_A"] > 0
     assert metrics["val/scan_frc_05_A"] >= metrics["val/scan_frc_0143_A"]  # 0.5 is the stricter crossing
     assert (tmp_path / "run" / "figures" / "scan_epoch_000.png").is_file()
+
+
+@pytest.mark.parametrize("native, expected", [(False, "32-true"), (True, "bf16-mixed")])
+def test_trainer_precision_auto_reaches_the_trainer_config_and_summary(
+    native, expected, monkeypatch, tmp_path, data_root, capsys
+):
+    """trainer.precision=auto (conf/trainer/cpu.yaml): 32-true without bf16 units, bf16-mixed with them (here
+    monkeypatched; bf16 autocast runs emulated on any x86 CPU); the Trainer, config.yaml and the summary
+    line say which, and a bf16 run puts the network in channels_last."""
+    import yaml
+    from lightning.pytorch import Trainer
+
+    from physics import runtime
+
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device_type: native)
+    used = {}
+
+    class Spy(Callback):
+        def on_fit_start(self, trainer: Trainer, pl_module) -> None:
+            used["precision"] = trainer.precision
+            convs = [m for m in pl_module.net.modules() if isinstance(m, torch.nn.Conv2d)]
+            convs = [m for m in convs if m.in_channels > 1]
+            conv = convs[0]  # C_in > 1: NCHW and NHWC strides differ (size-1 dims make them ambiguous)
+            used["nhwc"] = conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+    original = Trainer.__init__
+
+    def with_spy(self, *args, callbacks=None, **kwargs):
+        original(self, *args, callbacks=[*(callbacks or []), Spy()], **kwargs)
+
+    monkeypatch.setattr(Trainer, "__init__", with_spy)
+    cfg = compose_train(["model=chang_unet", "data=stock_images", *common(tmp_path, data_root),
+                         "data.batch_size=4", *SMALL_BANK])  # fmt: skip
+    assert cfg.trainer.precision == "auto"  # the shipped default
+    metrics = train(cfg)
+    assert np.isfinite(metrics["train/loss"])
+    assert used == {"precision": expected, "nhwc": native}
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["trainer"]["precision"] == expected and saved["model"]["channels_last"] is native
+    assert f"precision {expected}" in capsys.readouterr().out

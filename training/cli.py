@@ -19,7 +19,16 @@ from training.datasets import ShardReadError
 if TYPE_CHECKING:
     from training.run_report import TrainingSummary
 
-__all__ = ["PAIRINGS", "ConfigError", "check_pairing", "checked_resume_path", "fit", "load_weights", "train"]
+__all__ = [
+    "PAIRINGS",
+    "ConfigError",
+    "check_pairing",
+    "checked_resume_path",
+    "fit",
+    "load_weights",
+    "resolve_trainer_precision",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +145,55 @@ def checked_resume_path(ckpt_path: Any) -> str | None:
     return str(path)
 
 
+def _lightning_precisions() -> set[str]:
+    """The ``trainer.precision`` values Lightning accepts, as strings (empty where they cannot be read)."""
+    from typing import get_args
+
+    try:
+        from lightning.fabric.plugins.precision import precision as names
+    except ImportError:  # pragma: no cover - a Lightning without this module validates by itself
+        return set()
+    literals = ("_PRECISION_INPUT_STR", "_PRECISION_INPUT_INT", "_PRECISION_INPUT_STR_ALIAS")
+    return {str(value) for name in literals for value in get_args(getattr(names, name, None))}
+
+
+def resolve_trainer_precision(cfg: DictConfig) -> str | int | None:
+    """Resolve ``cfg.trainer.precision`` in place (``auto`` -> ``bf16-mixed`` or ``32-true``); returns it.
+
+    ``auto`` (the default of conf/trainer/*.yaml) is ``bf16-mixed`` where the accelerator in use
+    (``trainer.accelerator``) has native bf16 arithmetic (:func:`physics.runtime.bf16_supported`: AVX512-BF16
+    or AMX on an x86 CPU, compute capability >= 8.0 on CUDA) and ``32-true`` elsewhere; any other Lightning
+    value passes through unchanged (an explicit bf16 one on hardware without bf16 units warns once: emulated
+    bf16 is slower than fp32). Where the result is a bf16 precision, the model's ``channels_last`` switch is
+    turned on (NHWC memory order, oneDNN's and cuDNN's fast layout for bf16 convolutions; the numbers do not
+    depend on it). Runs before config.yaml is written, so the saved config says what the run used. A config
+    without ``trainer.precision`` is left to Lightning's default; a value Lightning does not know is a
+    :class:`ConfigError` naming it.
+    """
+    from physics.runtime import TRAINING_AUTO, accelerator_device_type, resolve_training_precision
+
+    trainer = cfg.get("trainer")
+    if trainer is None or "precision" not in trainer:
+        return None
+    requested = trainer.precision
+    known = _lightning_precisions()
+    if known and requested is not None and str(requested).strip().lower() != TRAINING_AUTO:
+        if str(requested) not in known:
+            raise ConfigError(
+                f"trainer.precision={requested}: must be auto or one of {', '.join(sorted(known))}"
+            )
+    device_type = accelerator_device_type(trainer.get("accelerator"))
+    precision = resolve_training_precision(requested, device_type)
+    with open_dict(cfg):
+        cfg.trainer.precision = precision
+        model = cfg.get("model")
+        if "bf16" in str(precision) and model is not None and model.get("channels_last") is False:
+            cfg.model.channels_last = True
+    if precision != requested:
+        log.info("trainer.precision=%s on %s: %s", requested, device_type, precision)
+    return precision
+
+
 def _instantiate_all(nodes: DictConfig | None) -> list:
     from hydra.utils import instantiate
 
@@ -162,6 +220,7 @@ def fit(cfg: DictConfig) -> tuple[dict[str, float], TrainingSummary]:
     validate_config(cfg)  # before anything is built or written
     check_pairing(cfg)
     resume = checked_resume_path(cfg.get("ckpt_path"))  # before any work: a refused file is one line
+    resolve_trainer_precision(cfg)  # auto -> bf16-mixed | 32-true, before config.yaml is written
     single_lightning_log()
     workers = loader_workers(cfg)
     threads = configure_threads(cfg.get("threads", "auto"), workers)

@@ -87,6 +87,7 @@ class TrainingSummary:
     best: str | None = None
     last: str | None = None
     wandb: list[str] = field(default_factory=list)  # `wandb sync ...` commands or run URLs
+    precision: str | None = None  # Lightning's trainer.precision the run used (e.g. "32-true", "bf16-mixed")
 
     def epochs_text(self) -> str:
         """``4.9 of 40 epochs`` (``2 of 2 epochs`` for a run that finished)."""
@@ -105,7 +106,8 @@ class TrainingSummary:
         threads = f"{self.threads} intra-op thread{'s' if self.threads != 1 else ''}"
         workers = f", {self.workers} loader worker{'s' if self.workers != 1 else ''}" if self.workers else ""
         start = f" from {self.init_from}" if self.init_from else ""
-        lines = [f"train: trained{start} {self.trained_text()}, {threads}{workers}"]
+        precision = f", precision {self.precision}" if self.precision else ""
+        lines = [f"train: trained{start} {self.trained_text()}, {threads}{workers}{precision}"]
         if self.stopped_by:
             lines.append(f"train: warning: training did not reach its end; stopped by {self.stopped_by}")
         lines.append(f"train: outputs in {self.output_dir} (config.yaml, metrics.yaml, figures/, logs)")
@@ -187,4 +189,5 @@ def summarize(
         best=best or None,
         last=last,
         wandb=_wandb_lines(loggers),
+        precision=str(trainer.precision) if getattr(trainer, "precision", None) is not None else None,
     )
