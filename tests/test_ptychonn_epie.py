@@ -23,6 +23,13 @@ def test_experiment_composes_with_the_paper_split_and_a_time_cap(tmp_path):
     )
     assert abs(cfg.data.train_fraction - 100 / 161) < 1e-3
     assert cfg.trainer.max_time == "00:00:14:00" and cfg.logger.csv is not None
+    # the remedies against the constant-phase collapse (docs/results_ptychonn.md) are on
+    assert (
+        cfg.model.standardise_inputs
+        and cfg.model.standardise_labels
+        and cfg.model.input_px == cfg.data.patch_px
+    )
+    assert cfg.model.loss.kind == "l2" and cfg.model.loss.w_xc > 0 and cfg.data.label_weight == "probe"
     for name in ("model_checkpoint", "last_checkpoint"):
         assert OmegaConf.to_container(cfg.callbacks[name])["dirpath"] == "${paths.output_dir}/checkpoints"
 
@@ -37,7 +44,13 @@ def test_experiment_trains_a_few_steps_on_a_tiny_scan(tmp_path):
                          "trainer.max_epochs=1", "+trainer.limit_train_batches=2"])  # fmt: skip
     metrics = train(cfg)
     assert np.isfinite(metrics["val/loss"]) and np.isfinite(metrics["test/loss"])
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert np.isfinite(metrics["val/xc_phase_weighted"])
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    from evaluation.networks.checkpoints import load_network
+
+    model = load_network(last, "ptychonn")  # the fitted standardisation came along
+    assert bool(model.norm.fitted) and float(model.norm.phase_std) not in (0.0, 1.0)
 
 
 def test_train_py_honours_hydra_run_dir(tmp_path):
