@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,11 +46,12 @@ def non_negative(value: Any) -> bool:
 
 def test_bench_train_reports_every_model():
     report = run_script(
-        "bench_train.py", "--steps", "1", "--warmup", "1", "--batch", "2", "--cgrdn-tile", "16"
-    )
+        "bench_train.py", "--steps", "1", "--warmup", "1", "--batch", "2", "--cgrdn-tile", "16",
+        "--precision", "32",
+    )  # fmt: skip
     assert report["benchmark"] == "train"
     assert report["device"] == "cpu" and report["threads"] == 1
-    assert report["precision"] == "32" and report["compile"] is False
+    assert report["precision"] == "32" and report["precisions"] == ["32"] and report["compile"] is False
     assert isinstance(report["machine"], dict) and report["torch"]
     assert set(report["results"]) == {"airpi", "chang", "ptychonn", "cgrdn"}
     shapes = {"airpi": [11, 64, 64], "chang": [1, 32, 32], "ptychonn": [1, 64, 64], "cgrdn": [1, 16, 16]}
@@ -66,8 +69,39 @@ def test_bench_train_bf16_autocast():
         "bench_train.py", "--models", "ptychonn", "--steps", "1", "--warmup", "0", "--batch", "2",
         "--precision", "bf16",
     )  # fmt: skip
-    assert report["precision"] == "bf16"
-    assert positive(report["results"]["ptychonn"]["samples_per_s"])
+    assert report["precision"] == "bf16" and report["precisions"] == ["bf16"]
+    result = report["results"]["ptychonn"]
+    assert positive(result["samples_per_s"]) and result["precision"] == "bf16"
+    assert result["channels_last"] is True  # --channels-last auto: NHWC for bf16, as train.py does
+    assert "bf16_speedup" not in result  # one precision: nothing to compare
+
+
+def test_bench_train_default_times_fp32_and_bf16_in_one_run():
+    from physics.runtime import bf16_supported
+
+    report = run_script(
+        "bench_train.py", "--models", "chang", "--steps", "1", "--warmup", "0", "--batch", "2"
+    )
+    assert report["precision"] == "both" and report["precisions"] == ["32", "bf16"]
+    native = bf16_supported("cpu")
+    assert report["bf16"]["native"] is native
+    assert report["bf16"]["mode"] == ("native" if native else "emulated")
+    assert report["bf16"]["auto_precision"] == ("bf16-mixed" if native else "32-true")
+    result = report["results"]["chang"]
+    runs = result["precisions"]
+    assert set(runs) == {"32", "bf16"}
+    assert runs["32"]["precision"] == "32" and runs["32"]["channels_last"] is False
+    assert runs["bf16"]["precision"] == "bf16" and runs["bf16"]["channels_last"] is True
+    for run in runs.values():
+        assert positive(run["samples_per_s"]) and math.isfinite(run["first_loss"])
+    assert result["samples_per_s"] == runs["32"]["samples_per_s"]  # the top level: the fp32 reference
+    assert result["bf16_speedup"] == pytest.approx(
+        runs["bf16"]["samples_per_s"] / runs["32"]["samples_per_s"], abs=1e-4
+    )
+    # same seed-0 weights and batch: bf16 autocast changes the first loss by rounding only
+    difference = abs(runs["bf16"]["first_loss"] - runs["32"]["first_loss"]) / runs["32"]["first_loss"]
+    assert result["bf16_first_loss_rel_diff"] == pytest.approx(difference)
+    assert 0 < difference < 0.05
 
 
 def test_bench_reconstruct_reports_every_method_and_the_scale_check():
