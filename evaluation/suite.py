@@ -261,6 +261,46 @@ def score(
     return metrics
 
 
+def score_against(
+    grid: ScoringGrid,
+    result: Any,
+    reference: Any,
+    max_shift_A: float = 0.5,
+    frc_min_ring: int = 2,
+) -> dict[str, float]:
+    """FRC resolutions (A) of ``result`` against another method's reconstruction ``reference`` of the same
+    data (paper 001 scores its CNN against ePIE so), on the scoring grid: both Fourier-resampled onto it,
+    cropped to their common field, ``result`` registered onto ``reference`` (at most ``max_shift_A`` per
+    axis). Keys ``frc_0.5_A`` and ``frc_0.143_A`` (for two reconstructions of one data set, 0.143 is the
+    half-map criterion and 0.5 the stricter one, as the paper quotes both), searched from ring
+    ``frc_min_ring``. Both fields must be finite on a common rectangle of at least 8 x 8 pixels."""
+    from evaluation.align import align
+
+    fields = []
+    for item in (reference, result):
+        phase = np.asarray(item.phase, dtype=np.float64)
+        if not np.all(np.isfinite(phase)):
+            raise SuiteError(f"{item.method}: the reconstruction contains NaN or inf")
+        fields.append(fourier_resample(phase, item.pixel_size_A, item.origin_A, grid.shape, grid.pixel_A))
+    finite = np.isfinite(fields[0]) & np.isfinite(fields[1])
+    rows, cols = np.flatnonzero(finite.any(axis=1)), np.flatnonzero(finite.any(axis=0))
+    window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)) if rows.size and cols.size else None
+    if window is None or min(rows.size, cols.size) < 8 or not np.all(finite[window]):
+        raise SuiteError(
+            f"{result.method} and {reference.method} share no 8 x 8 rectangle on the scoring grid"
+        )
+    ref, recon = fields[0][window], fields[1][window]
+    bound_px = max(float(max_shift_A), 0.0) / grid.pixel_A
+    if recon.std() > 0 and ref.std() > 0 and bound_px > 0:
+        ref, recon, _ = align(ref, recon, max_shift_px=bound_px)
+    freq, frc, rings = fourier_ring_correlation(ref, recon, grid.pixel_A, register=False)
+    start = max(0, int(frc_min_ring) - 1)
+    return {
+        key: resolution(freq[start:], frc[start:], threshold, ring_pixels=rings[start:])
+        for key, threshold in THRESHOLDS[:2]
+    }
+
+
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -377,6 +417,29 @@ def _method_params(entry: Mapping[str, Any], grid: ScoringGrid) -> dict[str, Any
     return params
 
 
+def _score_against_reference(
+    rows: list[dict[str, Any]],
+    images: dict,
+    scan: str,
+    dose: float,
+    reference: str,
+    grid: ScoringGrid,
+    max_shift_A: float,
+    frc_min_ring: int,
+) -> None:
+    """Add ``frc_vs_<reference>_0.5_A`` / ``_0.143_A`` to the rows of (scan, dose) other than the reference
+    (``suite.frc_against``: a method label of the suite, e.g. ``epie``)."""
+    ref = images.get((scan, dose, reference))
+    if ref is None:
+        raise SuiteError(f"suite.frc_against={reference!r} is not a method of this suite")
+    for row in rows:
+        if row["scan"] != scan or row["dose_e_per_A2"] != dose or row["method"] == reference:
+            continue
+        metrics = score_against(grid, images[(scan, dose, row["method"])], ref, max_shift_A, frc_min_ring)
+        for key, value in metrics.items():
+            row[f"frc_vs_{reference}_{key.removeprefix('frc_')}"] = value
+
+
 def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run the suite of ``cfg.suite`` and write its outputs into ``run_dir``; returns the JSON content."""
     from evaluation.cli import run_method
@@ -390,6 +453,12 @@ def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     seed = int(cfg.get("seed", 0))
     doses = _doses(suite)
     entries = _method_entries(suite)
+    against = suite.get("frc_against")
+    if against and str(against) not in {entry["label"] for entry in entries}:
+        raise SuiteError(
+            f"suite.frc_against={against!r} is not one of the suite's methods "
+            f"({', '.join(entry['label'] for entry in entries)})"
+        )
     scans = {
         name: _prepare_scan(name, entry or {}, bool(suite.get("generate_missing", True)), progress)
         for name, entry in (suite.get("scans") or {}).items()
@@ -459,6 +528,12 @@ def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                             + (" (at the bound)" if metrics["shift_at_bound"] else ""),
                             file=sys.stderr,
                         )
+                reference_label = suite.get("frc_against")
+                if reference_label:
+                    _score_against_reference(
+                        rows, images, name, dose, str(reference_label), grid,
+                        float(suite.get("max_shift_A", 0.5)), int(suite.get("frc_min_ring", 2)),
+                    )  # fmt: skip
             # the truth and images are kept for the figures; the scan file is closed after them
             _figures(run_dir, name, grid, doses, entries, images, rows)
         finally:
@@ -516,12 +591,21 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "FRC half-bit, half-map criterion (Å) | shift (Å) | patterns/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    against = sorted({k[len("frc_vs_") : -len("_0.5_A")] for r in rows for k in r if k.startswith("frc_vs_")
+                      and k.endswith("_0.5_A")})  # fmt: skip
+    for ref in against:
+        lines[0] += f" FRC vs {ref} 0.5 / 0.143 (Å) |"
+        lines[1] += "---|"
     for r in rows:
-        lines.append(
+        line = (
             f"| {r['scan']} | {_dose_label(r['dose_e_per_A2'])} | {r['method']} | {r['xc']:.4f} | "
             f"{r['frc_0.5_A']:.3f} | {r['frc_0.143_A']:.3f} | {r['frc_half_bit_A']:.3f} | {_shift_cell(r)} | "
             f"{r['patterns_per_s']:.0f} |"
         )
+        for ref in against:
+            a, b = r.get(f"frc_vs_{ref}_0.5_A"), r.get(f"frc_vs_{ref}_0.143_A")
+            line += " (reference) |" if a is None else f" {a:.3f} / {b:.3f} |"
+        lines.append(line)
     notes = (
         "\nFRC against the true phase on one grid for every method (pixel "
         + ", ".join(sorted({f"{r['score_pixel_A']:.3f} Å" for r in rows if "score_pixel_A" in r}))

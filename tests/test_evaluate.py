@@ -177,3 +177,45 @@ def test_a_reconstruction_one_pixel_short_of_the_grid_is_scored_on_the_overlap(f
     metrics = score(scan, result, grid=grid)
     assert metrics["xc"] > 0.999
     assert metrics["shift_norm_A"] < 1e-3
+
+
+def test_frc_against_another_reconstruction(folder):
+    """score_against: a reconstruction identical to the reference (up to a shift inside the bound)
+    correlates to the grid's Nyquist; one low-passed to 1 A loses it near 1 A; an unrelated field has
+    no resolution below the coarsest rings."""
+    from evaluation.io import load_4dstem
+    from evaluation.references._common import Reconstruction
+    from evaluation.suite import score_against, scoring_grid
+
+    scan = load_4dstem(folder / "scan.h5")
+    grid = scoring_grid(scan)
+    pixel = (grid.pixel_A, grid.pixel_A)
+    truth = grid.truth.copy()
+    reference = Reconstruction(truth, pixel, (0.0, 0.0), "epie")
+    nyquist_A = 2 * grid.pixel_A
+    same = score_against(grid, Reconstruction(truth + 0.3, pixel, (0.0, 0.0), "x"), reference)
+    assert same["frc_0.5_A"] == pytest.approx(nyquist_A, rel=0.05)
+    spectrum = np.fft.fft2(truth)
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(truth.shape[0], grid.pixel_A),
+                              np.fft.fftfreq(truth.shape[1], grid.pixel_A), indexing="ij"))  # fmt: skip
+    blurred = np.fft.ifft2(spectrum * (f < 1.0)).real  # nothing beyond 1 / (1 A)
+    low = score_against(grid, Reconstruction(blurred, pixel, (0.0, 0.0), "x"), reference)
+    assert 0.9 < low["frc_0.5_A"] < 1.25 and low["frc_0.143_A"] <= low["frc_0.5_A"]
+    noise = np.random.default_rng(0).normal(size=truth.shape)
+    none = score_against(grid, Reconstruction(noise, pixel, (0.0, 0.0), "x"), reference)
+    assert none["frc_0.5_A"] > 3 * low["frc_0.5_A"]  # the first searched rings of the field
+
+
+def test_suite_frc_against_epie_adds_columns(folder, tmp_path, capsys):
+    cfg = _config(folder, "+suite.frc_against=epie", "suite.doses_e_per_A2=[inf]")
+    assert evaluate_main(cfg, tmp_path) == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "metrics.json").read_text())["rows"]
+    by = {r["method"]: r for r in rows}
+    assert "frc_vs_epie_0.5_A" not in by["epie"]
+    for method in ("ssb", "icom"):
+        assert by[method]["frc_vs_epie_0.5_A"] >= by[method]["frc_vs_epie_0.143_A"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "FRC vs epie 0.5 / 0.143 (Å)" in table and "(reference) |" in table
+    bad = _config(folder, "+suite.frc_against=nonsense")
+    assert evaluate_main(bad, tmp_path / "bad") == 2
+    assert "suite.frc_against='nonsense' is not one of the suite's methods" in capsys.readouterr().err
