@@ -5,7 +5,8 @@ Each effective position's 3x3 kernel of CBEDs (resampled onto the network grid,
 :func:`models.inputs.preprocess`; the predicted exit wave and the probe are evaluated on the object pixels
 by one Fourier matrix product each (sub-pixel placement and resampling together), ``T_n = sgn(psi_out
 conj(psi_in)) * w_n`` with ``w_n = |psi_in|^2 / sum |psi_in|^2`` where ``|psi_in|^2 > 0.1 max`` (0
-elsewhere), ``T = sum_n T_n``, image ``angle(T)``.
+elsewhere), ``T = sum_n T_n``, image ``angle(T)``. The trust map
+(:mod:`evaluation.networks.consistency`) compares ``|F psi_out|^2`` with each centre CBED in the same loop.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evaluation.networks.consistency import ConsistencyMap, diffraction_intensity
 from evaluation.networks.geometry import (
     PAPER_RATIO_ALPHA_GMAX,
     Predictor,
@@ -82,6 +84,8 @@ def airpi_reconstruct(
     detector_centre_px: Any = None,
     batch_size: int = 256,
     block_rows: int | None = None,
+    consistency: bool = True,
+    consistency_counts_per_unit: float | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> Reconstruction:
@@ -97,6 +101,12 @@ def airpi_reconstruct(
     covers within ``alpha / gmax`` in ``ratio_alpha_gmax`` (None: paper 002's (0.1, 0.95); a model's own
     range is applied by :func:`evaluation.networks.reconstruct_with_network`); ``info['alpha_over_gmax']``
     is the ratio used.
+
+    ``consistency``: the trust map ``Reconstruction.consistency`` (Rx, Ry): the predicted exit wave's
+    ``|F psi_out|^2`` against the centre CBED the network saw (the box sum with ``data_repetition``), as
+    the normalised Poisson deviance of :func:`evaluation.networks.consistency.normalised_poisson_deviance`
+    (``consistency_counts_per_unit`` electrons per unit of the data; None: the data are counts);
+    ``info['consistency_median']`` its median.
     """
     dev = resolve_device(device)
     geometry = ScanGeometry.from_scan(scan, data_repetition, repetition_box, repetition_stride)
@@ -123,6 +133,9 @@ def airpi_reconstruct(
     rows_per_block = block_rows or _default_block_rows(ry, pixels)
     placements: dict[tuple, tuple] = {}
     count = 0
+    trust = (
+        ConsistencyMap(geometry.positions_shape, dev, consistency_counts_per_unit) if consistency else None
+    )
     bar = _inference_bar(geometry, progress, "AIRPI")
     for e, c, kernels in stream.kernels(rows_per_block, False, "AIRPI"):  # the bar counts patterns
         for part in _batches(len(e), batch_size):
@@ -132,6 +145,8 @@ def airpi_reconstruct(
             inputs = preprocess(counts, torch.full((b,), step, device=dev), probes, zeta_scale=zeta_scale)
             positions = np.stack([e[part] * geometry.step_A[0], c[part] * geometry.step_A[1]], -1)
             wave = predictor(inputs, torch.as_tensor(positions, device=dev)).to(torch.complex64)
+            if trust is not None:  # the centre CBED of the kernel against |F psi_out|^2
+                trust.add(e[part], c[part], counts[:, 4], diffraction_intensity(wave))
             mx, my, frac = grid.placement(e[part], c[part])
             uniform = bool(np.all(frac == frac[:1]))
             key = tuple(np.round(frac[0], 9)) if uniform else None
@@ -164,6 +179,8 @@ def airpi_reconstruct(
     image, origin = grid.crop(np.angle(total).astype(np.float32), crop_to_scan)
     covered, _ = grid.crop(np.abs(total) > 0, crop_to_scan)
     image, wraps = unwrap_phase_image(image, covered) if unwrap_phase else (image, 0)
+    trust_map = None if trust is None else trust.array()
+    extra = {} if trust_map is None else {"consistency_median": float(np.nanmedian(trust_map))}
     return Reconstruction(
         phase=image,
         pixel_size_A=pixel_A,
@@ -179,5 +196,7 @@ def airpi_reconstruct(
             "phase_wraps_removed": int(wraps),
             "detector_centre_px": centre.tolist(),
             "patterns_per_s": count / max(elapsed, 1e-9),
+            **extra,
         },
+        consistency=trust_map,
     )

@@ -6,7 +6,8 @@ zero frequency at the centre pixel), rotated onto the scan frame there and summe
 ``bin_factor`` blocks (:func:`_bin_patterns`), then ``sqrt(counts / total)``. Each predicted phase patch
 carries an unknown constant offset ``c_n``; the offsets minimise ``sum over overlapping pairs (mean_ij(P_i) +
 c_i - mean_ij(P_j) - c_j)^2`` (:func:`scipy.sparse.linalg.lsqr`, ``c_0 = 0``); image = mean of ``P_n + c_n``
-over the patches covering a pixel.
+over the patches covering a pixel. The trust map (:mod:`evaluation.networks.consistency`) compares
+``|F[P exp(i phi)]|^2``, binned, with each binned input pattern in the same loop.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evaluation.networks.consistency import ConsistencyMap, diffraction_intensity
 from evaluation.networks.geometry import (
     DetectorReachError,
     Predictor,
@@ -46,6 +48,18 @@ def _chang_probe_and_mask(
     Uses :class:`datagen.stock_images.ChangForwardModel` (the one implementation of the Chang geometry) with
     the scan's optics: defocus ``C10 = -defocus_A`` and ``Cs_A``, no other aberrations.
     """
+    k_det, pixel_A, mask, _ = _chang_geometry(
+        geometry, pixels, bin_factor, collection_ratio, illuminated_fraction
+    )
+    return k_det, pixel_A, mask
+
+
+def _chang_geometry(
+    geometry: ScanGeometry, pixels: int, bin_factor: int, collection_ratio: float, illuminated_fraction: float
+) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """As :func:`_chang_probe_and_mask`, plus the probe (``pixels * bin_factor`` square, complex64, centred
+    at pixel ``pixels * bin_factor // 2``) on the simulation grid: the ``P`` of the exit wave ``P exp(i
+    phi)`` that the trust map (:mod:`evaluation.networks.consistency`) propagates."""
     from datagen.stock_images import ChangForwardModel, StockImageBank
 
     model = ChangForwardModel(
@@ -60,8 +74,29 @@ def _chang_probe_and_mask(
     )
     aberrations = {"C10": np.array([-geometry.defocus_A])}
     probes = model.probes(aberrations)
-    mask = model.illuminated_mask(probes if probes.ndim == 3 else probes[None])[0].cpu().numpy()
-    return model.k_detector_invA, model.pixel_size_A, mask
+    probes = probes if probes.ndim == 3 else probes[None]
+    mask = model.illuminated_mask(probes)[0].cpu().numpy()
+    return model.k_detector_invA, model.pixel_size_A, mask, probes[0].cpu().numpy()
+
+
+def _chang_exit_intensity(
+    probe_sim: torch.Tensor, phase: torch.Tensor, mask: torch.Tensor, bin_factor: int
+) -> torch.Tensor:
+    """Binned ``|F[P exp(i phi)]|^2`` (B, K, K) of predicted phase patches (B, K, K) on the simulation grid.
+
+    ``phi`` = the patch inside the illuminated ``mask`` (K, K), placed at the label window (the central
+    ``K`` of the ``K * bin_factor`` grid, :meth:`datagen.stock_images.ChangForwardModel.label_window`), and
+    0 elsewhere; binned like :meth:`~datagen.stock_images.ChangForwardModel.diffraction`.
+    """
+    sim_px = probe_sim.shape[-1]
+    pixels = phase.shape[-1]
+    start = sim_px // 2 - pixels // 2
+    full = torch.zeros((phase.shape[0], sim_px, sim_px), dtype=torch.float32, device=phase.device)
+    full[:, start : start + pixels, start : start + pixels] = torch.where(
+        mask, phase, torch.zeros_like(phase)
+    )
+    intensity = diffraction_intensity(probe_sim * torch.polar(torch.ones_like(full), full))
+    return _bin_patterns(intensity, bin_factor)
 
 
 def _bin_patterns(patterns: torch.Tensor, factor: int) -> torch.Tensor:
@@ -121,6 +156,8 @@ def chang_reconstruct(
     batch_size: int = 256,
     block_rows: int | None = None,
     lsqr_tolerance: float = 1e-10,
+    consistency: bool = True,
+    consistency_counts_per_unit: float | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> Reconstruction:
@@ -136,6 +173,12 @@ def chang_reconstruct(
     Pairs are positions at most ``max_pair_offset`` steps apart along x and y whose illuminated discs share
     at least ``min_overlap_fraction`` of a disc. ``info['offsets_rad']`` holds the solved offsets
     ``(Rx, Ry)`` (``c_0 = 0``), ``info['lsqr_residual']`` the least-squares residual norm.
+
+    ``consistency``: the trust map ``Reconstruction.consistency`` (Rx, Ry): ``|F[P exp(i phi)]|^2`` with
+    the training geometry's probe ``P`` and the predicted phase inside the disc (0 outside), binned, against
+    the binned pattern the network saw (its counts, before ``sqrt(counts / total)``); see
+    :mod:`evaluation.networks.consistency` (``consistency_counts_per_unit`` electrons per unit of the data;
+    None: counts). ``info['consistency_median']`` its median.
     """
     from scipy.signal import fftconvolve
     from scipy.sparse import coo_matrix
@@ -146,7 +189,7 @@ def chang_reconstruct(
     _check_patterns(geometry)
     start_time = time.perf_counter()
     centre = _detector_centre(geometry, detector_centre_px, progress, block_rows)
-    k_det, d, mask = _chang_probe_and_mask(
+    k_det, d, mask, probe_sim = _chang_geometry(
         geometry, pixels, bin_factor, collection_ratio, illuminated_fraction
     )
     # the training geometry: patterns simulated on pixels * bin_factor pixels over +-k_det, then binned; the
@@ -205,6 +248,9 @@ def chang_reconstruct(
     row_bytes = ry * (kx * ky + sim_px * ky + sim_px * sim_px) * 4
     rows_per_block = block_rows or max(1, int(2**27 // row_bytes))
     count = 0
+    trust = ConsistencyMap((rx, ry), dev, consistency_counts_per_unit) if consistency else None
+    probe_t = torch.as_tensor(probe_sim, dtype=torch.complex64, device=dev)
+    mask_t = torch.as_tensor(mask, dtype=torch.bool, device=dev)
     bar = _inference_bar(geometry, progress, "Chang U-Net")
     for e, c, kernels in stream.kernels(rows_per_block, False, "Chang U-Net", neighbours=False):
         for part in _batches(len(e), batch_size):
@@ -215,6 +261,10 @@ def chang_reconstruct(
             phase = (
                 predictor(inputs, torch.as_tensor(positions, device=dev)).float().reshape(-1, pixels, pixels)
             )
+            if trust is not None:  # the binned input counts against |F[P exp(i phi)]|^2, binned
+                trust.add(
+                    e[part], c[part], counts, _chang_exit_intensity(probe_t, phase, mask_t, int(bin_factor))
+                )
             patch = lx_t @ phase @ ly_t  # (B, Ox, Oy)
             means[e[part], c[part]] = torch.einsum("bxy,sxy->bs", patch, overlap_t).double().cpu().numpy()
             mx, my, _ = grid.placement(e[part], c[part])
@@ -273,6 +323,8 @@ def chang_reconstruct(
     covered, _ = grid.crop(weight, crop_to_scan)
     if np.any(covered > 0.5):
         cropped = np.where(covered > 0.5, cropped - cropped[covered > 0.5].mean(), 0.0).astype(np.float32)
+    trust_map = None if trust is None else trust.array()
+    extra = {} if trust_map is None else {"consistency_median": float(np.nanmedian(trust_map))}
     return Reconstruction(
         phase=cropped,
         pixel_size_A=pixel_A,
@@ -289,5 +341,7 @@ def chang_reconstruct(
             "oversampling": os_,
             "detector_centre_px": centre.tolist(),
             "patterns_per_s": count / max(elapsed, 1e-9),
+            **extra,
         },
+        consistency=trust_map,
     )

@@ -4,7 +4,8 @@
 :func:`training.datamodules.ptychonn_view`) and places the predicted ``(amplitude, phase)`` patches:
 ``sum w_n A_n exp(i phi_n) / sum w_n`` with ``w_n`` the probe intensity where ``|psi_in|^2 > 0.1 max``;
 phase = its angle, amplitude = the weighted mean of ``A_n``. The local engine (:func:`ptychonn_reconstruct`)
-and ``engine=libertem`` (:mod:`evaluation.engines.libertem`) share it.
+and ``engine=libertem`` (:mod:`evaluation.engines.libertem`) share it. The local engine's trust map
+(:mod:`evaluation.networks.consistency`) compares ``|F[psi_in A exp(i phi)]|^2`` with each input CBED.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evaluation.networks.consistency import ConsistencyMap, diffraction_intensity
 from evaluation.networks.geometry import (
     PAPER_RATIO_ALPHA_GMAX,
     Predictor,
@@ -59,6 +61,9 @@ class PtychoNNPlacement:
     ly: np.ndarray
     weight: np.ndarray  # probe intensity inside the mask on the footprint, summing to 1
     oversampling: int
+    probe: np.ndarray | None = None  # psi_in (K, K) on the network grid, the trust map's illumination
+    consistency: bool = True  # trust map (local engine): |F[psi_in A exp(i phi)]|^2 against the CBEDs
+    consistency_counts_per_unit: float | None = None  # electrons per unit of the data; None: counts
 
     def stream(self, device: torch.device) -> _PatternStream:
         """The resampling of raw CBEDs onto the network grid."""
@@ -80,9 +85,11 @@ class PtychoNNPlacement:
         c: np.ndarray,
         complex_sum: torch.Tensor,
         amplitude_sum: torch.Tensor,
+        trust: ConsistencyMap | None = None,
     ) -> None:
         """Normalise resampled CBEDs (B, K, K) at effective positions ``(e, c)``, predict, and add the
-        weighted patches into the accumulators (in place)."""
+        weighted patches into the accumulators (in place); with ``trust`` (and :attr:`probe`) also the
+        batch's forward-model consistency, ``|F[psi_in A exp(i phi)]|^2`` against the CBEDs."""
         dev = centre_cbed.device
         pixels = self.pixels
         step = self.geometry.step_A
@@ -96,6 +103,9 @@ class PtychoNNPlacement:
         amplitude = amplitude.float().reshape(-1, pixels, pixels)
         phase = phase.float().reshape(-1, pixels, pixels)
         transmission = torch.polar(amplitude, phase)
+        if trust is not None and self.probe is not None:
+            probe_t = torch.as_tensor(self.probe, dtype=torch.complex64, device=dev)
+            trust.add(e, c, centre_cbed, diffraction_intensity(probe_t * transmission))
         real = lx_t @ transmission.real @ ly_t
         imag = lx_t @ transmission.imag @ ly_t
         amp = lx_t @ amplitude @ ly_t
@@ -111,8 +121,10 @@ class PtychoNNPlacement:
         crop_to_scan: bool,
         unwrap_phase: bool,
         patterns_per_s: float,
+        consistency: np.ndarray | None = None,
     ) -> Reconstruction:
-        """The stitched object from the accumulated sums (``(N, 2)`` and ``(N,)``, any engine)."""
+        """The stitched object from the accumulated sums (``(N, 2)`` and ``(N,)``, any engine), with the
+        trust map ``consistency`` (Rx, Ry) where one was computed."""
         grid = self.grid
         rx, ry = self.geometry.positions_shape
         # the total weight is the weight map summed over the positions: a convolution, not an accumulator
@@ -142,6 +154,7 @@ class PtychoNNPlacement:
         else:
             wraps = 0
         amplitude_cropped, _ = grid.crop(amplitude_image.astype(np.float32), crop_to_scan)
+        extra = {} if consistency is None else {"consistency_median": float(np.nanmedian(consistency))}
         return Reconstruction(
             phase=phase_image,
             pixel_size_A=self.pixel_A,
@@ -156,7 +169,9 @@ class PtychoNNPlacement:
                 "detector_centre_px": self.centre_px.tolist(),
                 "phase_wraps_removed": int(wraps),
                 "patterns_per_s": patterns_per_s,
+                **extra,
             },
+            consistency=consistency,
         )
 
 
@@ -170,10 +185,13 @@ def ptychonn_placement(
     weight_threshold: float = 0.1,
     detector_centre_px: Any = None,
     block_rows: int | None = None,
+    consistency: bool = True,
+    consistency_counts_per_unit: float | None = None,
     progress: bool = True,
 ) -> PtychoNNPlacement:
     """The :class:`PtychoNNPlacement` of a scan: detector centre (the mean CBED's centre of mass unless
-    given), network grid ``gmax``, probe-mask footprint and weights (see :func:`ptychonn_reconstruct`)."""
+    given), network grid ``gmax``, probe-mask footprint and weights, the probe (see
+    :func:`ptychonn_reconstruct`) and the trust-map options."""
     geometry = ScanGeometry.from_scan(scan)
     _check_patterns(geometry)
     centre = _detector_centre(geometry, detector_centre_px, progress, block_rows)
@@ -194,7 +212,8 @@ def ptychonn_placement(
     weight = np.where(inside, lx @ intensity @ ly.T, 0.0)
     return PtychoNNPlacement(
         geometry=geometry, pixels=int(pixels), gmax_invA=gmax, centre_px=centre, pixel_A=pixel_A, grid=grid,
-        lx=lx, ly=ly, weight=weight / weight.sum(), oversampling=int(oversampling),
+        lx=lx, ly=ly, weight=weight / weight.sum(), oversampling=int(oversampling), probe=psi_in,
+        consistency=bool(consistency), consistency_counts_per_unit=consistency_counts_per_unit,
     )  # fmt: skip
 
 
@@ -212,6 +231,8 @@ def ptychonn_reconstruct(
     detector_centre_px: Any = None,
     batch_size: int = 256,
     block_rows: int | None = None,
+    consistency: bool = True,
+    consistency_counts_per_unit: float | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> Reconstruction:
@@ -224,13 +245,20 @@ def ptychonn_reconstruct(
     object grid; the weights are the probe intensity inside the same mask. The phase is unwrapped where it
     passes ``+-pi`` (``unwrap_phase``, :mod:`evaluation.unwrap`). The pre-processing, placement and
     normalisation are :class:`PtychoNNPlacement`'s, shared with ``engine=libertem``.
+
+    ``consistency``: the trust map ``Reconstruction.consistency`` (Rx, Ry): ``|F[psi_in A exp(i phi)]|^2``
+    (``psi_in`` the probe of the weights; the network's vacuum ``(1, 0)`` outside the mask included)
+    against the CBED the network saw, before its division by the maximum; see
+    :mod:`evaluation.networks.consistency` (``consistency_counts_per_unit`` electrons per unit of the data;
+    None: counts). ``info['consistency_median']`` its median. Not computed by ``engine=libertem``.
     """
     dev = resolve_device(device)
     start_time = time.perf_counter()
     plan = ptychonn_placement(
         scan, pixels=pixels, gmax_invA=gmax_invA, ratio_alpha_gmax=ratio_alpha_gmax,
         oversampling=oversampling, weight_threshold=weight_threshold, detector_centre_px=detector_centre_px,
-        block_rows=block_rows, progress=progress,
+        block_rows=block_rows, consistency=consistency,
+        consistency_counts_per_unit=consistency_counts_per_unit, progress=progress,
     )  # fmt: skip
     geometry = plan.geometry
     stream = plan.stream(dev)
@@ -238,15 +266,20 @@ def ptychonn_reconstruct(
     _, ry = geometry.positions_shape
     rows_per_block = block_rows or _default_block_rows(ry, pixels)
     count = 0
+    trust = (
+        ConsistencyMap(geometry.positions_shape, dev, plan.consistency_counts_per_unit)
+        if plan.consistency
+        else None
+    )
     bar = _inference_bar(geometry, progress, "PtychoNN")
     for e, c, kernels in stream.kernels(rows_per_block, False, "PtychoNN", neighbours=False):
         for part in _batches(len(e), batch_size):
-            plan.place_batch(predictor, kernels[part, 0], e[part], c[part], complex_sum, amplitude_sum)
+            plan.place_batch(predictor, kernels[part, 0], e[part], c[part], complex_sum, amplitude_sum, trust)
             count += len(e[part])
             bar.update(len(e[part]))
     bar.close()
     elapsed = time.perf_counter() - start_time
     return plan.finish(
         complex_sum.cpu().numpy(), amplitude_sum.cpu().numpy(), crop_to_scan, unwrap_phase,
-        count / max(elapsed, 1e-9),
+        count / max(elapsed, 1e-9), None if trust is None else trust.array(),
     )  # fmt: skip

@@ -34,6 +34,11 @@ class Reconstruction:
 
     ``phase`` (rad, or arbitrary units for virtual detectors) is indexed ``[x, y]``; pixel ``(i, j)`` sits at
     ``origin_A + (i, j) * pixel_size_A`` in scan coordinates.
+
+    ``consistency`` (network methods, float32 ``(Rx, Ry)`` over the effective scan positions, or None):
+    the forward-model consistency of each position's prediction with its CBED, a normalised Poisson
+    deviance (~1 = explained to within shot noise for electron counts;
+    :mod:`evaluation.networks.consistency`).
     """
 
     phase: np.ndarray
@@ -42,6 +47,7 @@ class Reconstruction:
     method: str
     amplitude: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    consistency: np.ndarray | None = None
 
 
 def pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
