@@ -230,6 +230,8 @@ def run_method(
 
 
 def _save_png(path: Path, result: Reconstruction, title: str) -> None:
+    """The phase (or image) in scan coordinates; beside it, where the result has one, the trust map
+    ``result.consistency`` over the scan positions (:mod:`evaluation.networks.consistency`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,12 +247,30 @@ def _save_png(path: Path, result: Reconstruction, title: str) -> None:
         y0,
         y0 + image.shape[1] * result.pixel_size_A[1],
     )
-    figure, axes = plt.subplots(figsize=(5, 4.3), dpi=120)
+    trust = None if result.consistency is None else np.asarray(result.consistency, dtype=np.float64)
+    if trust is None:
+        figure, axes = plt.subplots(figsize=(5, 4.3), dpi=120)
+    else:
+        figure, (axes, trust_axes) = plt.subplots(1, 2, figsize=(9.6, 4.3), dpi=120)
     shown = axes.imshow(image.T, origin="lower", extent=extent, cmap="gray")
     axes.set_xlabel("x (Å)")
     axes.set_ylabel("y (Å)")
     axes.set_title(title, fontsize=9)
     figure.colorbar(shown, ax=axes, label="counts" if result.method == "vadf" else "phase (rad)")
+    if trust is not None:
+        finite = trust[np.isfinite(trust)]
+        # linear, 0 .. the 99th percentile but at least 2, so that a map at the shot-noise level 1 shows
+        # mid-scale and outliers saturate
+        top = max(2.0, float(np.percentile(finite, 99))) if finite.size else 2.0
+        rx, ry = trust.shape
+        drawn = trust_axes.imshow(
+            trust.T, origin="lower", extent=(-0.5, rx - 0.5, -0.5, ry - 0.5), cmap="magma", vmin=0.0, vmax=top
+        )
+        trust_axes.set_xlabel("scan position x")
+        trust_axes.set_ylabel("scan position y")
+        median = float(np.median(finite)) if finite.size else float("nan")
+        trust_axes.set_title(f"forward-model consistency (median {median:.3g})", fontsize=9)
+        figure.colorbar(drawn, ax=trust_axes, label="Poisson deviance / expected (1 = shot noise)")
     figure.tight_layout()
     figure.savefig(path, format="png")
     plt.close(figure)
@@ -264,7 +284,15 @@ def write_reconstruction(
     config: Any = None,
     overwrite: bool = True,
 ) -> tuple[Path, Path]:
-    """Write ``deepstem.recon/1`` to ``output`` and a PNG beside it, both atomically (all or nothing)."""
+    """Write ``deepstem.recon/1`` to ``output`` and a PNG beside it, both atomically (all or nothing).
+
+    Datasets: ``phase`` float32 (H, W); optional ``amplitude`` float32 (H, W), ``fourier_error`` (ePIE,
+    per iteration), ``probe``, and ``consistency`` float32 (Rx, Ry) for network methods: the trust map, one
+    normalised Poisson deviance per (effective) scan position, ~1 where the prediction explains the
+    electron counts to within shot noise (:mod:`evaluation.networks.consistency`), drawn beside the phase
+    in the PNG. Attributes: ``pixel_size_A``, ``origin_A``, ``method``, ``patterns_per_s``, ``input`` and
+    the scalar ``info_*`` entries of ``result.info`` (e.g. ``info_consistency_median``).
+    """
     png = output.with_suffix(".png")
     if not overwrite:
         for existing in (output, png):
@@ -279,6 +307,8 @@ def write_reconstruction(
         datasets["fourier_error"] = np.asarray(result.info["fourier_error"], dtype=np.float64)
     if "probe" in result.info:
         datasets["probe"] = np.asarray(result.info["probe"])
+    if result.consistency is not None:
+        datasets["consistency"] = np.asarray(result.consistency, dtype=np.float32)
     attrs: dict[str, Any] = {
         "pixel_size_A": np.asarray(result.pixel_size_A, dtype=np.float64),
         "origin_A": np.asarray(result.origin_A, dtype=np.float64),
