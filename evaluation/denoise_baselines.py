@@ -65,7 +65,7 @@ __all__ = [
     "pmt_gain",
 ]
 
-ORACLE_SIGMAS_PX: tuple[float, ...] = (0.0, *np.geomspace(0.3, 8.0, 28).tolist())
+ORACLE_SIGMAS_PX: tuple[float, ...] = (0.0, *np.geomspace(0.3, 16.0, 34).tolist())
 """Gaussian filter widths (standard deviations, pixels) tried by :func:`oracle_gaussian`; 0 = no filter."""
 
 _ASYMPTOTIC_LAMBDA = 1.0e4
