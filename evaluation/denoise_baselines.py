@@ -31,10 +31,11 @@ transform of Poisson counts. Inverses (:func:`inverse_anscombe`):
 Every inverse returns the Poisson mean ``lambda`` (normalised units), without the Gaussian mean ``mu``.
 
 BM3D (Dabov et al. 2007; the PyPI ``bm3d`` package of Makinen, Azzari & Foi, installed with the
-``restore`` extra) denoises the stabilised image with a white-noise standard deviation ``noise_std``: 1 for
-uncorrelated noise; a linear blur ``h`` applied after the noise (the fast-scan response) leaves the per-pixel
-standard deviation ``sqrt(sum h^2)`` (:func:`blurred_noise_std`), correlated along the blur (BM3D's
-correlated-noise PSD input does not run with NumPy 2 in bm3d 4.0.3, so the white-noise level is used).
+``restore`` extra; its licence, and bm4d's, allow non-commercial use only) denoises the stabilised
+image with a white-noise standard deviation ``noise_std``: 1 for uncorrelated noise; a linear blur ``h``
+applied after the noise (the fast-scan response) leaves the per-pixel standard deviation
+``sqrt(sum h^2)`` (:func:`blurred_noise_std`), correlated along the blur (BM3D's correlated-noise PSD
+input does not run with NumPy 2 in bm3d 4.0.3, so the white-noise level is used).
 
 The oracle Gaussian filter chooses the filter width per image by the best PSNR against the clean image:
 it needs the clean image, so it is an upper bound for a Gaussian filter of one fixed width per image, not a
