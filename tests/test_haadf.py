@@ -1,4 +1,4 @@
-"""Clean HAADF images (datagen/haadf.py): incoherent-model physics, abTEM agreement, specimens, shards."""
+"""Clean HAADF images (datagen/haadf/): incoherent-model physics, abTEM agreement, specimens, shards."""
 
 from __future__ import annotations
 
