@@ -243,6 +243,7 @@ def _udf_classes() -> dict[str, type]:
             return {
                 "complex_sum": self.buffer(kind="single", extra_shape=(size, 2), dtype=np.float32),
                 "amplitude_sum": self.buffer(kind="single", extra_shape=(size,), dtype=np.float32),
+                "consistency": self.buffer(kind="nav", dtype=np.float32),  # the trust map (issue 17.4)
             }
 
         def process_tile(self, tile: np.ndarray) -> None:
@@ -263,13 +264,16 @@ def _udf_classes() -> dict[str, type]:
                 stop = min(len(coordinates), start + batch)
                 cbed = stream._resample(np.asarray(tile[start:stop], dtype=np.float32))
                 e, c = coordinates[start:stop, 0], coordinates[start:stop, 1]
-                plan.place_batch(self.params.predictor, cbed, e, c, complex_sum, amplitude_sum)
+                trust = plan.place_batch(self.params.predictor, cbed, e, c, complex_sum, amplitude_sum)
+                if trust is not None:
+                    self.results.consistency[start:stop] = trust.numpy()
             self.results.complex_sum[:] += complex_sum.numpy()
             self.results.amplitude_sum[:] += amplitude_sum.numpy()
 
         def merge(self, dest: Any, src: Any) -> None:
             dest.complex_sum[:] += src.complex_sum
             dest.amplitude_sum[:] += src.amplitude_sum
+            dest.consistency[:] = src.consistency  # a nav buffer: this partition's positions
 
     _UDFS.update(frame_sum=FrameSumUDF, com=CentreOfMassUDF, annulus=AnnulusUDF, ptychonn=PtychoNNUDF)
     return _UDFS
@@ -360,9 +364,11 @@ def _ptychonn_reconstructor(ctx: Any, dataset: Any) -> Any:
         out = _run(ctx, dataset, udf)
         elapsed = time.perf_counter() - start
         count = shape[0] * shape[1]
+        trust = out["consistency"].reshape(shape[:2]) if plan.consistency else None
         return plan.finish(
-            out["complex_sum"], out["amplitude_sum"], crop_to_scan, unwrap_phase, count / max(elapsed, 1e-9)
-        )
+            out["complex_sum"], out["amplitude_sum"], crop_to_scan, unwrap_phase, count / max(elapsed, 1e-9),
+            trust,
+        )  # fmt: skip
 
     return reconstruct
 

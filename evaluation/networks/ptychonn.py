@@ -5,7 +5,8 @@
 ``sum w_n A_n exp(i phi_n) / sum w_n`` with ``w_n`` the probe intensity where ``|psi_in|^2 > 0.1 max``;
 phase = its angle, amplitude = the weighted mean of ``A_n``. The local engine (:func:`ptychonn_reconstruct`)
 and ``engine=libertem`` (:mod:`evaluation.engines.libertem`) share it. The local engine's trust map
-(:mod:`evaluation.networks.consistency`) compares ``|F[psi_in A exp(i phi)]|^2`` with each input CBED.
+(:mod:`evaluation.networks.consistency`, both engines) compares ``|F[psi_in A exp(i phi)]|^2`` with each
+input CBED.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluation.networks.consistency import ConsistencyMap, diffraction_intensity
+from evaluation.networks.consistency import (
+    ConsistencyMap,
+    diffraction_intensity,
+    normalised_poisson_deviance,
+)
 from evaluation.networks.geometry import (
     PAPER_RATIO_ALPHA_GMAX,
     Predictor,
@@ -62,7 +67,7 @@ class PtychoNNPlacement:
     weight: np.ndarray  # probe intensity inside the mask on the footprint, summing to 1
     oversampling: int
     probe: np.ndarray | None = None  # psi_in (K, K) on the network grid, the trust map's illumination
-    consistency: bool = True  # trust map (local engine): |F[psi_in A exp(i phi)]|^2 against the CBEDs
+    consistency: bool = True  # trust map: |F[psi_in A exp(i phi)]|^2 against the CBEDs
     consistency_counts_per_unit: float | None = None  # electrons per unit of the data; None: counts
 
     def stream(self, device: torch.device) -> _PatternStream:
@@ -85,11 +90,11 @@ class PtychoNNPlacement:
         c: np.ndarray,
         complex_sum: torch.Tensor,
         amplitude_sum: torch.Tensor,
-        trust: ConsistencyMap | None = None,
-    ) -> None:
+    ) -> torch.Tensor | None:
         """Normalise resampled CBEDs (B, K, K) at effective positions ``(e, c)``, predict, and add the
-        weighted patches into the accumulators (in place); with ``trust`` (and :attr:`probe`) also the
-        batch's forward-model consistency, ``|F[psi_in A exp(i phi)]|^2`` against the CBEDs."""
+        weighted patches into the accumulators (in place). Returns the batch's forward-model consistency
+        (B,) (:func:`evaluation.networks.consistency.normalised_poisson_deviance` of ``|F[psi_in A exp(i
+        phi)]|^2`` against the CBEDs) where :attr:`consistency` is set and :attr:`probe` known, else None."""
         dev = centre_cbed.device
         pixels = self.pixels
         step = self.geometry.step_A
@@ -103,9 +108,11 @@ class PtychoNNPlacement:
         amplitude = amplitude.float().reshape(-1, pixels, pixels)
         phase = phase.float().reshape(-1, pixels, pixels)
         transmission = torch.polar(amplitude, phase)
-        if trust is not None and self.probe is not None:
+        values = None
+        if self.consistency and self.probe is not None:
             probe_t = torch.as_tensor(self.probe, dtype=torch.complex64, device=dev)
-            trust.add(e, c, centre_cbed, diffraction_intensity(probe_t * transmission))
+            predicted = diffraction_intensity(probe_t * transmission)
+            values = normalised_poisson_deviance(centre_cbed, predicted, self.consistency_counts_per_unit)
         real = lx_t @ transmission.real @ ly_t
         imag = lx_t @ transmission.imag @ ly_t
         amp = lx_t @ amplitude @ ly_t
@@ -113,6 +120,7 @@ class PtychoNNPlacement:
         index = self.grid.flat_indices(mx, my, dev).reshape(-1)
         complex_sum.index_add_(0, index, torch.stack([real * weight_t, imag * weight_t], -1).reshape(-1, 2))
         amplitude_sum.index_add_(0, index, (amp * weight_t).reshape(-1))
+        return values
 
     def finish(
         self,
@@ -250,7 +258,7 @@ def ptychonn_reconstruct(
     (``psi_in`` the probe of the weights; the network's vacuum ``(1, 0)`` outside the mask included)
     against the CBED the network saw, before its division by the maximum; see
     :mod:`evaluation.networks.consistency` (``consistency_counts_per_unit`` electrons per unit of the data;
-    None: counts). ``info['consistency_median']`` its median. Not computed by ``engine=libertem``.
+    None: counts). ``info['consistency_median']`` its median.
     """
     dev = resolve_device(device)
     start_time = time.perf_counter()
@@ -274,7 +282,10 @@ def ptychonn_reconstruct(
     bar = _inference_bar(geometry, progress, "PtychoNN")
     for e, c, kernels in stream.kernels(rows_per_block, False, "PtychoNN", neighbours=False):
         for part in _batches(len(e), batch_size):
-            plan.place_batch(predictor, kernels[part, 0], e[part], c[part], complex_sum, amplitude_sum, trust)
+            cbed = kernels[part, 0]
+            values = plan.place_batch(predictor, cbed, e[part], c[part], complex_sum, amplitude_sum)
+            if trust is not None and values is not None:
+                trust.put(e[part], c[part], values)
             count += len(e[part])
             bar.update(len(e[part]))
     bar.close()
