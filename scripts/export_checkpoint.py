@@ -137,6 +137,7 @@ def export(
     config_yaml: str | None = None,
     trained_for: Mapping[str, Sequence[float] | float] | None = None,
     geometry: Mapping[str, float] | None = None,
+    weights_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Write the slim checkpoint of ``source`` to ``target``; returns what was written.
 
@@ -144,7 +145,11 @@ def export(
     itself an export, its ``deepstem`` section is kept and only ``config_yaml`` / ``trained_for`` given
     here replace its entries; ``geometry`` (the network's input geometry, e.g. the Chang U-Net's
     ``diffraction_px`` / ``bin_factor`` / ``collection_ratio`` / ``illuminated_fraction``) likewise.
-    Raises :class:`models.checkpoints.CheckpointError` for an unreadable source.
+    ``weights_dtype="float16"`` stores the floating-point tensors in half precision (half the file: the
+    9.4 M-parameter Chang U-Net is 38 MB in float32); :func:`evaluation.networks.load_network` copies them
+    into the float32 model, so inference runs as before, on weights rounded to 11 significant bits
+    (recorded as ``deepstem.weights_dtype``). Raises :class:`models.checkpoints.CheckpointError` for an
+    unreadable source or a tensor outside the float16 range.
     """
     from models.checkpoints import CheckpointError, load_checkpoint
 
@@ -171,8 +176,19 @@ def export(
         }
     if geometry is not None:
         deepstem["geometry"] = {str(k): float(v) for k, v in geometry.items()}
+    if weights_dtype not in ("float32", "float16"):
+        raise CheckpointError(f"weights_dtype must be float32 or float16, got {weights_dtype!r}")
+    state = {}
+    for key, value in checkpoint["state_dict"].items():
+        value = value.detach().clone()
+        if weights_dtype == "float16" and value.is_floating_point():
+            if value.numel() and float(value.abs().max()) > float(torch.finfo(torch.float16).max):
+                raise CheckpointError(f"{source}: {key} exceeds the float16 range; export in float32")
+            value = value.to(torch.float16)
+        state[key] = value
+    deepstem["weights_dtype"] = weights_dtype
     slim = {
-        "state_dict": {k: v.detach().clone() for k, v in checkpoint["state_dict"].items()},
+        "state_dict": state,
         "hyper_parameters": plain(checkpoint.get("hyper_parameters") or {}),
         "epoch": int(checkpoint.get("epoch", -1)),
         "global_step": int(checkpoint.get("global_step", -1)),
@@ -202,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         help="ranges of the training data (energy_eV, semiangle_mrad, alpha_over_gmax, scan_step_A, Cs_A, "
         "defocus_A, dose_e_per_cbed), checked against scans",
     )
+    parser.add_argument(
+        "--weights-dtype",
+        default="float32",
+        choices=["float32", "float16"],
+        help="storage precision of the weights (float16: half the file; loaded into a float32 model)",
+    )
     args = parser.parse_args(argv)
     from physics.runtime import report_error
 
@@ -229,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     from models.checkpoints import CheckpointError
 
     try:
-        slim = export(args.source, args.target, config_yaml, trained_for, geometry or None)
+        slim = export(
+            args.source, args.target, config_yaml, trained_for, geometry or None, args.weights_dtype
+        )
     except CheckpointError as err:
         return report_error(f"export_checkpoint: {err}")
     size_mb = args.target.stat().st_size / 1e6

@@ -184,3 +184,30 @@ def test_recorded_collection_ratio_reaches_the_detector_check(tmp_path):
     paper = _chang_model(tmp_path, {"collection_ratio": 2.0, "diffraction_px": 32.0, "bin_factor": 2.0})
     result = reconstruct_with_network(scan, "chang_unet", paper, {}, device="cpu", progress=False)
     assert np.all(np.isfinite(result.phase))
+
+
+def test_float16_export_halves_the_file_and_predicts_as_before(tmp_path):
+    """--weights-dtype float16: the Chang U-Net file (9.4 M parameters, 38 MB in float32) must fit the
+    ~20 MB a shipped model may take; the loaded model is float32 and predicts within float16 rounding."""
+    script = _export_script()
+    source = save_checkpoint("chang_unet", tmp_path / "last.ckpt")
+    full, half = tmp_path / "full.ckpt", tmp_path / "half.ckpt"
+    assert script.main([str(source), str(full)]) == 0
+    assert script.main([str(source), str(half), "--weights-dtype", "float16"]) == 0
+    stored = torch.load(half, weights_only=True)
+    nbytes = {
+        name: sum(
+            v.numel() * v.element_size() for v in torch.load(f, weights_only=True)["state_dict"].values()
+        )
+        for name, f in (("full", full), ("half", half))
+    }
+    assert nbytes["half"] < 0.51 * nbytes["full"]  # (the tiny test model's file is mostly container overhead)
+    assert stored["deepstem"]["weights_dtype"] == "float16"
+    assert all(v.dtype == torch.float16 for v in stored["state_dict"].values() if v.is_floating_point())
+    a, b = load_network(full, "chang_unet"), load_network(half, "chang_unet")
+    assert all(p.dtype == torch.float32 for p in b.parameters())
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    assert torch.allclose(ya, yb, rtol=0, atol=5e-3 * float(ya.abs().max()) + 1e-6)
+    assert not torch.equal(ya, yb)  # the weights were rounded
