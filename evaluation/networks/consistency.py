@@ -4,8 +4,8 @@ A network reconstruction is a guess per scan position. Its predicted exit wave `
 back to the detector, ``|F psi_n|^2``, and compared with the measured pattern ``y_n`` the network saw --
 the same pattern, on the network grid, in the counts of the input file (after the resampling and scan
 rotation of :mod:`evaluation.networks.geometry`, before any network pre-processing). Where the two
-disagree the network was shown something its training did not cover (another semi-angle, step, thickness,
-a contaminated or drifting region, ...) and its phase there deserves less trust. The map is computed in
+disagree the network was shown something its training did not cover (e.g. another semi-angle or step
+than it assumes; tests/test_consistency.py) and its phase there deserves less trust. The map is computed in
 the reconstruction's batched loop, one value per (effective) scan position, and stored as
 ``Reconstruction.consistency`` (Rx, Ry), dataset ``consistency`` of ``deepstem.recon/1`` and a panel
 beside the phase in the PNG (``<method>.consistency=false`` switches it off).
