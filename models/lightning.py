@@ -274,8 +274,14 @@ class ChangLightning(_NetModule):
             raise ValueError(f"model.optimizer must be 'sgd' or 'adam', got {optimizer!r}")
         net = _plain(net or {})
         self.save_hyperparameters(
-            {"net": net, "lr": lr, "momentum": momentum, "compile": compile, "channels_last": channels_last,
-             "optimizer": optimizer}
+            {
+                "net": net,
+                "lr": lr,
+                "momentum": momentum,
+                "compile": compile,
+                "channels_last": channels_last,
+                "optimizer": optimizer,
+            }
         )
         self.net = ChangUNet(**net)
         self._init_switches(compile, channels_last)
