@@ -4,7 +4,6 @@ the recorded optics gets a warning naming the quantity."""
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from evaluation.networks import (
 from evaluation.references import Reconstruction
 from models.checkpoints import CheckpointError
 from tests.test_reconstruct_networks import save_checkpoint
+from tests.test_training_ranges import _export_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,15 +38,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _export_script() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "export_checkpoint", ROOT / "scripts" / "export_checkpoint.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run_config(tmp_path: Path, **forward: Any) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluation.networks.consistency import ConsistencyMap, diffraction_intensity
+from evaluation.networks.consistency import ConsistencyMap, diffraction_intensity, map_and_summary
 from evaluation.networks.geometry import (
     PAPER_RATIO_ALPHA_GMAX,
     Predictor,
@@ -179,8 +179,7 @@ def airpi_reconstruct(
     image, origin = grid.crop(np.angle(total).astype(np.float32), crop_to_scan)
     covered, _ = grid.crop(np.abs(total) > 0, crop_to_scan)
     image, wraps = unwrap_phase_image(image, covered) if unwrap_phase else (image, 0)
-    trust_map = None if trust is None else trust.array()
-    extra = {} if trust_map is None else {"consistency_median": float(np.nanmedian(trust_map))}
+    trust_map, extra = map_and_summary(trust)
     return Reconstruction(
         phase=image,
         pixel_size_A=pixel_A,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluation.networks.consistency import ConsistencyMap, diffraction_intensity
+from evaluation.networks.consistency import ConsistencyMap, diffraction_intensity, map_and_summary
 from evaluation.networks.geometry import (
     DetectorReachError,
     Predictor,
@@ -323,8 +323,7 @@ def chang_reconstruct(
     covered, _ = grid.crop(weight, crop_to_scan)
     if np.any(covered > 0.5):
         cropped = np.where(covered > 0.5, cropped - cropped[covered > 0.5].mean(), 0.0).astype(np.float32)
-    trust_map = None if trust is None else trust.array()
-    extra = {} if trust_map is None else {"consistency_median": float(np.nanmedian(trust_map))}
+    trust_map, extra = map_and_summary(trust)
     return Reconstruction(
         phase=cropped,
         pixel_size_A=pixel_A,

@@ -180,3 +180,13 @@ class ConsistencyMap:
     def array(self) -> np.ndarray:
         """The map (Rx, Ry), float32."""
         return self.values.reshape(self.shape).cpu().numpy().astype(np.float32)
+
+
+def map_and_summary(trust: ConsistencyMap | np.ndarray | None) -> tuple[np.ndarray | None, dict[str, float]]:
+    """``(map, info entries)`` of a reconstruction's trust map: the float32 (Rx, Ry) map (from a
+    :class:`ConsistencyMap` or an array) and ``{"consistency_median": ...}`` (NaN positions ignored);
+    ``(None, {})`` when the map is off."""
+    if trust is None:
+        return None, {}
+    values = trust.array() if isinstance(trust, ConsistencyMap) else np.asarray(trust, dtype=np.float32)
+    return values, {"consistency_median": float(np.nanmedian(values))}

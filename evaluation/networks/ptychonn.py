@@ -21,6 +21,7 @@ import torch
 from evaluation.networks.consistency import (
     ConsistencyMap,
     diffraction_intensity,
+    map_and_summary,
     normalised_poisson_deviance,
 )
 from evaluation.networks.geometry import (
@@ -162,7 +163,7 @@ class PtychoNNPlacement:
         else:
             wraps = 0
         amplitude_cropped, _ = grid.crop(amplitude_image.astype(np.float32), crop_to_scan)
-        extra = {} if consistency is None else {"consistency_median": float(np.nanmedian(consistency))}
+        consistency, extra = map_and_summary(consistency)
         return Reconstruction(
             phase=phase_image,
             pixel_size_A=self.pixel_A,
