@@ -560,6 +560,33 @@ class EpieLabelsDataModule(L.LightningDataModule):
         if self.label_weight == "probe":
             self.weight = self.probe_weight()
 
+    def checkpoint_info(self) -> dict[str, dict[str, Any]]:
+        """What checkpoints record of this training (:class:`training.callbacks.ModelProvenance`): the input
+        geometry (each whole ``N x N`` detector resized to ``patch_px``; read by
+        :func:`evaluation.networks.checkpoints.ptychonn_geometry_params`) and the scan's optics as
+        ``trained_for`` ranges of one value (:data:`evaluation.networks.checkpoints.TRAINED_FOR_UNITS`)."""
+        if self.scan is None:
+            return {}
+        scan = self.scan
+        steps = [float(v) for v in np.broadcast_to(np.asarray(scan.scan_step_A, float), (2,))]
+        trained_for = {
+            "energy_eV": [float(scan.energy_eV)] * 2,
+            "semiangle_mrad": [float(scan.semiangle_mrad)] * 2,
+            "scan_step_A": [min(steps), max(steps)],
+            "Cs_A": [float(getattr(scan, "Cs_A", 0.0) or 0.0)] * 2,
+            "defocus_A": [float(getattr(scan, "defocus_A", 0.0) or 0.0)] * 2,
+        }
+        if self.dose_e_range is not None:
+            trained_for["dose_e_per_cbed"] = [min(self.dose_e_range), max(self.dose_e_range)]
+        return {
+            "geometry": {
+                "network_px": float(self.patch_px),
+                "detector_px": float(self.scan.data.shape[-1]),
+                "whole_detector": 1.0,
+            },
+            "trained_for": trained_for,
+        }
+
     def probe_weight(self) -> torch.Tensor:
         """The probe intensity on the label window (1, patch_px, patch_px), max 1, 0 below the threshold."""
         from physics import probe
