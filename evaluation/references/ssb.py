@@ -25,6 +25,7 @@ smoothly between the two edges), and the reconstruction is cropped back to the s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,7 @@ from evaluation.references._common import (
 )
 from physics import aberration_phase, aperture, fft_friendly_size, wavelength
 
-__all__ = ["ssb"]
+__all__ = ["SSBGeometry", "ssb", "ssb_from_spectrum", "ssb_geometry", "ssb_intensity_scale"]
 
 
 def _aperture_function(
@@ -56,67 +57,100 @@ def _aperture_function(
     return amplitude * np.exp(-1j * aberration_phase(magnitude, azimuth, energy_eV, aberrations))
 
 
-def ssb(
-    data: Any,
+def _check_boundary(boundary: str, pad_fraction: float) -> None:
+    if boundary not in ("smooth", "periodic"):
+        raise ValueError(f"ssb: boundary must be 'smooth' or 'periodic', got {boundary!r}")
+    if not pad_fraction >= 0:
+        raise ValueError(f"ssb: pad_fraction must be >= 0, got {pad_fraction!r}")
+
+
+@dataclass(frozen=True)
+class SSBGeometry:
+    """Where SSB's bright-field pixels lie and how large its scan transform is (one scan).
+
+    ``in_disc``: the detector pixels ``(Kx, Ky)`` inside the bright-field disc (bool); ``k_bf``: their
+    scan-frame spatial frequencies (1/A), ``(M, 2)``, in ``in_disc``'s C order; ``fft_shape``: ``(Nx, Ny)``,
+    the padded scan field the transform runs over (``(Rx, Ry)`` for ``boundary="periodic"``).
+    """
+
+    scan_shape: tuple[int, int]
+    fft_shape: tuple[int, int]
+    centre_px: np.ndarray
+    in_disc: np.ndarray
+    k_bf: np.ndarray
+    energy_eV: float
+    semiangle_mrad: float
+    scan_step_A: tuple[float, float]
+    boundary: str
+
+
+def ssb_geometry(
+    shape: Sequence[int],
+    centre_px: np.ndarray,
     energy_eV: float,
     semiangle_mrad: float,
     scan_step_A: float | Sequence[float],
     k_pixel_invA: float | Sequence[float],
     scan_rotation_deg: float = 0.0,
     transpose: bool = False,
-    defocus_A: float = 0.0,
-    Cs_A: float = 0.0,
-    aberrations: dict[str, float] | None = None,
-    aberration_compensation: bool = True,
-    normalize: bool = False,
-    q_chunk: int = 256,
     boundary: str = "smooth",
     pad_fraction: float = 0.25,
-    progress: bool = True,
-) -> Reconstruction:
-    """SSB phase (rad) on the scan grid (pixel = scan step, origin = first probe position).
-
-    ``aberration_compensation`` uses ``defocus_A``, ``Cs_A`` and ``aberrations`` (polar coefficients,
-    see :func:`physics.aberration_phase`) in ``gamma``; without it only the aperture discs enter.
-    ``normalize=False`` gives the classical SSB transfer (trotter area / disc area); ``True`` divides
-    each ``Q`` by ``sum |gamma|`` (flat transfer inside ``2 alpha``, where the trotter area is at least 2 %
-    of the disc), which is quantitative without noise but amplifies noise at the band edges.
-    ``boundary`` is ``"smooth"`` (pad the scan field by ``pad_fraction`` per axis with a smooth periodic
-    extension, then crop back) or ``"periodic"`` (no padding); see the module docstring.
-    """
-    if boundary not in ("smooth", "periodic"):
-        raise ValueError(f"ssb: boundary must be 'smooth' or 'periodic', got {boundary!r}")
-    if not pad_fraction >= 0:
-        raise ValueError(f"ssb: pad_fraction must be >= 0, got {pad_fraction!r}")
-    rx, ry, kx, ky = check_scan_array(data)
-    step = pair(scan_step_A, "scan_step_A")
+) -> SSBGeometry:
+    """The :class:`SSBGeometry` of a scan of ``shape`` ``(Rx, Ry, Kx, Ky)`` whose mean pattern has its
+    centre of mass at ``centre_px`` (detector pixels); ValueError naming the parameter for bad settings."""
+    _check_boundary(boundary, pad_fraction)
+    rx, ry, kx, ky = (int(n) for n in shape)
     k_pixel = pair(k_pixel_invA, "k_pixel_invA")
     alpha_invA = float(semiangle_mrad) * 1e-3 / wavelength(energy_eV)
-    centre = pattern_centre(mean_pattern(data, progress=progress))
-    k = detector_frequencies((kx, ky), k_pixel, centre, scan_rotation_deg, transpose)
+    k = detector_frequencies((kx, ky), k_pixel, centre_px, scan_rotation_deg, transpose)
     in_disc = np.hypot(k[..., 0], k[..., 1]) <= alpha_invA + 0.5 * max(k_pixel)
     if in_disc.sum() < 8:
         raise ValueError(
             f"ssb: the bright-field disc covers {int(in_disc.sum())} detector pixels; check semiangle_mrad "
             "and k_pixel_invA"
         )
-    k_bf = k[in_disc]
-    bf = np.empty((rx, ry, k_bf.shape[0]), dtype=np.float32)
-    for rows, block in iter_scan_rows(data, desc="SSB read", progress=progress):
-        bf[rows] = block[..., in_disc]
-    # the aperture function normalised to |A| = 1: divide by the mean bright-field intensity per pixel
-    abf = _aperture_function(k_bf, energy_eV, semiangle_mrad, {})
-    scale = float(bf.mean(axis=(0, 1)) @ np.abs(abf) ** 2 / max(np.sum(np.abs(abf) ** 4), 1e-300))
-    if not scale > 0:
-        raise ValueError("ssb: the bright-field disc holds no counts")
-    bf /= scale
     if boundary == "smooth":
         nx, ny = (fft_friendly_size(int(np.ceil(n * (1.0 + pad_fraction)))) for n in (rx, ry))
-        bf = smooth_periodic_extension(bf, (nx, ny))
     else:
         nx, ny = rx, ry
-    spectrum = np.fft.fft2(bf, axes=(0, 1)).reshape(nx * ny, -1).astype(np.complex64)
-    del bf
+    return SSBGeometry(
+        scan_shape=(rx, ry), fft_shape=(nx, ny), centre_px=np.asarray(centre_px), in_disc=in_disc,
+        k_bf=k[in_disc], energy_eV=float(energy_eV), semiangle_mrad=float(semiangle_mrad),
+        scan_step_A=pair(scan_step_A, "scan_step_A"), boundary=boundary,
+    )  # fmt: skip
+
+
+def ssb_intensity_scale(mean_bright_field: np.ndarray, geometry: SSBGeometry) -> float:
+    """The factor that normalises the aperture function to ``|A| = 1``: the mean bright-field intensity per
+    disc pixel, from the position-averaged bright-field pixels ``(M,)`` (same units as the data)."""
+    abf = _aperture_function(geometry.k_bf, geometry.energy_eV, geometry.semiangle_mrad, {})
+    scale = float(mean_bright_field @ np.abs(abf) ** 2 / max(np.sum(np.abs(abf) ** 4), 1e-300))
+    if not scale > 0:
+        raise ValueError("ssb: the bright-field disc holds no counts")
+    return scale
+
+
+def ssb_from_spectrum(
+    spectrum: np.ndarray,
+    geometry: SSBGeometry,
+    defocus_A: float = 0.0,
+    Cs_A: float = 0.0,
+    aberrations: dict[str, float] | None = None,
+    aberration_compensation: bool = True,
+    normalize: bool = False,
+    q_chunk: int = 256,
+    progress: bool = True,
+) -> Reconstruction:
+    """SSB's part after the scan transform: the phase (rad) from ``spectrum`` ``(Nx * Ny, M)``, the FFT over
+    the (padded) scan positions of the bright-field pixels divided by :func:`ssb_intensity_scale`
+    (``G(Q, k)``, ``Q`` in C order of :attr:`SSBGeometry.fft_shape` with ``np.fft.fftfreq`` frequencies).
+    Both engines call it; the options are :func:`ssb`'s."""
+    rx, ry = geometry.scan_shape
+    nx, ny = geometry.fft_shape
+    step = geometry.scan_step_A
+    energy_eV, semiangle_mrad, k_bf = geometry.energy_eV, geometry.semiangle_mrad, geometry.k_bf
+    if spectrum.shape != (nx * ny, k_bf.shape[0]):
+        raise ValueError(f"ssb: spectrum must have shape {(nx * ny, k_bf.shape[0])}, got {spectrum.shape}")
     coefficients: dict[str, float] = {}
     if aberration_compensation:
         coefficients = dict(aberrations or {})
@@ -154,10 +188,65 @@ def ssb(
         origin_A=(0.0, 0.0),
         method="ssb",
         info={
-            "centre_px": centre.tolist(),
-            "bright_field_pixels": int(in_disc.sum()),
+            "centre_px": geometry.centre_px.tolist(),
+            "bright_field_pixels": int(geometry.in_disc.sum()),
             "normalize": normalize,
-            "boundary": boundary,
+            "boundary": geometry.boundary,
             "fft_shape": f"{nx}x{ny}",
         },
     )
+
+
+def ssb(
+    data: Any,
+    energy_eV: float,
+    semiangle_mrad: float,
+    scan_step_A: float | Sequence[float],
+    k_pixel_invA: float | Sequence[float],
+    scan_rotation_deg: float = 0.0,
+    transpose: bool = False,
+    defocus_A: float = 0.0,
+    Cs_A: float = 0.0,
+    aberrations: dict[str, float] | None = None,
+    aberration_compensation: bool = True,
+    normalize: bool = False,
+    q_chunk: int = 256,
+    boundary: str = "smooth",
+    pad_fraction: float = 0.25,
+    progress: bool = True,
+) -> Reconstruction:
+    """SSB phase (rad) on the scan grid (pixel = scan step, origin = first probe position).
+
+    ``aberration_compensation`` uses ``defocus_A``, ``Cs_A`` and ``aberrations`` (polar coefficients,
+    see :func:`physics.aberration_phase`) in ``gamma``; without it only the aperture discs enter.
+    ``normalize=False`` gives the classical SSB transfer (trotter area / disc area); ``True`` divides
+    each ``Q`` by ``sum |gamma|`` (flat transfer inside ``2 alpha``, where the trotter area is at least 2 %
+    of the disc), which is quantitative without noise but amplifies noise at the band edges.
+    ``boundary`` is ``"smooth"`` (pad the scan field by ``pad_fraction`` per axis with a smooth periodic
+    extension, then crop back) or ``"periodic"`` (no padding); see the module docstring.
+    Steps: :func:`ssb_geometry`, the bright-field pixels of every pattern, :func:`ssb_intensity_scale`,
+    the scan FFT, :func:`ssb_from_spectrum` (``engine=libertem`` computes the transform in a LiberTEM UDF
+    and shares the other steps).
+    """
+    _check_boundary(boundary, pad_fraction)
+    rx, ry = check_scan_array(data)[:2]
+    centre = pattern_centre(mean_pattern(data, progress=progress))
+    geometry = ssb_geometry(
+        data.shape, centre, energy_eV, semiangle_mrad, scan_step_A, k_pixel_invA, scan_rotation_deg,
+        transpose, boundary, pad_fraction,
+    )  # fmt: skip
+    in_disc = geometry.in_disc
+    bf = np.empty((rx, ry, geometry.k_bf.shape[0]), dtype=np.float32)
+    for rows, block in iter_scan_rows(data, desc="SSB read", progress=progress):
+        bf[rows] = block[..., in_disc]
+    # the aperture function normalised to |A| = 1: divide by the mean bright-field intensity per pixel
+    bf /= ssb_intensity_scale(bf.mean(axis=(0, 1)), geometry)
+    nx, ny = geometry.fft_shape
+    if boundary == "smooth":
+        bf = smooth_periodic_extension(bf, (nx, ny))
+    spectrum = np.fft.fft2(bf, axes=(0, 1)).reshape(nx * ny, -1).astype(np.complex64)
+    del bf
+    return ssb_from_spectrum(
+        spectrum, geometry, defocus_A, Cs_A, aberrations, aberration_compensation, normalize, q_chunk,
+        progress,
+    )  # fmt: skip
