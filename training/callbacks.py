@@ -181,6 +181,37 @@ class RandomStateCheckpoint(L.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class ModelProvenance(L.Callback):
+    """Writes what the model was trained for into every checkpoint, as ``checkpoint["deepstem"]`` (the
+    section :func:`evaluation.networks.load_network` reads and ``scripts/export_checkpoint.py`` keeps):
+    the data module's ``checkpoint_info()`` (``{"geometry": {...}, "trained_for": {quantity: [low,
+    high]}}``), merged under what the checkpoint already holds. Data modules without ``checkpoint_info``
+    (kernel shards, whose ranges the exporter reads off the datagen config) leave checkpoints unchanged.
+
+    ``reconstruct.py`` then needs no geometry options for such a model: e.g. a PtychoNN trained on a scan's
+    ePIE reconstruction records its whole-detector input grid
+    (:func:`evaluation.networks.checkpoints.ptychonn_geometry_params`) and the scan's optics, against which
+    another scan is checked (:func:`evaluation.networks.checkpoints.optics_mismatch`).
+    """
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        info_of = getattr(datamodule, "checkpoint_info", None)
+        if not callable(info_of):
+            return
+        info = info_of()
+        if not info:
+            return
+        section = dict(checkpoint.get("deepstem") or {})
+        for key, value in info.items():
+            merged = dict(section.get(key) or {})
+            merged.update(value)
+            section[key] = merged
+        checkpoint["deepstem"] = section
+
+
 _SCAN_METHODS = {"AIRPILightning": "airpi", "ChangLightning": "chang_unet", "PtychoNNLightning": "ptychonn"}
 
 

@@ -88,6 +88,7 @@ from evaluation.networks.checkpoints import (
     model_predictor,
     model_ratio_alpha_gmax,
     optics_mismatch,
+    ptychonn_geometry_params,
     recorded_geometry,
     training_ranges,
 )
@@ -101,6 +102,7 @@ from evaluation.networks.geometry import (
 )
 from evaluation.networks.ptychonn import PtychoNNPlacement, ptychonn_placement, ptychonn_reconstruct
 from evaluation.references import Reconstruction
+from evaluation.references._common import pair
 
 __all__ = [
     "ABSOLUTE_TOLERANCE",
@@ -124,6 +126,7 @@ __all__ = [
     "model_ratio_alpha_gmax",
     "optics_mismatch",
     "overlap_matrix",
+    "ptychonn_geometry_params",
     "ptychonn_placement",
     "ptychonn_reconstruct",
     "reconstruct_with_network",
@@ -189,6 +192,17 @@ def reconstruct_with_network(
     if method == "chang_unet":
         # the patterns must have the geometry the model was trained on: unset keywords take the recorded one
         options, conflicts = chang_geometry_params(model, options)
+        if conflicts:
+            import warnings
+
+            for message in conflicts:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+        options = {k: v for k, v in options.items() if v is not None}
+    if method == "ptychonn":
+        # a PtychoNN trained on a scan's own ePIE labels saw whole detectors resized to its grid
+        options, conflicts = ptychonn_geometry_params(
+            model, options, tuple(scan.data.shape[2:]), pair(scan.k_pixel_invA, "k_pixel_invA")
+        )
         if conflicts:
             import warnings
 

@@ -35,6 +35,7 @@ __all__ = [
     "model_predictor",
     "model_ratio_alpha_gmax",
     "optics_mismatch",
+    "ptychonn_geometry_params",
     "training_ranges",
 ]
 
@@ -197,6 +198,53 @@ def chang_geometry_params(model: Any, params: Mapping[str, Any]) -> tuple[dict[s
                 f"({key}={typed})"
             )
     return out, conflicts
+
+
+def ptychonn_geometry_params(
+    model: Any, params: Mapping[str, Any], detector_shape: tuple[int, int], k_pixel_invA: tuple[float, float]
+) -> tuple[dict[str, Any], list[str]]:
+    """``params`` with PtychoNN's ``pixels``, ``gmax_invA`` and ``detector_centre_px`` left unset (None or
+    absent) derived from the model's :func:`recorded_geometry`, and one message per value set otherwise.
+
+    A PtychoNN trained on a scan's own ePIE reconstruction
+    (:class:`training.datamodules.EpieLabelsDataModule`) records
+    ``{"network_px": K, "detector_px": N, "whole_detector": 1}``: it saw each whole ``N x N`` detector
+    resized to ``K x K`` (area average), so network pixel ``K // 2`` sits at detector coordinate
+    ``(K // 2 + 1/2) N / K - 1/2`` (0-based pixel centres; 32.5 for 64 -> 32) and the network grid spans the
+    whole detector, ``gmax = N k_pixel / 2``: the resampling of :mod:`evaluation.networks` then reproduces
+    the training inputs. A scan whose detector is not ``N`` pixels square gets the same rule on its own
+    detector and a message (the patterns are binned otherwise than in training). A model without the record
+    returns ``params`` unchanged.
+    """
+    out = dict(params)
+    recorded = recorded_geometry(model)
+    if "network_px" not in recorded or not recorded.get("whole_detector"):
+        return out, []
+    messages: list[str] = []
+    k_net = round(recorded["network_px"])
+    ny, nx = (int(n) for n in detector_shape)
+    trained_n = round(recorded.get("detector_px", nx))
+    if ny != nx or nx != trained_n:
+        messages.append(
+            f"the detector ({ny} x {nx} px) differs from the model's training detector ({trained_n} x "
+            f"{trained_n} px, resized to {k_net} px): the patterns are binned otherwise than in training"
+        )
+    k_pixel = float(min(k_pixel_invA))
+    derived: dict[str, Any] = {
+        "pixels": k_net,
+        "gmax_invA": min(ny, nx) * k_pixel / 2.0,
+        "detector_centre_px": tuple((k_net // 2 + 0.5) * n / k_net - 0.5 for n in (ny, nx)),
+    }
+    for keyword, value in derived.items():
+        given = out.get(keyword)
+        if given is None:
+            out[keyword] = value
+        elif not np.allclose(np.asarray(given, float), np.asarray(value, float), rtol=1e-6, atol=1e-9):
+            messages.append(
+                f"ptychonn.{keyword}={given} differs from the model's training geometry ({keyword}={value}: "
+                f"the whole {trained_n} px detector resized to {k_net} px)"
+            )
+    return out, messages
 
 
 def _format_range(key: str, low: float, high: float) -> str:
