@@ -414,7 +414,7 @@ def reconstruct_main(cfg: DictConfig) -> int:
             # data repetition feeds the network CBED sums at repetition_stride x the scan step
             step_factor = float(params.get("repetition_stride", 2)) if params.get("data_repetition") else 1.0
             if model is None:
-                choice = choose_checkpoint(method, scan, int(params.get("pixels", 64)), step_factor)
+                choice = choose_checkpoint(method, scan, int(params.get("pixels") or 64), step_factor)
                 if choice is None:
                     return _error(f"method {method!r} needs a network checkpoint: give ckpt=PATH")
                 ckpt, reason = choice
