@@ -296,34 +296,99 @@ class HaadfDataModule(_ShardDataModule):
 
     ``distortion``: keyword arguments of :class:`training.distortions.StemDistortion`. Images are split
     per image (they carry no structure id), reproducibly from the seed.
+
+    ``crop_px``: None (default) = whole images; an even number of pixels = square crops of that side:
+    random positions for training (from the module's own seeded generator, saved in checkpoints), the
+    centre for validation and test, so validation scores stay fixed. The crop is cut from the clean image
+    with ``crop_margin_px`` extra pixels on each side (as far as the image reaches), distorted, and the
+    margin then cut away: the scan jitter of a pixel near the crop edge reads the true neighbouring
+    pixels, as in the full field, and the fast-scan response has its lead-in along the line. The
+    distortion works per pixel with the physical dose: counts = clean fraction x dose (e/A^2) x pixel area
+    (A^2), the same in a crop as in the whole image, so the dose of a crop is that of the image.
     """
 
     dataset_class = ImageDataset
     schema = store.IMAGE
 
     def __init__(
-        self, data_dir: str | Sequence[str], distortion: Mapping[str, Any] | None = None, **kwargs: Any
+        self,
+        data_dir: str | Sequence[str],
+        distortion: Mapping[str, Any] | None = None,
+        crop_px: int | None = None,
+        crop_margin_px: int = 8,
+        **kwargs: Any,
     ):
         super().__init__(data_dir, **kwargs)
+        if crop_px is not None and (int(crop_px) != crop_px or crop_px < 2 or int(crop_px) % 2):
+            raise ValueError(
+                f"crop_px must be None or an even integer >= 2 (the CGRDN's contract), got {crop_px!r}"
+            )
+        if int(crop_margin_px) != crop_margin_px or crop_margin_px < 0:
+            raise ValueError(f"crop_margin_px must be an integer >= 0, got {crop_margin_px!r}")
+        self.crop_px = None if crop_px is None else int(crop_px)
+        self.crop_margin_px = int(crop_margin_px)
         options = _ranges_as_tuples(_plain(distortion))
         options.setdefault("seed", self.seed)
         self.distortion = StemDistortion(**options)
+        self._crop_generators = SeededModule(self.seed + 1)  # crop positions (training), own stream
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "generators": self.distortion.generator_states()}
+        return {
+            **super().state_dict(),
+            "generators": self.distortion.generator_states(),
+            "crop_generators": self._crop_generators.generator_states(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.distortion.restore_generators(state.get("generators", {}))
+        self._crop_generators.restore_generators(state.get("crop_generators", {}))
+
+    def crop(self, clean: torch.Tensor, random: bool) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """Windows of ``clean`` (B, H, W) around ``crop_px`` crops, with margin: ``(windows, (t, l, b, r))``.
+
+        ``windows`` (B, h, w) holds each sample's crop plus up to ``crop_margin_px`` pixels on each side
+        (clipped at the image edge, the same margins for the whole batch); ``(t, l, b, r)`` are the
+        margins to cut away afterwards (top, left, bottom, right). Random crop positions (uniform over
+        the image) when ``random``, else the centre.
+        """
+        b, h, w = clean.shape
+        c, m = self.crop_px, self.crop_margin_px
+        if c is None:
+            return clean, (0, 0, 0, 0)
+        if c > h or c > w:
+            raise ValueError(f"crop_px={c} is larger than the images ({h} x {w} px)")
+        if random:
+            g = self._crop_generators.generator_for(clean.device)
+            top = torch.randint(0, h - c + 1, (b,), generator=g, device=clean.device)
+            left = torch.randint(0, w - c + 1, (b,), generator=g, device=clean.device)
+        else:
+            top = torch.full((b,), (h - c) // 2, device=clean.device)
+            left = torch.full((b,), (w - c) // 2, device=clean.device)
+        # margins common to the batch: as much of crop_margin_px as every sample's window allows
+        mt, ml = min(m, int(top.min())), min(m, int(left.min()))
+        mb, mr = min(m, int((h - c - top).min())), min(m, int((w - c - left).min()))
+        rows = (top - mt)[:, None] + torch.arange(c + mt + mb, device=clean.device)  # (B, h')
+        cols = (left - ml)[:, None] + torch.arange(c + ml + mr, device=clean.device)  # (B, w')
+        batch = torch.arange(b, device=clean.device)[:, None, None]
+        return clean[batch, rows[:, :, None], cols[:, None, :]], (mt, ml, mb, mr)
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
         clean = batch["image"].float()
         pixel = batch["pixel_size_A"].float()
-        if _stage(getattr(self, "trainer", None)) == "train":
-            distorted = self.distortion(clean, pixel)  # the module's own seeded generator
+        training = _stage(getattr(self, "trainer", None)) == "train"
+        window, (mt, ml, mb, mr) = self.crop(clean, random=training)
+        if training:
+            distorted = self.distortion(window, pixel)  # the module's own seeded generator
         else:
-            distorted = self.distortion(clean, pixel, indices=batch["index"])
-        return {"distorted": distorted[:, None], "clean": clean[:, None], "index": batch["index"]}
+            distorted = self.distortion(window, pixel, indices=batch["index"])
+        h, w = window.shape[-2:]
+        inner = (slice(None), slice(mt, h - mb), slice(ml, w - mr))
+        return {
+            "distorted": distorted[inner][:, None].contiguous(),
+            "clean": window[inner][:, None].contiguous(),
+            "index": batch["index"],
+        }
 
 
 class _SeedDataset(Dataset):
