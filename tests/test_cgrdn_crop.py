@@ -1,4 +1,4 @@
-"""HaadfDataModule crops (``data.crop_px``) and ``experiment=cgrdn_cpu`` through the real config (issue #16)."""
+"""HaadfDataModule crops (``data.crop_px``) and ``experiment=cgrdn_cpu`` through its real config (#16)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,20 @@ NO_DISTORTION = {"dose_e_per_A2_range": None, "jitter_prob": 0.0, "fast_scan_pro
 
 def _write_images(directory, images: np.ndarray, pixel_size_A: float = 0.1) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    store.write(directory / "shard-00000-of-00001.h5", store.IMAGE,
-                {"image": images.astype(np.float32), "pixel_size_A": np.full(len(images), pixel_size_A)})  # fmt: skip
+    store.write(
+        directory / "shard-00000-of-00001.h5",
+        store.IMAGE,
+        {"image": images.astype(np.float32), "pixel_size_A": np.full(len(images), pixel_size_A)},
+    )
 
 
 def _batch(images: np.ndarray, pixel_size_A: float = 0.1) -> dict[str, torch.Tensor]:
     n = len(images)
-    return {"image": torch.from_numpy(images.astype(np.float32)), "pixel_size_A": torch.full((n,), pixel_size_A),
-            "index": torch.arange(n)}  # fmt: skip
+    return {
+        "image": torch.from_numpy(images.astype(np.float32)),
+        "pixel_size_A": torch.full((n,), pixel_size_A),
+        "index": torch.arange(n),
+    }
 
 
 class _Stage:
@@ -42,8 +48,12 @@ def _module(tmp_path, training: bool, **kwargs) -> HaadfDataModule:
 
 def _locate(crop: np.ndarray, image: np.ndarray) -> list[tuple[int, int]]:
     c = crop.shape[0]
-    return [(i, j) for i in range(image.shape[0] - c + 1) for j in range(image.shape[1] - c + 1)
-            if np.array_equal(image[i:i + c, j:j + c], crop)]  # fmt: skip
+    return [
+        (i, j)
+        for i in range(image.shape[0] - c + 1)
+        for j in range(image.shape[1] - c + 1)
+        if np.array_equal(image[i : i + c, j : j + c], crop)
+    ]
 
 
 def test_training_crops_are_random_windows_of_the_clean_image_and_validation_takes_the_centre(tmp_path):
@@ -65,9 +75,14 @@ def test_training_crops_are_random_windows_of_the_clean_image_and_validation_tak
 
 
 def test_crop_keeps_the_dose_per_pixel(tmp_path):
-    """Poisson noise at 1e3 e/A^2 on 0.1 A pixels: 10 electrons per unit intensity, in a crop as in the image."""
+    """Poisson noise at 1e3 e/A^2, 0.1 A pixels: 10 e per unit intensity, in a crop as in the whole image."""
     flat = np.full((64, 96, 96), 0.5)  # 5 electrons expected per pixel
-    poisson = {"dose_e_per_A2_range": [1e3, 1e3], "detector": "poisson", "jitter_prob": 0.0, "fast_scan_prob": 0.0}
+    poisson = {
+        "dose_e_per_A2_range": [1e3, 1e3],
+        "detector": "poisson",
+        "jitter_prob": 0.0,
+        "fast_scan_prob": 0.0,
+    }
     full = _module(tmp_path, True, distortion=poisson).on_after_batch_transfer(_batch(flat), 0)
     crop = _module(tmp_path, True, distortion=poisson, crop_px=32).on_after_batch_transfer(_batch(flat), 0)
     counts_full, counts_crop = 10 * full["distorted"].double(), 10 * crop["distorted"].double()
@@ -92,11 +107,27 @@ def test_bad_crop_settings_get_one_clear_error(tmp_path):
 def test_cgrdn_cpu_experiment_trains_with_its_real_config(tmp_path):
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:80, 0:80]
-    images = np.stack([sum(np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 4.0) for cx, cy in rng.uniform(4, 76, (20, 2)))
-                       for _ in range(10)]) * 0.01  # fmt: skip
+    images = (
+        np.stack(
+            [
+                sum(
+                    np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 4.0) for cx, cy in rng.uniform(4, 76, (20, 2))
+                )
+                for _ in range(10)
+            ]
+        )
+        * 0.01
+    )
     _write_images(tmp_path / "data", images, pixel_size_A=0.15)
-    cfg = compose_train(["experiment=cgrdn_cpu", f"data.data_dir={tmp_path / 'data'}",
-                         f"paths.output_dir={tmp_path / 'run'}", "logger=csv", "+trainer.fast_dev_run=true"])  # fmt: skip
+    cfg = compose_train(
+        [
+            "experiment=cgrdn_cpu",
+            f"data.data_dir={tmp_path / 'data'}",
+            f"paths.output_dir={tmp_path / 'run'}",
+            "logger=csv",
+            "+trainer.fast_dev_run=true",
+        ]
+    )
     assert cfg.data.crop_px == 64 and cfg.model.loss.w_adversarial == 0 and cfg.threads == 1
     assert cfg.model.net.grdbs == 4 and cfg.model.net.rdbs_per_grdb == 4 and cfg.model.net.rdb_layers == 8
     assert cfg.callbacks.model_checkpoint.monitor == "val/psnr"
