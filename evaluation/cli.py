@@ -64,6 +64,10 @@ PRETRAINED_DIR_ENV = "DEEPSTEM_PRETRAINED_DIR"
 #: network method -> file name of its default shipped model (model card: pretrained/README.md), the one
 #: chosen when several cover a scan equally well
 PRETRAINED = {"airpi": "airpi_reference.ckpt"}
+#: engines of reconstruct.py: evaluation.engines' ENGINES (a saved scan) and engine=libertem_live (frames
+#: streamed from a detector while it scans: evaluation.engines.live, the live extra)
+LIVE_ENGINE = "libertem_live"
+CLI_ENGINES = tuple(dict.fromkeys((*ENGINES, LIVE_ENGINE)))
 
 
 def pretrained_dir() -> Path:
@@ -358,6 +362,11 @@ def reconstruct_main(cfg: DictConfig) -> int:
     methods = CONVENTIONAL_METHODS + NETWORK_METHODS + IMAGE_METHODS
     if method not in methods:
         return _error(f"unknown method {method!r}; choose one of {', '.join(methods)}")
+    engine = str(cfg.get("engine", "local"))
+    if engine not in CLI_ENGINES:
+        return _error(f"unknown engine {engine!r}; choose one of {', '.join(CLI_ENGINES)}")
+    if engine == LIVE_ENGINE:
+        return live_main(cfg, method)
     if OmegaConf.is_missing(cfg, "input") or not cfg.input:
         return _error("no input: give input=SCAN (deepstem .h5, EMD 1.0, .mib, Velox .emd or .npy + YAML)")
     message = missing_key_message(cfg)
@@ -368,9 +377,6 @@ def reconstruct_main(cfg: DictConfig) -> int:
         check_precision(cfg.get("precision", "auto"))
     except ValueError as err:
         return _error(str(err))
-    engine = str(cfg.get("engine", "local"))
-    if engine not in ENGINES:
-        return _error(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "libertem":
         from evaluation.engines.libertem import unsupported_message
 
@@ -460,3 +466,73 @@ def reconstruct_main(cfg: DictConfig) -> int:
         f"({threads} thread{'s' if threads != 1 else ''}{precision_note}); wrote {h5} and {png}"
     )
     return 0
+
+
+def live_main(cfg: DictConfig, method: str) -> int:
+    """``reconstruct.py engine=libertem_live``: one acquisition streamed from a Merlin detector
+    (:mod:`evaluation.engines.live`; settings in ``live:``, the calibration from ``calibration=`` and
+    ``calibration_override``, no ``input``). Writes ``output`` + PNG as ``engine=local`` does, and while the
+    frames arrive ``<output stem>_partial.h5`` + ``.png`` every ``live.preview_every_rows`` scan rows.
+    Returns the exit code (2 with one error line for a bad setting or an unreachable detector)."""
+    from hydra.utils import to_absolute_path
+
+    from evaluation.engines.live import LiveSettings, run_live, unsupported_message
+
+    if (message := unsupported_message(method)) is not None:
+        return _error(message)
+    message = missing_key_message(cfg, skip=("input",))
+    if message is not None:
+        return _error(message)
+    if not cfg.get("output"):
+        return _error("engine=libertem_live writes no file beside an input: give output=PATH.h5")
+    output = Path(to_absolute_path(str(cfg.output)))
+    if output.suffix != ".h5":
+        return _error(f"output must end in .h5, got {output.name}")
+    try:
+        threads = setup_threads(cfg)
+        live_section = cfg.get("live")
+        settings = LiveSettings.from_config(
+            OmegaConf.to_container(live_section, resolve=True) if live_section is not None else None
+        )
+        scan = live_calibration(cfg, settings)
+        if not bool(cfg.get("overwrite", True)) and output.exists():
+            raise FileExistsError(f"{output}: exists (set overwrite=true to replace it)")
+        result, summary = run_live(
+            scan, method, _params(cfg, method), settings, output, config=cfg,
+            progress=bool(cfg.get("progress", True)),
+        )  # fmt: skip
+        patterns_per_s = summary["frames"] / max(summary["seconds"], 1e-9)
+        if not np.all(np.isfinite(result.phase)):
+            return _error(f"{method} produced NaN or inf; nothing written")
+        h5, png = write_reconstruction(
+            output, result, patterns_per_s, config=cfg, overwrite=bool(cfg.get("overwrite", True))
+        )
+    except (ScanError, store.StoreError, ValueError, OSError, RuntimeError) as err:
+        return _error(str(err))
+    print(
+        f"{method}: {summary['frames']} frames live in {summary['seconds']:.3f} s = {patterns_per_s:.0f} "
+        f"patterns/s ({threads} thread{'s' if threads != 1 else ''}, {summary['partial_writes']} partial "
+        f"writes); wrote {h5} and {png}"
+    )
+    return 0
+
+
+def live_calibration(cfg: DictConfig, settings: Any) -> Scan4D:
+    """The calibration of a live scan from ``calibration=FILE.yaml`` and ``calibration_override``, as a
+    :class:`evaluation.io.Scan4D` whose ``data`` only has the scan's shape (the frames stream)."""
+    from hydra.utils import to_absolute_path
+
+    from evaluation.io import _calibrated_scan, _read_yaml_calibration
+
+    values: dict[str, Any] = {}
+    if cfg.get("calibration"):
+        values.update(_read_yaml_calibration(Path(to_absolute_path(str(cfg.calibration)))))
+    values.update({k: v for k, v in dict(cfg.get("calibration_override") or {}).items() if v is not None})
+    return _calibrated_scan(_Shape((*settings.scan_shape, 0, 0)), values, "live scan", "Merlin live")
+
+
+class _Shape:
+    """Stands in for the data of a live scan: its shape only."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(int(n) for n in shape)

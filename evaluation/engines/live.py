@@ -1,0 +1,323 @@
+"""``reconstruct.py engine=libertem_live``: reconstruct while the frames arrive from a detector.
+
+LiberTEM-live (the ``live`` extra, PyPI ``libertem-live``; imported only here and only when this engine
+runs) receives the frames of a Quantum Detectors Merlin (Medipix3) over its TCP data port and runs
+LiberTEM UDFs on them as they arrive, on a pipelined executor of ``live.workers`` worker processes. The
+UDF is engine=libertem's :class:`CentreOfMassUDF` (:func:`evaluation.engines.libertem._udf_classes`, the
+same per-frame physics as :func:`evaluation.references.centre_of_mass`); every ``live.preview_every_rows``
+completed scan rows the centre-of-mass field of the rows received so far is integrated
+(:func:`evaluation.references.ricom_from_com` / :func:`evaluation.references.icom_from_com`) and written
+as ``<output stem>_partial.h5`` (deepstem.recon/1, only the completed rows) and its preview
+``<output stem>_partial.png``, both atomically (temporary file + rename), so a viewer never reads a half
+written file. When the last frame has arrived the whole field gives the final reconstruction, which
+:mod:`evaluation.cli` writes like ``engine=local`` does (it equals ``engine=local`` on the same frames).
+
+Methods: ``ricom`` and ``icom`` (:data:`LIVE_METHODS`). Both mean-subtract the COM field over the rows
+received so far, so a partial image is the reconstruction of the partial scan, not a crop of the final
+one. ``airpi`` (which needs each position's 3 x 3 neighbours) and the whole-scan methods are refused with
+one line.
+
+Scan geometry: ``live.scan_shape: [Rx, Ry]`` is required (the Merlin stream carries frames, not a scan
+shape). Frame ``k`` (0-based, in arrival order) lies at scan position ``(k // Ry, k % Ry)``: the second
+index is the fast scan axis, as when reading a Merlin ``.mib`` with this navigation shape; a "scan row"
+is one value of the first index. The detector's frame ``(rows, columns)`` is ``(Kx, Ky)``.
+
+Connection: the Merlin control port (``live.control_port``, default 6341: the detector's size and counter
+depth are read from it) and data port (``live.data_port``, 6342) on ``live.host``. Both are probed first
+with a plain TCP connect of at most ``live.connect_timeout_s`` seconds, so an unreachable detector is one
+error line instead of a hang. The acquisition is then awaited passively (the operator or the scan
+software arms and triggers the detector) for at most ``live.timeout_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluation.engines.libertem import _udf_classes
+from evaluation.references import Reconstruction, icom_from_com, ricom_from_com
+
+__all__ = [
+    "LIVE_METHODS",
+    "LiveSettings",
+    "completed_rows",
+    "live_context",
+    "partial_path",
+    "rows_per_partition",
+    "run_live",
+    "unsupported_message",
+]
+
+#: methods engine=libertem_live runs
+LIVE_METHODS = ("ricom", "icom")
+#: method -> why engine=libertem_live does not run it
+UNSUPPORTED = {
+    "airpi": "it needs each position's 3x3 neighbouring patterns; not implemented for live streams yet",
+    "ssb": "its transform runs over the scan axes of the whole scan at once",
+    "epie": "it iterates over all positions of the whole scan",
+}
+MISSING = "engine=libertem_live needs LiberTEM-live: pip install -e '.[live]' (the live extra)"
+
+
+def unsupported_message(method: str) -> str | None:
+    """The one-line refusal for a method engine=libertem_live does not run, or None when it runs it."""
+    if method in LIVE_METHODS:
+        return None
+    why = UNSUPPORTED.get(method, "only the centre-of-mass methods stream")
+    return (
+        f"method={method} does not run on engine=libertem_live: {why}; live methods: "
+        f"{', '.join(LIVE_METHODS)}"
+    )
+
+
+def _whole(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _seconds(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not np.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """The ``live:`` block of conf/reconstruct.yaml, checked.
+
+    ``scan_shape`` ``(Rx, Ry)`` positions; ``preview_every_rows``: write the partial result every this many
+    completed scan rows; ``timeout_s``: seconds to wait for the acquisition to start;
+    ``connect_timeout_s``: seconds each port probe may take; ``workers``: LiberTEM worker processes.
+    """
+
+    scan_shape: tuple[int, int]
+    host: str = "127.0.0.1"
+    control_port: int = 6341
+    data_port: int = 6342
+    preview_every_rows: int = 8
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    workers: int = 1
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | None) -> LiveSettings:
+        """Check ``section`` (``cfg.live`` as a dict); ValueError naming the key for a bad value."""
+        values = dict(section or {})
+        shape = values.get("scan_shape")
+        if shape is None:
+            raise ValueError(
+                "live.scan_shape is not set: give live.scan_shape=[Rx,Ry] (scan positions; the Merlin "
+                "stream does not carry the scan shape)"
+            )
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or len(shape) != 2:
+            raise ValueError(f"live.scan_shape must be [Rx, Ry], got {shape!r}")
+        scan_shape = (_whole(shape[0], "live.scan_shape[0]", 3), _whole(shape[1], "live.scan_shape[1]", 3))
+        host = values.get("host") or "127.0.0.1"
+        ports = {}
+        for key, default in (("control_port", 6341), ("data_port", 6342)):
+            port = _whole(values.get(key, default), f"live.{key}", 1)
+            if port > 65535:
+                raise ValueError(f"live.{key} must be a TCP port 1..65535, got {port}")
+            ports[key] = port
+        return cls(
+            scan_shape=scan_shape,
+            host=str(host),
+            preview_every_rows=_whole(values.get("preview_every_rows", 8), "live.preview_every_rows", 1),
+            timeout_s=_seconds(values.get("timeout_s", 60.0), "live.timeout_s"),
+            connect_timeout_s=_seconds(values.get("connect_timeout_s", 5.0), "live.connect_timeout_s"),
+            workers=_whole(values.get("workers", 1), "live.workers", 1),
+            **ports,
+        )
+
+
+def partial_path(output: Path) -> Path:
+    """Where the partial reconstruction of ``output`` goes: ``<stem>_partial.h5`` (preview: ``.png``)."""
+    return output.with_name(f"{output.stem}_partial.h5")
+
+
+def _probe(host: str, port: int, what: str, timeout: float) -> None:
+    """A plain TCP connect to ``host:port`` (closed at once); RuntimeError in one line when refused."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise RuntimeError(
+            f"engine=libertem_live: cannot connect to the Merlin {what} port {host}:{port} ({reason}); "
+            f"is the detector software running? (live.host, live.{what}_port)"
+        ) from None
+
+
+def _live_api() -> Any:
+    try:
+        import libertem_live.api as api
+    except ImportError as err:
+        raise RuntimeError(f"{MISSING} ({err})") from None
+    return api
+
+
+@contextlib.contextmanager
+def live_context(workers: int = 1) -> Iterator[Any]:
+    """A ``libertem_live.api.LiveContext`` on a pipelined executor of ``workers`` CPU worker processes
+    (not pinned to cores), closed on exit; LiberTEM's INFO logging is raised to WARNING meanwhile."""
+    api = _live_api()
+    from libertem.executor.pipelined import PipelinedExecutor
+
+    previous = {}
+    for name in ("libertem", "libertem_live"):
+        logger = logging.getLogger(name)
+        previous[logger] = logger.level
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        spec = PipelinedExecutor.make_spec(cpus=range(int(workers)), cudas=[])
+        executor = PipelinedExecutor(spec=spec, pin_workers=False, startup_timeout=120.0)
+        ctx = api.LiveContext(executor=executor)
+        try:
+            yield ctx
+        finally:
+            ctx.close()
+    finally:
+        for logger, level in previous.items():
+            logger.setLevel(level)
+
+
+#: at most this many frames per LiberTEM partition (one partition is merged, and may be written, at a time)
+PARTITION_FRAMES = 1024
+
+
+def rows_per_partition(every: int, rx: int, ry: int) -> int:
+    """Scan rows per LiberTEM partition: the largest divisor of ``gcd(every, rx)`` whose rows hold at most
+    :data:`PARTITION_FRAMES` frames (at least one row), so that the ``rx // rows`` equal partitions end
+    on the multiples of ``every`` rows where the partial results are written."""
+    common = int(np.gcd(int(every), int(rx)))
+    fitting = [k for k in range(1, common + 1) if common % k == 0 and k * ry <= max(ry, PARTITION_FRAMES)]
+    return max(fitting)
+
+
+def completed_rows(damage: np.ndarray) -> int:
+    """The number of leading scan rows whose every position has been processed (``damage`` ``(Rx, Ry)``
+    bool, True where LiberTEM has merged the position's result)."""
+    complete = np.all(np.asarray(damage, dtype=bool), axis=1)
+    return int(np.argmin(complete)) if not complete.all() else int(complete.size)
+
+
+def com_field(moment: np.ndarray, total: np.ndarray, rows: int) -> np.ndarray:
+    """The COM field ``(rows, Ry, 2)`` (1/A, detector frame) of the first ``rows`` scan rows from the UDF's
+    first moments ``moment`` ``(Rx, Ry, 2)`` and counts ``total`` ``(Rx, Ry)``, less its mean over those
+    rows (as :func:`evaluation.references.centre_of_mass`)."""
+    counts = total[:rows]
+    if np.any(counts <= 0):
+        raise ValueError("some diffraction patterns hold no counts; the centre of mass is undefined")
+    com = moment[:rows] / counts[..., None]
+    return com - com.mean(axis=(0, 1))
+
+
+def _reconstruct(method: str, com: np.ndarray, scan: Any, params: Mapping[str, Any]) -> Reconstruction:
+    common = {"scan_rotation_deg": scan.scan_rotation_deg, "transpose": scan.scan_transpose}
+    if method == "icom":
+        return icom_from_com(
+            com, scan.scan_step_A, **common,
+            estimate_rotation=bool(params.get("estimate_rotation", False)),
+            boundary=str(params.get("boundary", "mirror")),
+        )  # fmt: skip
+    band = params.get("band_pass_invA")
+    return ricom_from_com(
+        com, scan.scan_step_A, int(params.get("kernel_size", 21)), tuple(band) if band else None, **common
+    )
+
+
+def run_live(
+    scan: Any,
+    method: str,
+    params: Mapping[str, Any],
+    settings: LiveSettings,
+    output: Path,
+    *,
+    config: Any = None,
+    progress: bool = True,
+    ctx: Any = None,
+) -> tuple[Reconstruction, dict[str, Any]]:
+    """Receive one Merlin acquisition and reconstruct it with ``method`` while it arrives.
+
+    ``scan``: an :class:`evaluation.io.Scan4D` that holds the calibration (its ``data`` is not read; the
+    detector's frame size comes from the Merlin control port). Every ``settings.preview_every_rows``
+    completed rows (and once all frames are in) the partial reconstruction of the completed rows is
+    written to :func:`partial_path` ``(output)`` with its PNG (attrs ``info_rows_done``,
+    ``info_rows_total``). ``ctx``: a ``LiveContext`` to use (kept open), else one from
+    :func:`live_context`. Returns the final reconstruction and a summary (``partial_writes``, ``frames``,
+    ``seconds``: from the acquisition's start to its last frame). RuntimeError when the detector cannot be
+    reached or no acquisition starts within ``settings.timeout_s``; ValueError for a bad method.
+    """
+    message = unsupported_message(method)
+    if message is not None:
+        raise ValueError(message)
+    _live_api()
+    _probe(settings.host, settings.control_port, "control", settings.connect_timeout_s)
+    _probe(settings.host, settings.data_port, "data", settings.connect_timeout_s)
+    if ctx is None:
+        with live_context(settings.workers) as own:
+            return run_live(scan, method, params, settings, output, config=config, progress=progress, ctx=own)
+    from evaluation.cli import write_reconstruction
+
+    rx, ry = settings.scan_shape
+    every = settings.preview_every_rows
+    partial = partial_path(output)
+    udf = _udf_classes()["com"](tuple(float(k) for k in scan.k_pixel_invA))
+    writes = 0
+    last_written = 0
+    result: Reconstruction | None = None
+    with ctx.make_connection("merlin").open(
+        api_host=settings.host, api_port=settings.control_port,
+        data_host=settings.host, data_port=settings.data_port, drain=False,
+    ) as conn:  # fmt: skip
+        pending = conn.wait_for_acquisition(timeout=settings.timeout_s)
+        if pending is None:
+            raise RuntimeError(
+                f"engine=libertem_live: no acquisition started on {settings.host}:{settings.data_port} "
+                f"within {settings.timeout_s:g} s (live.timeout_s); arm and trigger the detector"
+            )
+        if pending.nimages and pending.nimages != rx * ry:
+            raise ValueError(
+                f"live.scan_shape={list(settings.scan_shape)} holds {rx * ry} positions but the detector "
+                f"announces {pending.nimages} frames"
+            )
+        frames = rows_per_partition(every, rx, ry) * ry
+        acquisition = ctx.make_acquisition(
+            conn=conn, nav_shape=(rx, ry), pending_aq=pending, frames_per_partition=frames
+        )
+        start = time.perf_counter()
+        for part in ctx.run_udf_iter(dataset=acquisition, udf=udf, progress=False):
+            rows = completed_rows(np.asarray(part.damage.data).reshape(rx, ry))
+            if rows == 0 or (rows - last_written < every and rows < rx):
+                continue
+            buffers = part.buffers[0]
+            moment = np.asarray(buffers["moment"].data).reshape(rx, ry, 2)
+            total = np.asarray(buffers["total"].data).reshape(rx, ry)
+            result = _reconstruct(method, com_field(moment, total, rows), scan, params)
+            result.info.update(rows_done=rows, rows_total=rx, engine="libertem_live")
+            elapsed = time.perf_counter() - start
+            write_reconstruction(
+                partial, result, rows * ry / max(elapsed, 1e-9), config=config, overwrite=True
+            )
+            writes += 1
+            last_written = rows
+            if progress:
+                print(f"live: {rows}/{rx} scan rows -> {partial}", file=sys.stderr, flush=True)
+        seconds = time.perf_counter() - start
+    if result is None or last_written < rx:
+        raise RuntimeError(f"engine=libertem_live: the acquisition ended after {last_written} of {rx} rows")
+    return result, {"partial_writes": writes, "frames": rx * ry, "seconds": seconds}

@@ -1,0 +1,261 @@
+"""``reconstruct.py engine=libertem_live``: reconstruction while frames arrive (issue #17, point 3).
+
+End to end against LiberTEM-live's Merlin simulator (``libertem_live.detectors.merlin.sim.CameraSim``) on
+127.0.0.1, on ports the system picks (port 0), replaying an 8 x 8 scan of 32 px patterns that this module
+writes as a Merlin ``.mib`` + ``.hdr``. Bounded in time without wall-clock asserts: the simulator's threads
+are daemons stopped after the module, the reconstruction subprocess has a timeout (tests/entrypoint_helpers),
+the engine probes its ports with a connect timeout and waits for the acquisition at most ``live.timeout_s``.
+Skipped without LiberTEM-live (``pip install -e '.[live]'``).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from scan4d_helpers import simulate_scan
+
+from datagen import store
+from evaluation.cli import reconstruct_main, run_method
+from evaluation.engines.live import LiveSettings, completed_rows, live_context, partial_path, run_live
+from evaluation.io import load_4dstem, save_4dstem
+from tests.entrypoint_helpers import run_entry_point
+
+pytest.importorskip("libertem_live.api", reason="LiberTEM-live is not installed (the live extra)")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCAN_PX = 8
+RICOM = {"kernel_size": 5, "band_pass_invA": None}
+#: Merlin counter depth written into the headers (12-bit counters are stored as U16)
+COUNTER_DEPTH = 12
+
+
+def write_merlin(folder: Path, counts: np.ndarray) -> Path:
+    """``counts`` ``(Rx, Ry, Kx, Ky)`` (integers < 4096) as a Merlin acquisition ``scan.mib`` + ``scan.hdr``;
+    returns the ``.hdr`` path.
+
+    Format (Quantum Detectors Merlin, single 1x1 Medipix3RX chip, as read by LiberTEM's ``MIBDataSet`` and
+    LiberTEM-live's ``libertem_qd_mpx`` decoder): every frame is an ASCII header of ``header size`` bytes,
+    ``MQ1,<sequence 6 digits from 1>,<header size 5 digits>,<chips 2>,<width 4>,<height 4>,U16,   1x1,
+    <chip select hex 2>,<timestamp>,<shutter s>,<counter>,<colour mode>,<gain mode>,<8 thresholds>,
+    <DACs ...>,MQ1A,<timestamp ext>,<shutter ns>ns,<counter depth>`` padded with NUL bytes, followed by
+    the pixels as big-endian uint16, rows first (``height`` rows of ``width`` pixels: a frame ``(Kx, Ky)``
+    has width ``Ky``). The acquisition header ``.hdr`` holds ``key:\\tvalue`` lines between ``HDR,`` and
+    ``End``; the simulator reads ``Frames in Acquisition (Number)``, ``Frames per Trigger (Number)`` (frames
+    per scan row) and ``Counter Depth (number)`` from it.
+    """
+    rx, ry, kx, ky = counts.shape
+    if counts.max() >= 2**COUNTER_DEPTH or counts.min() < 0:
+        raise ValueError("counts must fit the 12-bit counter")
+    header_size = 384
+    dacs = (
+        "3RX,175,511,000,000,000,000,000,000,125,255,125,125,100,100,082,100,087,030,128,004,255,129,128,"
+        "176,168,511,511"
+    )
+    with open(folder / "scan.mib", "wb") as handle:
+        for sequence, frame in enumerate(counts.reshape(-1, kx, ky), start=1):
+            thresholds = ",".join(["1.000000E+1"] + ["0.000000E+0"] * 7)
+            text = (
+                f"MQ1,{sequence:06d},{header_size:05d},01,{ky:04d},{kx:04d},U16,   1x1,01,"
+                f"2026-01-01 00:00:00.000000,0.001000,0,0,0,{thresholds},{dacs},"
+                f"MQ1A,2026-01-01T00:00:00.000000000Z,1000000ns,{COUNTER_DEPTH},"
+            ).encode("ascii")
+            assert len(text) <= header_size
+            handle.write(text.ljust(header_size, b"\x00"))
+            handle.write(np.ascontiguousarray(frame, dtype=">u2").tobytes())
+    hdr = folder / "scan.hdr"
+    hdr.write_text(
+        "HDR,\t\n"
+        "Chip Type (Medipix 3.0, Medipix 3.1, Medipix 3RX):\tMedipix 3RX\n"
+        "Assembly Size (NX1, 2X2):\t   1x1\n"
+        f"Counter Depth (number):\t{COUNTER_DEPTH}\n"
+        f"Frames in Acquisition (Number):\t{rx * ry}\n"
+        f"Frames per Trigger (Number):\t{ry}\n"
+        "End\t",
+        encoding="latin1",
+    )
+    return hdr
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """An 8 x 8 scan of 32 px Poisson-noisy CBEDs (1e4 electrons each) as counts: ``scan.mib`` + ``.hdr``
+    for the simulator, the same counts as ``scan.h5`` for engine=local, and ``calibration.yaml``."""
+    root = tmp_path_factory.mktemp("live")
+    s = simulate_scan(scan_px=SCAN_PX, cbed_px=32, dose_per_cbed=1e4)
+    counts = np.rint(np.asarray(s.data)).astype(np.uint16)
+    calibration = {
+        "energy_eV": float(s.energy_eV), "semiangle_mrad": float(s.semiangle_mrad),
+        "scan_step_A": [float(v) for v in np.broadcast_to(s.scan_step_A, 2)],
+        "k_pixel_invA": [float(v) for v in np.broadcast_to(s.k_pixel_invA, 2)],
+    }  # fmt: skip
+    save_4dstem(root / "scan.h5", counts, **calibration)
+    (root / "calibration.yaml").write_text(yaml.safe_dump(calibration))
+    write_merlin(root, counts)
+    return root
+
+
+@pytest.fixture(scope="module")
+def merlin(folder):
+    """LiberTEM-live's Merlin simulator replaying ``scan.hdr`` (untriggered: each connection to the data
+    port receives the acquisition header and the frames) on 127.0.0.1; yields ``(control_port,
+    data_port)``."""
+    from libertem_live.detectors.common import UndeadException
+    from libertem_live.detectors.merlin.sim import CameraSim
+
+    sim = CameraSim(
+        path=str(folder / "scan.hdr"), nav_shape=(SCAN_PX, SCAN_PX), host="127.0.0.1",
+        data_port=0, control_port=0, trigger_port=0,
+    )  # fmt: skip
+    sim.start()
+    try:
+        for thread in (sim.server_t, sim.control_t, sim.trigger_t):
+            thread.wait_for_listen(timeout=60)  # raises after 60 s
+        yield sim.control_t.port, sim.server_t.port
+    finally:
+        try:
+            sim.stop()
+        except UndeadException:  # daemon threads: they end with the test process
+            pass
+
+
+def _local_ricom(folder: Path, rows: int | None = None) -> np.ndarray:
+    with load_4dstem(folder / "scan.h5", progress=False) as scan:
+        if rows is not None:
+            scan.data = np.asarray(scan.data[:rows])
+        return np.asarray(run_method(scan, "ricom", dict(RICOM), progress=False).phase)
+
+
+def test_cli_live_ricom_equals_local_and_writes_partials(folder, merlin, tmp_path):
+    """reconstruct.py engine=libertem_live against the simulator: the final riCOM equals engine=local's
+    on the same counts, and a partial file + preview were written every 2 of the 8 scan rows."""
+    control, data = merlin
+    result = run_entry_point(
+        "reconstruct.py", tmp_path, "engine=libertem_live", "method=ricom", "ricom.kernel_size=5",
+        f"calibration={folder / 'calibration.yaml'}", "output=live.h5",
+        f"live.scan_shape=[{SCAN_PX},{SCAN_PX}]", f"live.control_port={control}", f"live.data_port={data}",
+        "live.preview_every_rows=2", "live.timeout_s=120", progress=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    written = [line for line in result.stderr.splitlines() if line.startswith("live: ")]
+    assert [line.split()[1] for line in written] == ["2/8", "4/8", "6/8", "8/8"], result.stderr
+    assert "4 partial writes" in result.stdout
+    with store.open_checked(tmp_path / "live.h5", store.RECON) as handle:
+        live = handle["phase"][()]
+        assert handle.attrs["method"] == "ricom"
+        assert handle.attrs["info_engine"] == "libertem_live"
+    local = _local_ricom(folder)
+    assert live.shape == local.shape == (SCAN_PX, SCAN_PX)
+    assert np.max(np.abs(live - local)) <= 1e-3
+    assert np.std(local) > 1e-2  # a real image, not a flat one
+    partial = partial_path(tmp_path / "live.h5")
+    assert partial.with_suffix(".png").stat().st_size > 1000
+    with store.open_checked(partial, store.RECON) as handle:
+        assert handle.attrs["info_rows_done"] == SCAN_PX
+        np.testing.assert_allclose(handle["phase"][()], live, atol=1e-6)
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_partials_are_the_reconstruction_of_the_rows_received(folder, merlin, tmp_path, monkeypatch):
+    """In process: every partial write holds riCOM of exactly the scan rows received so far (as
+    engine=local on those rows), written before the next rows are processed."""
+    import evaluation.cli as cli
+
+    control, data = merlin
+    seen = []
+    original = cli.write_reconstruction
+
+    def record(output, result, *args, **kwargs):
+        seen.append((Path(output), int(result.info["rows_done"]), np.array(result.phase)))
+        return original(output, result, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "write_reconstruction", record)
+    settings = LiveSettings(
+        scan_shape=(SCAN_PX, SCAN_PX), control_port=control, data_port=data, preview_every_rows=3,
+        timeout_s=120,
+    )  # fmt: skip
+    with load_4dstem(folder / "scan.h5", progress=False) as scan, live_context(1) as ctx:
+        result, summary = run_live(
+            scan, "ricom", dict(RICOM), settings, tmp_path / "out.h5", progress=False, ctx=ctx
+        )
+    # 8 rows in partitions of 3 rows: partial writes after rows 3, 6 and the last 8
+    assert [rows for _, rows, _ in seen] == [3, 6, 8]
+    assert summary["partial_writes"] == 3 and summary["frames"] == SCAN_PX**2
+    for path, rows, phase in seen:
+        assert path == tmp_path / "out_partial.h5"
+        assert phase.shape == (rows, SCAN_PX)
+        np.testing.assert_allclose(phase, _local_ricom(folder, rows), atol=1e-3)
+    np.testing.assert_allclose(result.phase, _local_ricom(folder), atol=1e-3)
+
+
+def test_completed_rows_counts_leading_full_rows():
+    damage = np.zeros((4, 3), dtype=bool)
+    assert completed_rows(damage) == 0
+    damage[0] = True
+    damage[1, :2] = True
+    damage[2] = True  # a later row done before row 1 finished does not count
+    assert completed_rows(damage) == 1
+    damage[1] = True
+    assert completed_rows(damage) == 3
+    damage[:] = True
+    assert completed_rows(damage) == 4
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="reconstruct", overrides=list(overrides))
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # closed again when the probe closes: nothing listens there
+
+
+def test_missing_scan_shape_is_one_clear_error(folder, tmp_path, capsys):
+    cfg = _compose(
+        "engine=libertem_live", "method=ricom", f"calibration={folder / 'calibration.yaml'}",
+        f"output={tmp_path / 'x.h5'}",
+    )  # fmt: skip
+    assert reconstruct_main(cfg) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "live.scan_shape is not set" in err[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_connection_refused_is_one_clear_error(folder, tmp_path, capsys):
+    cfg = _compose(
+        "engine=libertem_live", "method=ricom", f"calibration={folder / 'calibration.yaml'}",
+        f"output={tmp_path / 'x.h5'}", "live.scan_shape=[8,8]", f"live.control_port={_closed_port()}",
+        f"live.data_port={_closed_port()}", "live.connect_timeout_s=5",
+    )  # fmt: skip
+    assert reconstruct_main(cfg) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot connect to the Merlin control port 127.0.0.1:" in err[0], err
+    assert not list(tmp_path.iterdir())
+
+
+def test_live_refuses_other_methods_and_bad_settings(folder, tmp_path, capsys):
+    cfg = _compose("engine=libertem_live", "method=airpi", "live.scan_shape=[8,8]", "output=x.h5")
+    assert reconstruct_main(cfg) == 2
+    assert "does not run on engine=libertem_live" in capsys.readouterr().err
+    cfg = _compose("engine=libertem_live", "method=ricom", "live.scan_shape=[8,8]")
+    assert reconstruct_main(cfg) == 2
+    assert "give output=PATH.h5" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"live\.preview_every_rows"):
+        LiveSettings.from_config({"scan_shape": [8, 8], "preview_every_rows": 0})
+    with pytest.raises(ValueError, match=r"live\.scan_shape must be \[Rx, Ry\]"):
+        LiveSettings.from_config({"scan_shape": [8]})
+
+
+def test_partitions_end_on_the_rows_written():
+    from evaluation.engines.live import rows_per_partition
+
+    assert rows_per_partition(2, 8, 8) == 2
+    assert rows_per_partition(3, 8, 8) == 1  # 3 does not divide 8: one row per partition
+    assert rows_per_partition(8, 256, 256) == 4  # at most 1024 frames per partition
+    assert rows_per_partition(4, 16, 2048) == 1  # a row longer than 1024 frames is still one partition
