@@ -12,12 +12,28 @@ the local engine's code, so the results equal ``engine=local``:
   :func:`evaluation.references.ricom_from_com`.
 * ``vadf``: the mean pattern (:class:`FrameSumUDF`) fixes the disc centre, then the sum of every frame
   over :func:`evaluation.references.annulus_weights` (:class:`AnnulusUDF`).
+* ``ssb``: the mean pattern fixes the bright-field disc; :class:`SSBTransformUDF` transforms the
+  bright-field pixels of every frame along the scan rows (the smoothly extended DFT over ``y``, one matrix
+  product per row of a tile, so partitions that split rows and tiles that split frames add up) into a
+  ``single`` buffer ``(Rx, Ny, M)`` merged by addition; the merged buffer is extended and FFT'd along
+  ``x`` as the local engine does, and :func:`evaluation.references.ssb.ssb_from_spectrum` (the local
+  engine's own post-transform code) finishes. Memory: every partition holds and returns a buffer of the
+  size of the whole half-transformed bright-field stack (``Rx * Ny * M`` complex64, ``M`` bright-field
+  pixels, ``Ny`` the padded row length); the main process then holds it and the ``Nx * Ny * M`` spectrum:
+  ``O(N)`` in scan positions like local SSB, but times the number of partitions in transfer.
 * ``ptychonn``: :class:`PtychoNNUDF` resamples, normalises and predicts every frame of a partition in
   batches and adds the weighted patches into object-grid sums (one buffer per partition, merged by
   addition); placement, weights and normalisation are :class:`evaluation.networks.PtychoNNPlacement`'s.
+* ``airpi``, ``chang_unet``: each position needs its neighbours (AIRPI's 3x3 kernels and data repetition,
+  the Chang U-Net's least-squares offsets of overlapping patches), which a partition does not hold, so
+  only the per-frame part is distributed: :class:`ResampleUDF` resamples every frame onto the network grid
+  with the local engine's own pattern stream (a ``nav`` buffer); the local reconstruction
+  (:func:`evaluation.networks.airpi_reconstruct`, :func:`evaluation.networks.chang_reconstruct`) then runs
+  on the resampled stack in this process: kernels, network in row blocks, placement, stitching, trust map
+  (:func:`_streamed_reconstructor`). Memory: the stack, ``Rx * Ry * K * K`` float32.
 
-Not offered (:data:`UNSUPPORTED`, one error naming ``engine=local``): ``ssb`` and ``epie`` need the whole
-scan at once; ``airpi`` and ``chang_unet`` need each position's neighbours, which a partition does not hold.
+Not offered (:data:`UNSUPPORTED`, one error naming ``engine=local``): ``epie`` iterates over all positions
+updating one object and probe.
 
 A deepstem.4dstem/1 or EMD 1.0 file reaches LiberTEM through its HDF5 reader on the file's 4D dataset
 (``data``, ``(Rx, Ry, Kx, Ky)``); other inputs (.npy, .mib through RosettaSciIO, ...) as a memory dataset
@@ -43,7 +59,7 @@ from evaluation.references import (
     ricom_from_com,
     scan_detector_angles_mrad,
 )
-from evaluation.references._common import check_scan_array, pair, pattern_centre
+from evaluation.references._common import check_scan_array, pair, pattern_centre, smooth_periodic_extension
 
 __all__ = [
     "LIBERTEM_METHODS",
@@ -55,13 +71,10 @@ __all__ = [
 ]
 
 #: methods engine=libertem runs
-LIBERTEM_METHODS = ("icom", "ricom", "vadf", "ptychonn")
+LIBERTEM_METHODS = ("icom", "ricom", "vadf", "ssb", "ptychonn", "airpi", "chang_unet")
 #: method -> why engine=libertem does not run it
 UNSUPPORTED = {
-    "ssb": "its transform runs over the scan axes of the whole scan at once, not per frame",
-    "epie": "it iterates over all positions, updating one object and probe",
-    "airpi": "it needs each position's 3x3 neighbouring patterns, which LiberTEM's partitions do not hold",
-    "chang_unet": "its least-squares stitching pairs each position with its neighbours across partitions",
+    "epie": "it iterates over all positions, updating one object and probe (sequential, not per frame)",
 }
 #: seconds to wait for engine_scheduler to answer
 CONNECT_TIMEOUT_S = 20
@@ -275,7 +288,79 @@ def _udf_classes() -> dict[str, type]:
             dest.amplitude_sum[:] += src.amplitude_sum
             dest.consistency[:] = src.consistency  # a nav buffer: this partition's positions
 
-    _UDFS.update(frame_sum=FrameSumUDF, com=CentreOfMassUDF, annulus=AnnulusUDF, ptychonn=PtychoNNUDF)
+    class SSBTransformUDF(UDF):
+        """SSB's scan transform along the fast scan axis: for every scan row ``x`` of the partition, the
+        (smoothly extended) DFT over the row's positions ``y`` of the bright-field pixels,
+        ``H[x, Qy, k] = sum_y E[Qy, y] I(x, y, k)`` (``E``: DFT of the extension, ``(Ny, Ry)``), as one matrix
+        product per row and tile (partial rows and detector tiles add up). Buffer ``(Rx, Ny, M)`` complex64,
+        ``kind="single"``: every partition holds and returns one of the size of the whole half-transformed
+        bright-field stack, merged by addition (rows of other partitions are zero)."""
+
+        def __init__(self, bf_index: np.ndarray, row_transform: np.ndarray, rows: int) -> None:
+            super().__init__(bf_index=bf_index, row_transform=row_transform, rows=rows)
+
+        def get_result_buffers(self) -> dict[str, Any]:
+            ny = self.params.row_transform.shape[0]
+            size = int(np.count_nonzero(self.params.bf_index >= 0))
+            return {
+                "half": self.buffer(
+                    kind="single", extra_shape=(self.params.rows, ny, size), dtype=np.complex64
+                )
+            }
+
+        def process_tile(self, tile: np.ndarray) -> None:
+            rows, cols = sig_slices(self)
+            index = np.asarray(self.params.bf_index)[rows, cols]
+            inside = index >= 0
+            if not inside.any():
+                return
+            values = np.asarray(tile, dtype=np.float32)[:, inside]  # (frames, bright-field pixels here)
+            where = index[inside]
+            if where[-1] - where[0] + 1 == len(where):  # contiguous in the C order of the disc
+                where = slice(int(where[0]), int(where[-1]) + 1)
+            transform = np.asarray(self.params.row_transform)
+            coordinates = np.asarray(self.meta.coordinates).reshape(-1, 2)
+            half = self.results.half
+            for x in np.unique(coordinates[:, 0]):
+                mine = coordinates[:, 0] == x
+                half[int(x)][:, where] += transform[:, coordinates[mine, 1]] @ values[mine]
+
+        def merge(self, dest: Any, src: Any) -> None:
+            dest.half[:] += src.half
+
+    class ResampleUDF(UDF):
+        """Every frame resampled onto a network's input grid by a local engine's pattern stream
+        (:class:`evaluation.networks.geometry._PatternStream`: detector -> network grid, transpose,
+        rotation onto the scan frame): a ``nav`` buffer ``(K, K)`` float32 per position. Needs whole frames
+        per tile."""
+
+        def __init__(self, stream: Any) -> None:
+            super().__init__(stream=stream)
+
+        def get_tiling_preferences(self) -> dict[str, Any]:
+            return {"depth": 64, "total_size": self.TILE_SIZE_MAX}
+
+        def get_result_buffers(self) -> dict[str, Any]:
+            k = int(self.params.stream.pixels)
+            return {"patterns": self.buffer(kind="nav", extra_shape=(k, k), dtype=np.float32)}
+
+        def process_tile(self, tile: np.ndarray) -> None:
+            stream = self.params.stream
+            if tuple(tile.shape[1:]) != tuple(stream.geometry.shape[2:]):
+                raise RuntimeError(
+                    f"engine=libertem needs whole frames per tile, got {tuple(tile.shape[1:])} of "
+                    f"{tuple(stream.geometry.shape[2:])} (the file's HDF5 chunks split the patterns)"
+                )
+            self.results.patterns[:] = stream._resample(np.asarray(tile, dtype=np.float32)).cpu().numpy()
+
+    _UDFS.update(
+        resample=ResampleUDF,
+        ssb=SSBTransformUDF,
+        frame_sum=FrameSumUDF,
+        com=CentreOfMassUDF,
+        annulus=AnnulusUDF,
+        ptychonn=PtychoNNUDF,
+    )
     return _UDFS
 
 
@@ -334,6 +419,49 @@ def _vadf(ctx: Any, dataset: Any, scan: Any, params: Mapping[str, Any]) -> Recon
     )  # fmt: skip
 
 
+def _extended_dft(n: int, size: int) -> np.ndarray:
+    """``(size, n)`` complex: the FFT of length ``size`` of :func:`smooth_periodic_extension` of ``n``
+    samples (the DFT matrix when ``size == n``), the linear map SSB's scan transform applies per axis."""
+    extension = smooth_periodic_extension(np.eye(n), (size,))
+    return np.fft.fft(extension, axis=0)
+
+
+def _ssb(ctx: Any, dataset: Any, scan: Any, params: Mapping[str, Any], progress: bool) -> Reconstruction:
+    """SSB: the mean pattern (:class:`FrameSumUDF`) fixes the disc, :class:`SSBTransformUDF` transforms the
+    bright-field pixels along the scan rows in the partitions, the merged result is transformed along the
+    slow scan axis (smooth extension + FFT, as the local engine) and :func:`ssb_from_spectrum` finishes.
+    Memory: the UDF buffer is ``Rx * Ny * M`` complex64 (``M`` bright-field pixels, ``Ny`` the padded row
+    length) in every partition and in the merge, then the ``Nx * Ny * M`` spectrum: ``O(N)`` in scan
+    positions, as the local engine's bright-field stack and spectrum."""
+    from evaluation.references.ssb import ssb_from_spectrum, ssb_geometry, ssb_intensity_scale
+
+    options = dict(params)
+    boundary = options.pop("boundary", "smooth")
+    pad_fraction = options.pop("pad_fraction", 0.25)
+    known = {"aberration_compensation", "normalize", "q_chunk", "aberrations"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"ssb: unknown option(s) {', '.join(unknown)}")
+    shape = tuple(int(n) for n in scan.data.shape)
+    mean = _mean_pattern(ctx, dataset, shape)  # type: ignore[arg-type]
+    geometry = ssb_geometry(
+        shape, pattern_centre(mean), scan.energy_eV, scan.semiangle_mrad, scan.scan_step_A, scan.k_pixel_invA,
+        scan.scan_rotation_deg, scan.scan_transpose, boundary, pad_fraction,
+    )  # fmt: skip
+    scale = ssb_intensity_scale(mean[geometry.in_disc], geometry)
+    bf_index = np.full(geometry.in_disc.shape, -1, dtype=np.int64)
+    bf_index[geometry.in_disc] = np.arange(int(geometry.in_disc.sum()))
+    (rx, ry), (nx, ny) = geometry.scan_shape, geometry.fft_shape
+    row_transform = _extended_dft(ry, ny).astype(np.complex64)
+    half = _run(ctx, dataset, _udf_classes()["ssb"](bf_index, row_transform, rx))["half"]
+    if nx > rx:
+        half = smooth_periodic_extension(half, (nx,))
+    spectrum = np.fft.fft(half, axis=0).reshape(nx * ny, -1)
+    spectrum = (spectrum / scale).astype(np.complex64)
+    del half
+    return ssb_from_spectrum(spectrum, geometry, scan.defocus_A, scan.Cs_A, progress=progress, **options)
+
+
 def _ptychonn_reconstructor(ctx: Any, dataset: Any) -> Any:
     """A reconstructor for :func:`evaluation.networks.reconstruct_with_network` that runs the predictor
     in :class:`PtychoNNUDF` and stitches with the local engine's placement."""
@@ -369,6 +497,61 @@ def _ptychonn_reconstructor(ctx: Any, dataset: Any) -> Any:
             out["complex_sum"], out["amplitude_sum"], crop_to_scan, unwrap_phase, count / max(elapsed, 1e-9),
             trust,
         )  # fmt: skip
+
+    return reconstruct
+
+
+def _streamed_reconstructor(ctx: Any, dataset: Any, method: str) -> Any:
+    """A reconstructor for :func:`evaluation.networks.reconstruct_with_network` that runs AIRPI's or the
+    Chang U-Net's local reconstruction with its pattern stream fed by :class:`ResampleUDF`.
+
+    The local reconstruction creates its :class:`evaluation.networks.geometry._PatternStream` (the network
+    grid, ``gmax``, centre and rotation margin are decided there); while it runs, that name in its module
+    is a factory that creates the same stream, resamples every frame with it in :class:`ResampleUDF`
+    (distributed) and hands back a stream over the resampled stack (no resampling left). The 3x3
+    neighbourhoods (AIRPI), data repetition, the network in batches of row blocks, the placement,
+    stitching and trust map are then the local code on the stack. Memory: the stack,
+    ``Rx * Ry * K * K`` float32 in this process (``K`` the resampled grid: ``pixels`` for AIRPI,
+    ``pixels * bin_factor`` for Chang), where the local engine holds a block of rows."""
+    import importlib
+    from unittest import mock
+
+    from evaluation.networks.geometry import _PatternStream
+
+    module = importlib.import_module(f"evaluation.networks.{'airpi' if method == 'airpi' else 'chang'}")
+    local = module.airpi_reconstruct if method == "airpi" else module.chang_reconstruct
+
+    class ResampledStream(_PatternStream):
+        """A pattern stream over an already resampled stack ``(Rx, Ry, K, K)``."""
+
+        def __init__(self, stream: _PatternStream, stack: np.ndarray) -> None:
+            self.__dict__.update(stream.__dict__)
+            self.geometry = dataclasses.replace(stream.geometry, data=stack)
+
+        def _resample(self, block: np.ndarray) -> Any:
+            import torch
+
+            return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(self.device)
+
+    def reconstruct(scan: Any, predictor: Any, *, detector_centre_px: Any = None, **options: Any) -> Any:
+        shape = tuple(int(n) for n in scan.data.shape)
+        check_scan_array(scan.data)
+        if detector_centre_px is None:  # the mean CBED's centre of mass, as the local engine finds it
+            detector_centre_px = pattern_centre(_mean_pattern(ctx, dataset, shape))  # type: ignore[arg-type]
+        made = []
+
+        def stream_factory(geometry: Any, *args: Any, **kwargs: Any) -> ResampledStream:
+            stream = _PatternStream(dataclasses.replace(geometry, data=_ShapeOnly(shape)), *args, **kwargs)
+            k = int(stream.pixels)
+            stack = _run(ctx, dataset, _udf_classes()["resample"](stream))["patterns"]
+            made.append(k)
+            return ResampledStream(stream, stack.reshape(shape[0], shape[1], k, k))
+
+        with mock.patch.object(module, "_PatternStream", stream_factory):
+            result = local(scan, predictor, detector_centre_px=detector_centre_px, **options)
+        if len(made) != 1:
+            raise RuntimeError(f"engine=libertem {method}: the local reconstruction made {len(made)} streams")
+        return result
 
     return reconstruct
 
@@ -438,11 +621,17 @@ def _dispatch(
         )  # fmt: skip
     if method == "vadf":
         return _vadf(ctx, dataset, scan, params)
+    if method == "ssb":
+        return _ssb(ctx, dataset, scan, params, progress)
     from evaluation.networks import reconstruct_with_network
 
     if model is None:
         raise ValueError(f"method {method!r} needs a network checkpoint: give ckpt=PATH")
+    if method == "ptychonn":
+        reconstructor = _ptychonn_reconstructor(ctx, dataset)
+    else:
+        reconstructor = _streamed_reconstructor(ctx, dataset, method)
     return reconstruct_with_network(
         scan, method, model, params, device="cpu", progress=progress, precision=precision,
-        channels_last=channels_last, reconstructor=_ptychonn_reconstructor(ctx, dataset),
+        channels_last=channels_last, reconstructor=reconstructor,
     )  # fmt: skip
