@@ -32,6 +32,12 @@ the table. Usage::
 
     python scripts/restoration_benchmark.py                        # 6 images of 128 x 128, ~10 min, 1 core
     python scripts/restoration_benchmark.py --images 24 --pixels 256 --ckpt cgrdn.ckpt --out runs/restore
+    python scripts/restoration_benchmark.py --ckpt cgrdn.ckpt --reuse-bm3d docs/results_cgrdn_baselines.json
+
+``--reuse-bm3d JSON`` (implies ``--skip-bm3d``) takes the BM3D rows from an earlier run's
+``restoration_benchmark.json`` instead of recomputing them (BM3D dominates the run time). The earlier run
+must have the same ``--images``, ``--pixels``, ``--seed`` and ``--doses``, and its noisy-input scores must
+equal this run's for every image and dose (same clean images, same noise), else one clear error.
 """
 
 from __future__ import annotations
@@ -184,7 +190,7 @@ def _figure(path: Path, table: list[dict], examples: dict, methods: list[str]) -
         clean, images = examples[dose]
         low, high = (float(v) for v in np.percentile(clean, [0.5, 99.5]))
         for j, (name, image) in enumerate(
-            [("clean", clean), *[(m, images[m]) for m in shown if m != "noisy"]]
+            [("clean", clean), *[(m, images[m]) for m in shown if m != "noisy" and m in images]]
         ):
             if name == "clean":
                 image, name = images["noisy"], f"noisy {dose:.0e}"
@@ -212,8 +218,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-bm3d", action="store_true", help="leave BM3D out (it takes seconds per image)"
     )
+    parser.add_argument(
+        "--reuse-bm3d",
+        type=Path,
+        default=None,
+        help="take the BM3D rows from this earlier restoration_benchmark.json (same images and noise)",
+    )
     parser.add_argument("--out", type=Path, default=Path("restoration_benchmark"), help="output folder")
     args = parser.parse_args(argv)
+    reused: list[dict] = []
+    if args.reuse_bm3d is not None:
+        args.skip_bm3d = True
+        try:
+            earlier = json.loads(args.reuse_bm3d.read_text())
+        except (OSError, ValueError) as err:
+            parser.error(f"--reuse-bm3d {args.reuse_bm3d}: cannot read it ({err})")
+        for key, ours in (("images", args.images), ("pixels", args.pixels), ("seed", args.seed),
+                          ("doses_e_per_A2", list(args.doses))):  # fmt: skip
+            if earlier.get(key) != ours:
+                parser.error(
+                    f"--reuse-bm3d {args.reuse_bm3d}: {key} is {earlier.get(key)!r}, this run {ours!r}"
+                )
+        reused = [row for row in earlier["rows"] if row["method"] == "bm3d"]
+        if len(reused) != args.images * len(args.doses):
+            parser.error(f"--reuse-bm3d {args.reuse_bm3d}: {len(reused)} BM3D rows, expected "
+                         f"{args.images * len(args.doses)}")  # fmt: skip
 
     from datagen.haadf import HaadfSampleMaker
     from evaluation.denoise_baselines import bm3d_anscombe, oracle_gaussian, pmt_gain
@@ -278,6 +307,18 @@ def main(argv: list[str] | None = None) -> int:
                 examples[dose] = (clean, restored)
         print(f"image {index + 1}/{args.images} ({record['description']}, {len(columns)} columns): "
               f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+    if reused:
+        noisy_now = {(r["image"], r["dose_e_per_A2"]): r["psnr_db"] for r in rows if r["method"] == "noisy"}
+        noisy_then = {(r["image"], r["dose_e_per_A2"]): r["psnr_db"] for r in earlier["rows"]
+                      if r["method"] == "noisy"}  # fmt: skip
+        if noisy_now.keys() != noisy_then.keys() or any(
+            abs(noisy_now[k] - noisy_then[k]) > 1e-6 for k in noisy_now
+        ):
+            print(f"restoration_benchmark: error: --reuse-bm3d {args.reuse_bm3d}: its noisy-input scores "
+                  "differ from this run's (other images or noise); rerun BM3D", file=sys.stderr)  # fmt: skip
+            return 2
+        rows.extend(reused)
+        methods = [m for m in METHODS if m in methods or m == "bm3d"]
     table = _summarise(rows, list(args.doses), methods)
     markdown = _markdown(table)
     result = {
@@ -286,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "doses_e_per_A2": list(args.doses),
         "checkpoint": str(args.ckpt) if args.ckpt else None,
+        "bm3d_reused_from": str(args.reuse_bm3d) if args.reuse_bm3d else None,
         "seconds_per_method": {m: round(t, 1) for m, t in timing.items()},
         "wall_s": round(time.perf_counter() - start, 1),
         "table": table,
