@@ -506,15 +506,14 @@ def _streamed_reconstructor(ctx: Any, dataset: Any, method: str) -> Any:
     Chang U-Net's local reconstruction with its pattern stream fed by :class:`ResampleUDF`.
 
     The local reconstruction creates its :class:`evaluation.networks.geometry._PatternStream` (the network
-    grid, ``gmax``, centre and rotation margin are decided there); while it runs, that name in its module
-    is a factory that creates the same stream, resamples every frame with it in :class:`ResampleUDF`
+    grid, ``gmax``, centre and rotation margin are decided there) through its ``stream_factory`` keyword;
+    the factory given here creates the same stream, resamples every frame with it in :class:`ResampleUDF`
     (distributed) and hands back a stream over the resampled stack (no resampling left). The 3x3
     neighbourhoods (AIRPI), data repetition, the network in batches of row blocks, the placement,
     stitching and trust map are then the local code on the stack. Memory: the stack,
     ``Rx * Ry * K * K`` float32 in this process (``K`` the resampled grid: ``pixels`` for AIRPI,
     ``pixels * bin_factor`` for Chang), where the local engine holds a block of rows."""
     import importlib
-    from unittest import mock
 
     from evaluation.networks.geometry import _PatternStream
 
@@ -547,8 +546,9 @@ def _streamed_reconstructor(ctx: Any, dataset: Any, method: str) -> Any:
             made.append(k)
             return ResampledStream(stream, stack.reshape(shape[0], shape[1], k, k))
 
-        with mock.patch.object(module, "_PatternStream", stream_factory):
-            result = local(scan, predictor, detector_centre_px=detector_centre_px, **options)
+        result = local(
+            scan, predictor, detector_centre_px=detector_centre_px, stream_factory=stream_factory, **options
+        )
         if len(made) != 1:
             raise RuntimeError(f"engine=libertem {method}: the local reconstruction made {len(made)} streams")
         return result

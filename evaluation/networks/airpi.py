@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -88,6 +89,7 @@ def airpi_reconstruct(
     consistency_counts_per_unit: float | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    stream_factory: Callable[..., _PatternStream] = _PatternStream,
 ) -> Reconstruction:
     """AIRPI reconstruction of a scan (paper 002 eq. 4-8); see :mod:`evaluation.networks`.
 
@@ -107,6 +109,9 @@ def airpi_reconstruct(
     the normalised Poisson deviance of :func:`evaluation.networks.consistency.normalised_poisson_deviance`
     (``consistency_counts_per_unit`` electrons per unit of the data; None: the data are counts);
     ``info['consistency_median']`` its median.
+    ``stream_factory`` makes the pattern stream (the signature of
+    :class:`evaluation.networks.geometry._PatternStream`, the default); ``engine=libertem`` passes one over
+    patterns its workers resampled (:mod:`evaluation.engines.libertem`).
     """
     dev = resolve_device(device)
     geometry = ScanGeometry.from_scan(scan, data_repetition, repetition_box, repetition_stride)
@@ -114,7 +119,7 @@ def airpi_reconstruct(
     start_time = time.perf_counter()
     centre = _detector_centre(geometry, detector_centre_px, progress, block_rows)
     gmax = _network_grid(geometry, centre, pixels, gmax_invA, ratio_alpha_gmax)
-    stream = _PatternStream(geometry, pixels, gmax, centre, dev)
+    stream = stream_factory(geometry, pixels, gmax, centre, dev)
     d = 1.0 / (2.0 * gmax)  # patch pixel, A
     psi_in = probe(
         geometry.energy_eV, geometry.semiangle_mrad, pixels, gmax_invA=gmax,

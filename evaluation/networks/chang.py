@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -160,6 +161,7 @@ def chang_reconstruct(
     consistency_counts_per_unit: float | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    stream_factory: Callable[..., _PatternStream] = _PatternStream,
 ) -> Reconstruction:
     """Chang U-Net reconstruction with offsets solved by sparse least squares (paper 001 eq. 2).
 
@@ -179,6 +181,9 @@ def chang_reconstruct(
     the binned pattern the network saw (its counts, before ``sqrt(counts / total)``); see
     :mod:`evaluation.networks.consistency` (``consistency_counts_per_unit`` electrons per unit of the data;
     None: counts). ``info['consistency_median']`` its median.
+    ``stream_factory`` makes the pattern stream (the signature of
+    :class:`evaluation.networks.geometry._PatternStream`, the default); ``engine=libertem`` passes one over
+    patterns its workers resampled (:mod:`evaluation.engines.libertem`).
     """
     from scipy.signal import fftconvolve
     from scipy.sparse import coo_matrix
@@ -207,7 +212,7 @@ def chang_reconstruct(
         )
     # rotated scans: the corners of the rotated grid come from the detector beyond it (sqrt 2 reach)
     margin = math.ceil(sim_px * (math.sqrt(2.0) - 1.0) / 2.0) + 1
-    stream = _PatternStream(geometry, sim_px, k_det, centre, dev, margin_px=margin)
+    stream = stream_factory(geometry, sim_px, k_det, centre, dev, margin_px=margin)
     pixel_A = _object_pixel(geometry, oversampling, None, allow_fractional=False)
     os_ = int(oversampling)
     half = _mask_half_width(mask, pixels // 2, d, pixel_A)
