@@ -497,9 +497,27 @@ def live_main(cfg: DictConfig, method: str) -> int:
         scan = live_calibration(cfg, settings)
         if not bool(cfg.get("overwrite", True)) and output.exists():
             raise FileExistsError(f"{output}: exists (set overwrite=true to replace it)")
+        model = None
+        if method in NETWORK_METHODS:
+            from evaluation.networks import load_network
+
+            check_precision(cfg.get("precision", "auto"))
+            if cfg.get("ckpt"):
+                ckpt = Path(to_absolute_path(str(cfg.ckpt)))
+            else:
+                choice = choose_checkpoint(method)
+                if choice is None:
+                    return _error(f"method {method!r} needs a network checkpoint: give ckpt=PATH")
+                ckpt = choice[0]
+                print(
+                    f"reconstruct: ckpt not given; using the shipped model {ckpt} ({choice[1]})",
+                    file=sys.stderr,
+                )
+            model = load_network(ckpt, method, "cpu")
         result, summary = run_live(
             scan, method, _params(cfg, method), settings, output, config=cfg,
-            progress=bool(cfg.get("progress", True)),
+            progress=bool(cfg.get("progress", True)), model=model,
+            precision=str(cfg.get("precision", "auto")),
         )  # fmt: skip
         patterns_per_s = summary["frames"] / max(summary["seconds"], 1e-9)
         if not np.all(np.isfinite(result.phase)):

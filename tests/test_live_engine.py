@@ -188,6 +188,70 @@ def test_cli_live_ricom_equals_local_and_writes_partials(folder, merlin, tmp_pat
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
 
 
+AIRPI = ["airpi.pixels=32", "precision=32", "airpi.detector_centre_px=[16.0,16.0]"]
+
+
+def test_cli_live_airpi_equals_local_on_the_rows_received(folder, merlin, tmp_path, monkeypatch, capsys):
+    """engine=libertem_live method=airpi (a tiny untrained AIRPI network; the detector centre given, as
+    live needs): the partial after 4 of 8 rows equals engine=local's AIRPI on those 4 rows, the final
+    equals engine=local's AIRPI on the whole scan."""
+    import threading
+
+    from test_reconstruct_networks import save_checkpoint
+
+    import evaluation.cli as cli
+
+    ckpt = save_checkpoint("airpi", tmp_path / "airpi.ckpt")
+    control, data = merlin
+    seen = []
+    original = cli.write_reconstruction
+
+    def record(output, result, *args, **kwargs):
+        if Path(output).name == "live_partial.h5":
+            seen.append((int(result.info["rows_done"]), np.array(result.phase)))
+        return original(output, result, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "write_reconstruction", record)
+    cfg = _compose(
+        "engine=libertem_live", "method=airpi", f"ckpt={ckpt}", *AIRPI, "progress=false",
+        f"calibration={folder / 'calibration.yaml'}", f"output={tmp_path / 'live.h5'}",
+        f"live.scan_shape=[{SCAN_PX},{SCAN_PX}]", f"live.control_port={control}", f"live.data_port={data}",
+        "live.preview_every_rows=4", "live.timeout_s=120",
+    )  # fmt: skip
+    codes = []
+    runner = threading.Thread(target=lambda: codes.append(reconstruct_main(cfg)), daemon=True)
+    runner.start()
+    runner.join(timeout=600)  # bounds the test if the stream stalls; not a speed assertion
+    assert not runner.is_alive(), "engine=libertem_live did not finish within 600 s"
+    assert codes == [0], capsys.readouterr().err
+    assert [rows for rows, _ in seen] == [4, 8]
+
+    def local(rows: int) -> np.ndarray:
+        with load_4dstem(folder / "scan.h5", progress=False) as scan:
+            data = np.asarray(scan.data[:rows])
+            calibration = scan.calibration()
+        save_4dstem(tmp_path / f"rows{rows}.h5", data, **calibration)
+        out = tmp_path / f"local{rows}.h5"
+        local_cfg = _compose(
+            f"input={tmp_path / f'rows{rows}.h5'}", "method=airpi", f"ckpt={ckpt}", *AIRPI, "progress=false",
+            f"output={out}",
+        )  # fmt: skip
+        assert reconstruct_main(local_cfg) == 0, capsys.readouterr().err
+        with store.open_checked(out, store.RECON) as handle:
+            return handle["phase"][()]
+
+    partial = local(4)
+    assert seen[0][1].shape == partial.shape
+    assert np.max(np.abs(seen[0][1] - partial)) <= 1e-3
+    whole = local(SCAN_PX)
+    with store.open_checked(tmp_path / "live.h5", store.RECON) as handle:
+        live = handle["phase"][()]
+        assert handle.attrs["method"] == "airpi" and handle.attrs["info_engine"] == "libertem_live"
+    assert live.shape == whole.shape
+    assert np.max(np.abs(live - whole)) <= 1e-3
+    assert np.std(whole) > 0  # the untrained network still gives a non-constant phase
+
+
 def test_completed_rows_counts_leading_full_rows():
     damage = np.zeros((4, 3), dtype=bool)
     assert completed_rows(damage) == 0
@@ -236,7 +300,7 @@ def test_connection_refused_is_one_clear_error(folder, tmp_path, capsys):
 
 
 def test_live_refuses_other_methods_and_bad_settings(folder, tmp_path, capsys):
-    cfg = _compose("engine=libertem_live", "method=airpi", "live.scan_shape=[8,8]", "output=x.h5")
+    cfg = _compose("engine=libertem_live", "method=ssb", "live.scan_shape=[8,8]", "output=x.h5")
     assert reconstruct_main(cfg) == 2
     assert "does not run on engine=libertem_live" in capsys.readouterr().err
     cfg = _compose("engine=libertem_live", "method=ricom", "live.scan_shape=[8,8]")

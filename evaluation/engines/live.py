@@ -32,6 +32,7 @@ software arms and triggers the detector) for at most ``live.timeout_s`` seconds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import sys
@@ -58,10 +59,9 @@ __all__ = [
 ]
 
 #: methods engine=libertem_live runs
-LIVE_METHODS = ("ricom", "icom")
+LIVE_METHODS = ("ricom", "icom", "airpi")
 #: method -> why engine=libertem_live does not run it
 UNSUPPORTED = {
-    "airpi": "it needs each position's 3x3 neighbouring patterns; not implemented for live streams yet",
     "ssb": "its transform runs over the scan axes of the whole scan at once",
     "epie": "it iterates over all positions of the whole scan",
 }
@@ -250,6 +250,8 @@ def run_live(
     config: Any = None,
     progress: bool = True,
     ctx: Any = None,
+    model: Any = None,
+    precision: str = "auto",
 ) -> tuple[Reconstruction, dict[str, Any]]:
     """Receive one Merlin acquisition and reconstruct it with ``method`` while it arrives.
 
@@ -258,28 +260,70 @@ def run_live(
     completed rows (and once all frames are in) the partial reconstruction of the completed rows is
     written to :func:`partial_path` ``(output)`` with its PNG (attrs ``info_rows_done``,
     ``info_rows_total``). ``ctx``: a ``LiveContext`` to use (kept open), else one from
-    :func:`live_context`. Returns the final reconstruction and a summary (``partial_writes``, ``frames``,
-    ``seconds``: from the acquisition's start to its last frame). RuntimeError when the detector cannot be
-    reached or no acquisition starts within ``settings.timeout_s``; ValueError for a bad method.
+    :func:`live_context`. ``model``: the loaded AIRPI network (``airpi``; run on the CPU at ``precision``).
+    Returns the final reconstruction and a summary (``partial_writes``, ``frames``, ``seconds``: from the
+    acquisition's start to its last frame). RuntimeError when the detector cannot be reached or no
+    acquisition starts within ``settings.timeout_s``; ValueError for a bad method or setting.
     """
     message = unsupported_message(method)
     if message is not None:
         raise ValueError(message)
+    if method == "airpi":
+        if model is None:
+            raise ValueError("method 'airpi' needs a network checkpoint: give ckpt=PATH")
+        if params.get("detector_centre_px") is None:
+            raise ValueError(
+                "engine=libertem_live airpi needs airpi.detector_centre_px=[x,y] (the detector pixel of zero "
+                "frequency: the mean pattern, which engine=local uses, is known only after the scan)"
+            )
+        if params.get("data_repetition"):
+            raise ValueError("engine=libertem_live airpi does not stream airpi.data_repetition=true")
     _live_api()
     _probe(settings.host, settings.control_port, "control", settings.connect_timeout_s)
     _probe(settings.host, settings.data_port, "data", settings.connect_timeout_s)
     if ctx is None:
         with live_context(settings.workers) as own:
-            return run_live(scan, method, params, settings, output, config=config, progress=progress, ctx=own)
+            return run_live(
+                scan, method, params, settings, output, config=config, progress=progress, ctx=own,
+                model=model, precision=precision,
+            )  # fmt: skip
     from evaluation.cli import write_reconstruction
 
     rx, ry = settings.scan_shape
-    every = settings.preview_every_rows
     partial = partial_path(output)
-    udf = _udf_classes()["com"](tuple(float(k) for k in scan.k_pixel_invA))
-    writes = 0
-    last_written = 0
-    result: Reconstruction | None = None
+    state = {"writes": 0}
+
+    def write(result: Reconstruction, rows: int, elapsed: float) -> None:
+        result.info.update(rows_done=rows, rows_total=rx, engine="libertem_live")
+        write_reconstruction(partial, result, rows * ry / max(elapsed, 1e-9), config=config, overwrite=True)
+        state["writes"] += 1
+        if progress:
+            print(f"live: {rows}/{rx} scan rows -> {partial}", file=sys.stderr, flush=True)
+
+    with _acquisition(ctx, settings) as acquisition:
+        start = time.perf_counter()
+        if method == "airpi":
+            result = _airpi_live(ctx, acquisition, scan, model, params, settings, write, progress, precision)
+        else:
+            udf = _udf_classes()["com"](tuple(float(k) for k in scan.k_pixel_invA))
+            result = None
+            for rows, buffers in _partials(ctx, acquisition, udf, settings):
+                moment = buffers["moment"].reshape(rx, ry, 2)
+                total = buffers["total"].reshape(rx, ry)
+                result = _reconstruct(method, com_field(moment, total, rows), scan, params)
+                write(result, rows, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+    if result is None:
+        raise RuntimeError("engine=libertem_live: the acquisition ended before all scan rows arrived")
+    result.info["engine"] = "libertem_live"
+    return result, {"partial_writes": state["writes"], "frames": rx * ry, "seconds": seconds}
+
+
+@contextlib.contextmanager
+def _acquisition(ctx: Any, settings: LiveSettings) -> Iterator[Any]:
+    """Connect to the Merlin, wait (at most ``settings.timeout_s``) for its acquisition to start and yield
+    the LiberTEM-live acquisition of ``settings.scan_shape`` (partitions of :func:`rows_per_partition`)."""
+    rx, ry = settings.scan_shape
     with ctx.make_connection("merlin").open(
         api_host=settings.host, api_port=settings.control_port,
         data_host=settings.host, data_port=settings.data_port, drain=False,
@@ -295,29 +339,106 @@ def run_live(
                 f"live.scan_shape={list(settings.scan_shape)} holds {rx * ry} positions but the detector "
                 f"announces {pending.nimages} frames"
             )
-        frames = rows_per_partition(every, rx, ry) * ry
-        acquisition = ctx.make_acquisition(
+        frames = rows_per_partition(settings.preview_every_rows, rx, ry) * ry
+        yield ctx.make_acquisition(
             conn=conn, nav_shape=(rx, ry), pending_aq=pending, frames_per_partition=frames
         )
-        start = time.perf_counter()
-        for part in ctx.run_udf_iter(dataset=acquisition, udf=udf, progress=False):
-            rows = completed_rows(np.asarray(part.damage.data).reshape(rx, ry))
-            if rows == 0 or (rows - last_written < every and rows < rx):
-                continue
-            buffers = part.buffers[0]
-            moment = np.asarray(buffers["moment"].data).reshape(rx, ry, 2)
-            total = np.asarray(buffers["total"].data).reshape(rx, ry)
-            result = _reconstruct(method, com_field(moment, total, rows), scan, params)
-            result.info.update(rows_done=rows, rows_total=rx, engine="libertem_live")
-            elapsed = time.perf_counter() - start
-            write_reconstruction(
-                partial, result, rows * ry / max(elapsed, 1e-9), config=config, overwrite=True
+
+
+def _partials(
+    ctx: Any, acquisition: Any, udf: Any, settings: LiveSettings
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Run ``udf`` on the acquisition; yield ``(rows, buffers)`` (the completed leading scan rows, the
+    result buffers as arrays over the whole scan) each time ``settings.preview_every_rows`` more rows are
+    complete, and when all are. RuntimeError when the stream ends short."""
+    rx, ry = settings.scan_shape
+    last = 0
+    for part in ctx.run_udf_iter(dataset=acquisition, udf=udf, progress=False):
+        rows = completed_rows(np.asarray(part.damage.data).reshape(rx, ry))
+        if rows == 0 or (rows - last < settings.preview_every_rows and rows < rx):
+            continue
+        last = rows
+        yield rows, {key: np.asarray(value.data) for key, value in part.buffers[0].items()}
+    if last < rx:
+        raise RuntimeError(f"engine=libertem_live: the acquisition ended after {last} of {rx} scan rows")
+
+
+def _airpi_live(
+    ctx: Any,
+    acquisition: Any,
+    scan: Any,
+    model: Any,
+    params: Mapping[str, Any],
+    settings: LiveSettings,
+    write: Any,
+    progress: bool,
+    precision: str,
+) -> Reconstruction:
+    """AIRPI on a live acquisition: the frames resampled onto the network grid as they arrive (engine=
+    libertem's ``ResampleUDF``, a ``nav`` buffer), and every ``preview_every_rows`` rows the local AIRPI
+    (:func:`evaluation.networks.airpi.airpi_reconstruct` via
+    :func:`evaluation.networks.reconstruct_with_network`) on the resampled rows received so far: its 3x3
+    kernels need each position's neighbours, so the newest row is reconstructed as a scan edge until the
+    next arrives. The final pass on all rows is engine=local's AIRPI on the same frames (same detector
+    centre). Memory: the resampled stack, ``Rx * Ry * K * K`` float32."""
+    import torch
+
+    from evaluation.networks import reconstruct_with_network
+    from evaluation.networks.airpi import airpi_reconstruct
+    from evaluation.networks.geometry import _PatternStream
+
+    rx, ry = settings.scan_shape
+    kx, ky = (int(n) for n in acquisition.shape.sig)
+    full = dataclasses.replace(scan, data=_Shape((rx, ry, kx, ky)))
+    start = time.perf_counter()
+
+    class Resampled(_PatternStream):
+        """A pattern stream over an already resampled stack ``(rows, Ry, K, K)`` (as engine=libertem's)."""
+
+        def __init__(self, stream: _PatternStream, stack: np.ndarray) -> None:
+            self.__dict__.update(stream.__dict__)
+            self.geometry = dataclasses.replace(stream.geometry, data=stack)
+
+        def _resample(self, block: np.ndarray) -> Any:
+            return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(self.device)
+
+    def reconstructor(whole: Any, predictor: Any, **options: Any) -> Reconstruction:
+        def stream_factory(geometry: Any, *args: Any, **kwargs: Any) -> _PatternStream:
+            stream = _PatternStream(
+                dataclasses.replace(geometry, data=_Shape((rx, ry, kx, ky))), *args, **kwargs
             )
-            writes += 1
-            last_written = rows
-            if progress:
-                print(f"live: {rows}/{rx} scan rows -> {partial}", file=sys.stderr, flush=True)
-        seconds = time.perf_counter() - start
-    if result is None or last_written < rx:
-        raise RuntimeError(f"engine=libertem_live: the acquisition ended after {last_written} of {rx} rows")
-    return result, {"partial_writes": writes, "frames": rx * ry, "seconds": seconds}
+            k = int(stream.pixels)
+            stack = None
+            for rows, buffers in _partials(ctx, acquisition, _udf_classes()["resample"](stream), settings):
+                stack = buffers["patterns"].reshape(rx, ry, k, k)
+                if rows < min(rx, 3):
+                    continue  # AIRPI needs at least 3 rows
+                if rows < rx:
+                    part = dataclasses.replace(whole, data=_Shape((rows, ry, kx, ky)))
+                    view = stack[:rows]
+                    result = airpi_reconstruct(
+                        part,
+                        predictor,
+                        **options,
+                        stream_factory=lambda *a, view=view, **kw: Resampled(stream, view),
+                    )
+                    write(result, rows, time.perf_counter() - start)
+            assert stack is not None
+            return Resampled(stream, stack)
+
+        final = airpi_reconstruct(whole, predictor, **options, stream_factory=stream_factory)
+        return final
+
+    result = reconstruct_with_network(
+        full, "airpi", model, dict(params), device="cpu", progress=progress, precision=precision,
+        reconstructor=reconstructor,
+    )  # fmt: skip
+    write(result, rx, time.perf_counter() - start)
+    return result
+
+
+class _Shape:
+    """Stands in for the data of a live scan where only its shape is needed."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(int(n) for n in shape)
