@@ -3,19 +3,23 @@
 LiberTEM-live (the ``live`` extra, PyPI ``libertem-live``; imported only here and only when this engine
 runs) receives the frames of a Quantum Detectors Merlin (Medipix3) over its TCP data port and runs
 LiberTEM UDFs on them as they arrive, on a pipelined executor of ``live.workers`` worker processes. The
-UDF is engine=libertem's :class:`CentreOfMassUDF` (:func:`evaluation.engines.libertem._udf_classes`, the
-same per-frame physics as :func:`evaluation.references.centre_of_mass`); every ``live.preview_every_rows``
-completed scan rows the centre-of-mass field of the rows received so far is integrated
-(:func:`evaluation.references.ricom_from_com` / :func:`evaluation.references.icom_from_com`) and written
-as ``<output stem>_partial.h5`` (deepstem.recon/1, only the completed rows) and its preview
+UDFs are engine=libertem's (:func:`evaluation.engines.libertem._udf_classes`): for riCOM and iCOM its
+``CentreOfMassUDF`` (the per-frame physics of :func:`evaluation.references.centre_of_mass`); every
+``live.preview_every_rows`` completed scan rows the centre-of-mass field of the rows received so far is
+integrated (:func:`evaluation.references.ricom_from_com` / :func:`evaluation.references.icom_from_com`)
+and written as ``<output stem>_partial.h5`` (deepstem.recon/1, only the completed rows) and its preview
 ``<output stem>_partial.png``, both atomically (temporary file + rename), so a viewer never reads a half
 written file. When the last frame has arrived the whole field gives the final reconstruction, which
 :mod:`evaluation.cli` writes like ``engine=local`` does (it equals ``engine=local`` on the same frames).
 
-Methods: ``ricom`` and ``icom`` (:data:`LIVE_METHODS`). Both mean-subtract the COM field over the rows
-received so far, so a partial image is the reconstruction of the partial scan, not a crop of the final
-one. ``airpi`` (which needs each position's 3 x 3 neighbours) and the whole-scan methods are refused with
-one line.
+Methods (:data:`LIVE_METHODS`): ``ricom`` and ``icom`` mean-subtract the COM field over the rows received
+so far, so a partial image is the reconstruction of the partial scan, not a crop of the final one.
+``airpi``: engine=libertem's ``ResampleUDF`` resamples every frame onto the network grid as it arrives;
+every ``preview_every_rows`` rows the local AIRPI runs on the resampled rows received so far (its 3x3
+kernels need each position's neighbours, so the newest row is a scan edge until the next arrives) and
+the final pass is engine=local's AIRPI on all of them. AIRPI needs ``airpi.detector_centre_px`` (the
+mean pattern that engine=local takes the centre from is known only after the scan) and does not stream
+``data_repetition``. The whole-scan methods (ssb, epie) and the other networks are refused with one line.
 
 Scan geometry: ``live.scan_shape: [Rx, Ry]`` is required (the Merlin stream carries frames, not a scan
 shape). Frame ``k`` (0-based, in arrival order) lies at scan position ``(k // Ry, k % Ry)``: the second
@@ -72,7 +76,7 @@ def unsupported_message(method: str) -> str | None:
     """The one-line refusal for a method engine=libertem_live does not run, or None when it runs it."""
     if method in LIVE_METHODS:
         return None
-    why = UNSUPPORTED.get(method, "only the centre-of-mass methods stream")
+    why = UNSUPPORTED.get(method, "it has no streaming path")
     return (
         f"method={method} does not run on engine=libertem_live: {why}; live methods: "
         f"{', '.join(LIVE_METHODS)}"
