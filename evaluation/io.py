@@ -12,7 +12,14 @@ Formats read by :func:`load_4dstem` (chosen by content, then by suffix):
   ``Q_pixel_size``/``Q_pixel_units``, ``QR_rotation_degrees``, ``QR_flip``, ``probe_semiangle``, energy)
   or from the node's dimension vectors,
 * RosettaSciIO formats (Merlin ``.mib``, Velox ``.emd``, ``.blo``) when ``rsciio`` is installed,
-* ``.npy`` with a calibration YAML (``calibration=`` or ``<stem>.yaml`` / ``<stem>.yml`` beside it).
+* ``.npy`` with a calibration YAML (``calibration=`` or ``<stem>.yaml`` / ``<stem>.yml`` beside it),
+* through LiberTEM's readers (the ``libertem`` extra), with the calibration YAML as for ``.npy``: headerless
+  ``.raw`` (the YAML gives ``raw_nav_shape: [Rx, Ry]``, ``raw_sig_shape: [Kx, Ky]`` and ``raw_dtype``, e.g.
+  ``float32`` or ``>u2``; C order, no headers; the file size must match), EMPAD ``.xml`` (with its ``.raw``
+  beside it), and untested here: Norpix ``.seq``, TVIPS ``.tvips``, PNCCD ``.hdr`` (frms6), K2IS ``.gtg``,
+  TIA ``.ser``, ``.mrc`` (``raw_nav_shape`` reshapes a flat series into the scan where the reader takes a
+  ``nav_shape``). ``data`` is then a :class:`LiberTEMArray`: read in blocks by LiberTEM's ``PickUDF`` on an
+  inline context, and ``engine=libertem`` hands LiberTEM the file itself.
 
 Calibration (units: eV, mrad, Angstrom, 1/Angstrom): ``energy_eV``, ``semiangle_mrad``, ``scan_step_A``
 (one value or x, y), ``k_pixel_invA`` (or ``k_pixel_mrad``), optional ``scan_rotation_deg`` (default 0),
@@ -42,6 +49,9 @@ from physics import wavelength
 
 __all__ = [
     "CALIBRATION_KEYS",
+    "LIBERTEM_SUFFIXES",
+    "RAW_KEYS",
+    "LiberTEMArray",
     "Scan4D",
     "ScanError",
     "check_scan",
@@ -57,6 +67,23 @@ CALIBRATION_KEYS: dict[str, str] = {
     "k_pixel_invA": "detector pixel, 1/Angstrom (or k_pixel_mrad)",
 }
 _OPTIONAL = ("scan_rotation_deg", "scan_transpose", "Cs_A", "defocus_A")
+#: calibration-YAML keys of files read through LiberTEM (shape and type of headerless data)
+RAW_KEYS: dict[str, str] = {
+    "raw_nav_shape": "scan shape [Rx, Ry]",
+    "raw_sig_shape": "pattern shape [Kx, Ky]",
+    "raw_dtype": "data type on disk, e.g. float32, uint16, >u2",
+}
+#: suffix -> LiberTEM reader of the formats read through LiberTEM (``load_4dstem``)
+LIBERTEM_SUFFIXES: dict[str, str] = {
+    ".raw": "raw",
+    ".xml": "empad",
+    ".seq": "seq",
+    ".tvips": "tvips",
+    ".hdr": "frms6",
+    ".gtg": "k2is",
+    ".ser": "ser",
+    ".mrc": "mrc",
+}
 
 
 @dataclass
@@ -446,6 +473,162 @@ def _load_rsciio(path: Path, overrides: Mapping[str, Any]) -> Scan4D:
 
 
 # --------------------------------------------------------------------------------------------------
+# formats read through LiberTEM
+
+
+def _shape_value(value: Any, key: str, where: str) -> tuple[int, int]:
+    """``value`` as two positive integers (a ``raw_*_shape`` YAML value)."""
+    try:
+        values = [float(m) for m in value]
+        shape = tuple(int(m) for m in values)
+        ok = len(shape) == 2 and all(n > 0 and n == m for n, m in zip(shape, values, strict=True))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ScanError(f"{where}: {key} must be two positive integers, got {value!r}")
+    return shape  # type: ignore[return-value]
+
+
+class LiberTEMArray:
+    """A 4D-STEM file read through a LiberTEM reader, as a lazy array ``(Rx, Ry, Kx, Ky)``.
+
+    ``kind`` is the LiberTEM reader (``ctx.load(kind, path=path, **options)``). Indexing (``data[i0:i1]``,
+    ``data[i, j]``, any int / slice / 1D index of the two scan axes, then of the two detector axes) reads
+    exactly the selected scan positions with LiberTEM's ``PickUDF`` and an ROI on an inline context, in the
+    file's own dtype. :func:`evaluation.engines.libertem.load_dataset` opens the file itself instead (on
+    the workers of a distributed run). Pickles as (path, kind, options); reopens on first use.
+    """
+
+    def __init__(self, path: Path, kind: str, options: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.kind = str(kind)
+        self.options: dict[str, Any] = dict(options)
+        self._ctx: Any = None
+        self._dataset: Any = None
+        self._open()
+
+    @classmethod
+    def open(cls, path: Path, kind: str, raw: Mapping[str, Any]) -> LiberTEMArray:
+        """Open ``path`` with the LiberTEM reader ``kind``; ``raw``: the ``raw_*`` calibration-YAML keys
+        (:data:`RAW_KEYS`). A missing or wrong key, a file size that does not fit, a reader error or a scan
+        that is not 2D is one :class:`ScanError` naming the file."""
+        where = str(path)
+        options: dict[str, Any] = {}
+        if kind == "raw":
+            for key, meaning in RAW_KEYS.items():
+                if key not in raw:
+                    raise ScanError(
+                        f"{where}: missing {key!r} ({meaning}) in the calibration YAML: a headerless .raw "
+                        f"file needs {', '.join(RAW_KEYS)}"
+                    )
+            nav = _shape_value(raw["raw_nav_shape"], "raw_nav_shape", where)
+            sig = _shape_value(raw["raw_sig_shape"], "raw_sig_shape", where)
+            try:
+                dtype = np.dtype(str(raw["raw_dtype"]))
+            except TypeError:
+                raise ScanError(f"{where}: raw_dtype {raw['raw_dtype']!r} is not a NumPy data type") from None
+            expected = int(np.prod(nav)) * int(np.prod(sig)) * dtype.itemsize
+            size = path.stat().st_size
+            if size != expected:
+                raise ScanError(
+                    f"{where}: the file has {size} bytes, but raw_nav_shape {list(nav)} x raw_sig_shape "
+                    f"{list(sig)} of {dtype.str} needs {expected}"
+                )
+            options = {"nav_shape": nav, "sig_shape": sig, "dtype": dtype.str}
+        else:
+            unused = sorted(set(raw) - {"raw_nav_shape"})
+            if unused:
+                raise ScanError(f"{where}: {', '.join(unused)} only apply to .raw files (LiberTEM {kind})")
+            if "raw_nav_shape" in raw:
+                options["nav_shape"] = _shape_value(raw["raw_nav_shape"], "raw_nav_shape", where)
+        return cls(path, kind, options)
+
+    def _open(self) -> None:
+        try:
+            from libertem.api import Context
+        except ImportError:
+            raise ScanError(
+                f"{self.path}: reading {self.path.suffix} files needs LiberTEM, which is not installed: "
+                "pip install -e '.[libertem]'"
+            ) from None
+        ctx = Context.make_with("inline")
+        try:
+            dataset = ctx.load(self.kind, path=str(self.path), **self.options)
+        except Exception as err:  # LiberTEM's readers raise many kinds
+            ctx.close()
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ScanError(
+                f"{self.path}: LiberTEM's {self.kind} reader could not read it: {first}"
+            ) from None
+        nav, sig = tuple(dataset.shape.nav), tuple(dataset.shape.sig)
+        if len(nav) != 2 or len(sig) != 2:
+            ctx.close()
+            raise ScanError(
+                f"{self.path}: LiberTEM's {self.kind} reader gives scan {nav} x pattern {sig}; a 4D-STEM "
+                "scan needs 2 scan and 2 detector axes (give raw_nav_shape: [Rx, Ry] in the calibration YAML)"
+            )
+        self._ctx, self._dataset = ctx, dataset
+        self.shape: tuple[int, int, int, int] = (*map(int, nav), *map(int, sig))  # type: ignore[assignment]
+        self.dtype = np.dtype(dataset.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if self._ctx is None:
+            self._open()
+        from libertem.udf.raw import PickUDF
+
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in key) or len(key) > 4:
+            raise IndexError(f"LiberTEMArray index {key!r}: give at most 4 int / slice / 1D indices")
+        key = key + (slice(None),) * (4 - len(key))
+        rx, ry = self.shape[:2]
+        picked = [np.arange(n)[k] for n, k in zip((rx, ry), key[:2], strict=True)]  # IndexError as NumPy's
+        rows, cols = (np.atleast_1d(p).astype(np.intp) for p in picked)
+        sig = self.shape[2:]
+        if rows.size == 0 or cols.size == 0:
+            block = np.zeros((rows.size, cols.size, *sig), self.dtype)
+        else:
+            roi = np.zeros((rx, ry), dtype=bool)
+            roi[np.ix_(rows, cols)] = True
+            result = self._ctx.run_udf(dataset=self._dataset, udf=PickUDF(), roi=roi)
+            frames = np.asarray(result["intensity"].data)  # ROI positions in C order
+            urows, ucols = np.unique(rows), np.unique(cols)
+            frames = frames.reshape(urows.size, ucols.size, *sig)
+            block = frames[np.searchsorted(urows, rows)][:, np.searchsorted(ucols, cols)]
+        index = tuple(0 if np.ndim(p) == 0 else slice(None) for p in picked)
+        return block[index][(Ellipsis, *key[2:])]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        data = self[:]
+        return data if dtype is None else data.astype(dtype, copy=False)
+
+    def close(self) -> None:
+        """Close the inline LiberTEM context (reopened on the next read)."""
+        if self._ctx is not None:
+            self._ctx.close()
+        self._ctx = self._dataset = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "kind": self.kind, "options": self.options, "shape": self.shape,
+                "dtype": self.dtype}  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._ctx = self._dataset = None
+
+    def __repr__(self) -> str:
+        return (
+            f"LiberTEMArray({str(self.path)!r}, kind={self.kind!r}, shape={self.shape}, dtype={self.dtype})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def load_4dstem(
@@ -471,19 +654,15 @@ def load_4dstem(
     elif calibration is not None:
         extra.update(_read_yaml_calibration(Path(calibration)))
     extra.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = set(extra) - set(CALIBRATION_KEYS) - set(_OPTIONAL) - {"k_pixel_mrad"}
+    unknown = set(extra) - set(CALIBRATION_KEYS) - set(_OPTIONAL) - {"k_pixel_mrad"} - set(RAW_KEYS)
     if unknown:
         raise ScanError(
             f"{path}: unknown calibration key(s) {sorted(unknown)}; known: "
-            f"{[*CALIBRATION_KEYS, 'k_pixel_mrad', *_OPTIONAL]}"
+            f"{[*CALIBRATION_KEYS, 'k_pixel_mrad', *_OPTIONAL, *RAW_KEYS]}"
         )
     suffix = path.suffix.lower()
     scan: Scan4D
-    if suffix == ".npy":
-        try:
-            data = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as err:
-            raise ScanError(f"{path}: not a readable .npy file: {str(err).splitlines()[0]}") from None
+    if suffix == ".npy" or suffix in LIBERTEM_SUFFIXES:
         values: dict[str, Any] = {}
         if calibration is None:
             candidates = [path.with_suffix(".yaml"), path.with_suffix(".yml")]
@@ -498,7 +677,22 @@ def load_4dstem(
             if found:
                 values.update(_read_yaml_calibration(found[0]))
         values.update(extra)
-        scan = _calibrated_scan(data, values, str(path), ".npy", path=path)
+        if suffix == ".npy":
+            try:
+                data = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as err:
+                raise ScanError(f"{path}: not a readable .npy file: {str(err).splitlines()[0]}") from None
+            scan = _calibrated_scan(data, values, str(path), ".npy", path=path)
+        else:
+            raw = {key: values.pop(key) for key in RAW_KEYS if key in values}
+            data = LiberTEMArray.open(path, LIBERTEM_SUFFIXES[suffix], raw)
+            try:
+                scan = _calibrated_scan(
+                    data, values, str(path), f"LiberTEM {data.kind}", path=path, _handle=data
+                )
+            except BaseException:
+                data.close()
+                raise
     elif suffix in (".mib", ".blo"):
         scan = _load_rsciio(path, extra)
     elif suffix in (".h5", ".hdf5", ".emd", ".hdf"):
@@ -525,7 +719,7 @@ def load_4dstem(
     else:
         raise ScanError(
             f"{path}: unknown format {suffix!r}; readable: .h5 (deepstem.4dstem/1 or EMD 1.0), .emd, .mib, "
-            ".blo, .npy + calibration YAML"
+            f".blo, .npy + calibration YAML; through LiberTEM: {', '.join(LIBERTEM_SUFFIXES)}"
         )
     if validate:
         try:

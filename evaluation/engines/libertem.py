@@ -36,9 +36,11 @@ Not offered (:data:`UNSUPPORTED`, one error naming ``engine=local``): ``epie`` i
 updating one object and probe.
 
 A deepstem.4dstem/1 or EMD 1.0 file reaches LiberTEM through its HDF5 reader on the file's 4D dataset
-(``data``, ``(Rx, Ry, Kx, Ky)``); other inputs (.npy, .mib through RosettaSciIO, ...) as a memory dataset
-of the loaded scan. On a cluster of other machines the file must be readable at the same path on the
-workers (a shared filesystem); a memory dataset and the network travel to the workers pickled.
+(``data``, ``(Rx, Ry, Kx, Ky)``), a file that :func:`evaluation.io.load_4dstem` reads through a LiberTEM
+reader (.raw with its shape in the calibration YAML, EMPAD .xml, ...) through that reader on the file; other
+inputs (.npy, .mib through RosettaSciIO, ...) as a memory dataset of the loaded scan. On a cluster of other
+machines the file must be readable at the same path on the workers (a shared filesystem); a memory dataset
+and the network travel to the workers pickled.
 """
 
 from __future__ import annotations
@@ -161,11 +163,17 @@ def _quiet_loggers() -> dict[logging.Logger, int]:
 
 def load_dataset(ctx: Any, data: Any, partitions: int | None = None) -> Any:
     """``data`` ``(Rx, Ry, Kx, Ky)`` as a LiberTEM dataset: an ``h5py.Dataset`` through LiberTEM's HDF5
-    reader on its file and path, anything else as a memory dataset (read whole into memory).
+    reader on its file and path, an :class:`evaluation.io.LiberTEMArray` (.raw, EMPAD, ...) through its
+    LiberTEM reader on its file, anything else as a memory dataset (read whole into memory).
     ``partitions``: at least that many partitions (None: LiberTEM's choice)."""
     check_scan_array(data, minimum_scan=1)
     import h5py
 
+    from evaluation.io import LiberTEMArray
+
+    if isinstance(data, LiberTEMArray):  # a file read through a LiberTEM reader: that reader on the file
+        extra = {} if partitions is None else {"num_partitions": int(partitions)}
+        return ctx.load(data.kind, path=str(data.path), **data.options, **extra)
     options = {} if partitions is None else {"min_num_partitions": int(partitions)}
     if isinstance(data, h5py.Dataset):
         return ctx.load("hdf5", path=str(data.file.filename), ds_path=data.name, **options)
