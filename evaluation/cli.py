@@ -169,8 +169,10 @@ def run_method(
     the conventional methods.
 
     ``engine="libertem"`` runs the per-pattern part as LiberTEM UDFs (:mod:`evaluation.engines.libertem`:
-    icom, ricom, vadf, ptychonn; inline with ``engine_workers`` None, else a local Dask cluster of that
-    many workers, or the Dask scheduler at ``engine_scheduler``); the other methods raise ValueError.
+    icom, ricom, vadf, ssb, ptychonn, airpi, chang_unet; inline with ``engine_workers`` None, else a local
+    Dask cluster of that many workers, or the Dask scheduler at ``engine_scheduler``); epie raises
+    ValueError. The live engine (``engine=libertem_live``, :mod:`evaluation.engines.live`) has no scan file
+    and is dispatched by :func:`main`.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
