@@ -553,8 +553,17 @@ class CGRDNLightning(_NetModule):
         else:
             loss_g, terms = self.loss(y_g, y)
         opt_g.zero_grad()
-        self.manual_backward(loss_g)
-        opt_g.step()
+        if torch.isfinite(loss_g):
+            self.manual_backward(loss_g)
+            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        else:
+            finite = False
+        if finite:
+            opt_g.step()
+        else:  # one non-finite batch must not poison the weights (Adam moments included): skip it
+            opt_g.zero_grad()
+        self.log("train/skipped_steps", float(not finite), reduce_fx="sum", batch_size=bs)
         self.log("train/loss", loss_g.detach(), prog_bar=True, batch_size=bs)
         self._log_terms("train", terms, bs)
         return loss_g.detach()
