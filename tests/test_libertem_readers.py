@@ -188,3 +188,29 @@ def test_empad_xml_reads_the_cropped_frames(tmp_path):
         np.testing.assert_array_equal(scan.data[4, 2], reference[4, 2])
     with pytest.raises(ScanError, match=r"raw_dtype only apply to \.raw files"):
         load_4dstem(tmp_path / "acq.xml", progress=False, raw_dtype="uint16")
+
+
+def test_big_endian_uint16_raw_keeps_its_counts(folder, tmp_path):
+    counts = np.random.default_rng(3).integers(0, 60000, size=(4, 3, 16, 16)).astype(">u2")
+    counts.tofile(tmp_path / "counts.raw")
+    values = {**yaml.safe_load((folder / "scan.yaml").read_text()), "raw_dtype": ">u2"}
+    values.update(raw_nav_shape=[4, 3], raw_sig_shape=[16, 16])
+    (tmp_path / "counts.yaml").write_text(yaml.safe_dump(values))
+    with load_4dstem(tmp_path / "counts.raw", progress=False) as scan:
+        assert scan.shape == (4, 3, 16, 16)
+        np.testing.assert_array_equal(scan.data[1:3], counts[1:3].astype(np.uint16))
+        np.testing.assert_array_equal(scan.data[3, 2], counts[3, 2].astype(np.uint16))
+
+
+def test_two_dask_workers_read_the_raw_file(folder):
+    """A local Dask cluster of two workers: the workers open the .raw file with LiberTEM's raw reader."""
+    from evaluation.cli import run_method
+    from evaluation.engines.libertem import run_libertem
+
+    params = {"estimate_rotation": False, "boundary": "mirror"}
+    with load_4dstem(folder / "scan.npy", progress=False) as scan:
+        local = run_method(scan, "icom", dict(params), progress=False)
+    with load_4dstem(folder / "raw.raw", progress=False) as scan:
+        engine = run_libertem(scan, "icom", dict(params), workers=2, progress=False, partitions=4)
+    assert engine.info["engine_executor"] == "DaskJobExecutor"
+    assert np.abs(engine.phase - local.phase).max() <= 1e-3 and local.phase.std() > 0
