@@ -370,7 +370,10 @@ def reconstruct_main(cfg: DictConfig) -> int:
     if engine == LIVE_ENGINE:
         return live_main(cfg, method)
     if OmegaConf.is_missing(cfg, "input") or not cfg.input:
-        return _error("no input: give input=SCAN (deepstem .h5, EMD 1.0, .mib, Velox .emd or .npy + YAML)")
+        return _error(
+            "no input: give input=SCAN (deepstem .h5, EMD 1.0, .mib, Velox .emd, .npy + YAML, or through "
+            "LiberTEM's readers .raw + YAML, EMPAD .xml, ...)"
+        )
     message = missing_key_message(cfg)
     if message is not None:
         return _error(message)

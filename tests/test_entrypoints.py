@@ -87,7 +87,8 @@ def test_reconstruct_and_evaluate_errors_use_the_one_convention(tmp_path):
     result = run_entry_point("reconstruct.py", tmp_path, "method=ssb")
     assert result.returncode == EXIT_ERROR
     assert _error_lines(result) == [
-        "deepstem: error: no input: give input=SCAN (deepstem .h5, EMD 1.0, .mib, Velox .emd or .npy + YAML)"
+        "deepstem: error: no input: give input=SCAN (deepstem .h5, EMD 1.0, .mib, Velox .emd, .npy + YAML, "
+        "or through LiberTEM's readers .raw + YAML, EMPAD .xml, ...)"
     ]
     result = run_entry_point("reconstruct.py", tmp_path, "input=scan.h5", "threads=-2")
     assert result.returncode == EXIT_ERROR
