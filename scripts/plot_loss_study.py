@@ -33,15 +33,17 @@ TERMS = (
 
 def read_validations(run_dir: Path) -> list[dict[str, float]]:
     """Validation rows (step, val/xc_object_phase, val/loss, val/weighted_*) of a run's CSV log."""
-    logs = sorted(run_dir.glob("csv/version_*/metrics.csv"))
+    logs = sorted(run_dir.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
     if not logs:
         raise SystemExit(f"--run {run_dir}: no csv/version_*/metrics.csv")
-    rows = []
-    with logs[-1].open() as f:
-        for row in csv.DictReader(f):
-            if row.get("val/xc_object_phase"):
-                rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return rows
+    rows: dict[int, dict[str, float]] = {}  # by step: a resumed run (ckpt_path=last.ckpt) adds a version
+    for log in logs:
+        with log.open() as f:
+            for row in csv.DictReader(f):
+                if row.get("val/xc_object_phase"):
+                    values = {k: float(v) for k, v in row.items() if v not in ("", None)}
+                    rows[int(values["step"])] = values
+    return [rows[step] for step in sorted(rows)]
 
 
 def shares(row: dict[str, float], prefix: str = "val/weighted_") -> dict[str, float]:
@@ -50,8 +52,9 @@ def shares(row: dict[str, float], prefix: str = "val/weighted_") -> dict[str, fl
     return {t: row[prefix + t] / total for t in TERMS}
 
 
-def init_terms(limit_val_batches: int = 8) -> dict[str, dict[str, float]]:
-    """Validation metrics of the untrained network (seeded as train.py does) under both normalisations."""
+def init_terms(ckpt: str | None = None, limit_val_batches: int = 8) -> dict[str, dict[str, float]]:
+    """Validation metrics under both normalisations of the untrained network (seeded as train.py does) or,
+    given ``ckpt``, of that checkpoint's weights (the same validation batches and dose noise as training)."""
     import lightning as L
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
@@ -75,6 +78,10 @@ def init_terms(limit_val_batches: int = 8) -> dict[str, dict[str, float]]:
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")
         model = instantiate(cfg.model)
+        if ckpt:
+            from training.cli import load_weights
+
+            load_weights(model, ckpt)
         trainer = L.Trainer(
             accelerator="cpu",
             devices=1,
@@ -95,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--figure", type=Path, default=None)
     parser.add_argument("--init-terms", action="store_true")
+    parser.add_argument(
+        "--cross-terms",
+        action="append",
+        default=[],
+        help="LABEL=CKPT: val terms, both normalisations",
+    )
     args = parser.parse_args(argv)
     runs = {}
     for item in args.run:
@@ -108,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         for norm, m in content["init"].items():
             s = shares(m)
             print(f"init ({norm}): val/xc {m['val/xc_object_phase']:.4f} val/loss {m['val/loss']:.4f}")
+            print("  " + "  ".join(f"{t} {m['val/weighted_' + t]:.4g} ({100 * s[t]:.1f}%)" for t in TERMS))
+    for item in args.cross_terms:
+        label, _, ckpt = item.partition("=")
+        content.setdefault("cross", {})[label] = init_terms(ckpt)
+        for norm, m in content["cross"][label].items():
+            s = shares(m)
+            xc_loss = f"val/xc {m['val/xc_object_phase']:.4f} val/loss {m['val/loss']:.4f}"
+            print(f"{label} scored with {norm}: {xc_loss}")
             print("  " + "  ".join(f"{t} {m['val/weighted_' + t]:.4g} ({100 * s[t]:.1f}%)" for t in TERMS))
     for label, rows in runs.items():
         content["runs"][label] = rows
