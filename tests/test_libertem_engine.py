@@ -149,9 +149,9 @@ def test_ssb_on_split_frames_rows_and_aberrations(folder):
 
 def _udf_classes_tile_spy(seen: list) -> Callable[[], None]:
     """Record the detector shape of every tile SSBTransformUDF sees; returns the undo."""
-    from evaluation.engines.libertem import _udf_classes
+    from evaluation.engines.libertem import udf_classes
 
-    cls = _udf_classes()["ssb"]
+    cls = udf_classes()["ssb"]
     original = cls.process_tile
 
     def spy(self, tile):

@@ -66,9 +66,12 @@ from evaluation.references._common import check_scan_array, pair, pattern_centre
 __all__ = [
     "LIBERTEM_METHODS",
     "UNSUPPORTED",
+    "ShapeOnly",
     "libertem_context",
     "load_dataset",
+    "resampled_stream",
     "run_libertem",
+    "udf_classes",
     "unsupported_message",
 ]
 
@@ -188,7 +191,7 @@ def load_dataset(ctx: Any, data: Any, partitions: int | None = None) -> Any:
 _UDFS: dict[str, type] = {}
 
 
-def _udf_classes() -> dict[str, type]:
+def udf_classes() -> dict[str, type]:
     """The UDF classes, created once LiberTEM is importable."""
     if _UDFS:
         return _UDFS
@@ -378,15 +381,34 @@ def _run(ctx: Any, dataset: Any, udf: Any) -> dict[str, np.ndarray]:
 
 
 def _mean_pattern(ctx: Any, dataset: Any, shape: tuple[int, int, int, int]) -> np.ndarray:
-    total = _run(ctx, dataset, _udf_classes()["frame_sum"]())["total"]
+    total = _run(ctx, dataset, udf_classes()["frame_sum"]())["total"]
     return total / (shape[0] * shape[1])
 
 
-class _ShapeOnly:
+class ShapeOnly:
     """Stands in for a scan's data where only its shape is needed (keeps a placement picklable)."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         self.shape = tuple(int(n) for n in shape)
+
+
+def resampled_stream(stream: Any, stack: np.ndarray) -> Any:
+    """A copy of ``stream`` (an :class:`evaluation.networks.geometry._PatternStream`) over ``stack``
+    ``(Rx, Ry, K, K)``, patterns already resampled onto its network grid (by :class:`ResampleUDF` on the
+    workers, or as frames arrive: :mod:`evaluation.engines.live`): nothing is resampled again."""
+    from evaluation.networks.geometry import _PatternStream
+
+    class ResampledStream(_PatternStream):
+        def __init__(self) -> None:
+            self.__dict__.update(stream.__dict__)
+            self.geometry = dataclasses.replace(stream.geometry, data=stack)
+
+        def _resample(self, block: np.ndarray) -> Any:
+            import torch
+
+            return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(self.device)
+
+    return ResampledStream()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -395,7 +417,7 @@ class _ShapeOnly:
 
 def _com_field(ctx: Any, dataset: Any, scan: Any) -> np.ndarray:
     rx, ry = scan.data.shape[:2]
-    out = _run(ctx, dataset, _udf_classes()["com"](pair(scan.k_pixel_invA, "k_pixel_invA")))
+    out = _run(ctx, dataset, udf_classes()["com"](pair(scan.k_pixel_invA, "k_pixel_invA")))
     total = out["total"].reshape(rx, ry)
     if np.any(total <= 0):
         raise ValueError("some diffraction patterns hold no counts; the centre of mass is undefined")
@@ -414,7 +436,7 @@ def _vadf(ctx: Any, dataset: Any, scan: Any, params: Mapping[str, Any]) -> Recon
         raise ValueError(f"virtual_detector: need 0 <= inner < outer, got {inner}, {outer} mrad")
     centre = pattern_centre(_mean_pattern(ctx, dataset, shape))  # type: ignore[arg-type]
     weights = annulus_weights(shape[2:], scan.k_pixel_invA, scan.energy_eV, inner, outer, centre)
-    image = _run(ctx, dataset, _udf_classes()["annulus"](weights))["image"].reshape(shape[:2])
+    image = _run(ctx, dataset, udf_classes()["annulus"](weights))["image"].reshape(shape[:2])
     return Reconstruction(
         phase=image.astype(np.float32),
         pixel_size_A=pair(scan.scan_step_A, "scan_step_A"),
@@ -461,7 +483,7 @@ def _ssb(ctx: Any, dataset: Any, scan: Any, params: Mapping[str, Any], progress:
     bf_index[geometry.in_disc] = np.arange(int(geometry.in_disc.sum()))
     (rx, ry), (nx, ny) = geometry.scan_shape, geometry.fft_shape
     row_transform = _extended_dft(ry, ny).astype(np.complex64)
-    half = _run(ctx, dataset, _udf_classes()["ssb"](bf_index, row_transform, rx))["half"]
+    half = _run(ctx, dataset, udf_classes()["ssb"](bf_index, row_transform, rx))["half"]
     if nx > rx:
         half = smooth_periodic_extension(half, (nx,))
     spectrum = np.fft.fft(half, axis=0).reshape(nx * ny, -1)
@@ -495,8 +517,8 @@ def _ptychonn_reconstructor(ctx: Any, dataset: Any) -> Any:
             detector_centre_px = pattern_centre(_mean_pattern(ctx, dataset, shape))  # type: ignore[arg-type]
         plan = ptychonn_placement(scan, detector_centre_px=detector_centre_px, progress=progress, **options)
         geometry = plan.geometry
-        plan.geometry = dataclasses.replace(geometry, data=_ShapeOnly(shape))
-        udf = _udf_classes()["ptychonn"](plan, predictor, int(batch_size))
+        plan.geometry = dataclasses.replace(geometry, data=ShapeOnly(shape))
+        udf = udf_classes()["ptychonn"](plan, predictor, int(batch_size))
         out = _run(ctx, dataset, udf)
         elapsed = time.perf_counter() - start
         count = shape[0] * shape[1]
@@ -528,18 +550,6 @@ def _streamed_reconstructor(ctx: Any, dataset: Any, method: str) -> Any:
     module = importlib.import_module(f"evaluation.networks.{'airpi' if method == 'airpi' else 'chang'}")
     local = module.airpi_reconstruct if method == "airpi" else module.chang_reconstruct
 
-    class ResampledStream(_PatternStream):
-        """A pattern stream over an already resampled stack ``(Rx, Ry, K, K)``."""
-
-        def __init__(self, stream: _PatternStream, stack: np.ndarray) -> None:
-            self.__dict__.update(stream.__dict__)
-            self.geometry = dataclasses.replace(stream.geometry, data=stack)
-
-        def _resample(self, block: np.ndarray) -> Any:
-            import torch
-
-            return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(self.device)
-
     def reconstruct(scan: Any, predictor: Any, *, detector_centre_px: Any = None, **options: Any) -> Any:
         shape = tuple(int(n) for n in scan.data.shape)
         check_scan_array(scan.data)
@@ -547,12 +557,12 @@ def _streamed_reconstructor(ctx: Any, dataset: Any, method: str) -> Any:
             detector_centre_px = pattern_centre(_mean_pattern(ctx, dataset, shape))  # type: ignore[arg-type]
         made = []
 
-        def stream_factory(geometry: Any, *args: Any, **kwargs: Any) -> ResampledStream:
-            stream = _PatternStream(dataclasses.replace(geometry, data=_ShapeOnly(shape)), *args, **kwargs)
+        def stream_factory(geometry: Any, *args: Any, **kwargs: Any) -> Any:
+            stream = _PatternStream(dataclasses.replace(geometry, data=ShapeOnly(shape)), *args, **kwargs)
             k = int(stream.pixels)
-            stack = _run(ctx, dataset, _udf_classes()["resample"](stream))["patterns"]
+            stack = _run(ctx, dataset, udf_classes()["resample"](stream))["patterns"]
             made.append(k)
-            return ResampledStream(stream, stack.reshape(shape[0], shape[1], k, k))
+            return resampled_stream(stream, stack.reshape(shape[0], shape[1], k, k))
 
         result = local(
             scan, predictor, detector_centre_px=detector_centre_px, stream_factory=stream_factory, **options

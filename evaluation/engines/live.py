@@ -3,7 +3,7 @@
 LiberTEM-live (the ``live`` extra, PyPI ``libertem-live``; imported only here and only when this engine
 runs) receives the frames of a Quantum Detectors Merlin (Medipix3) over its TCP data port and runs
 LiberTEM UDFs on them as they arrive, on a pipelined executor of ``live.workers`` worker processes. The
-UDFs are engine=libertem's (:func:`evaluation.engines.libertem._udf_classes`): for riCOM and iCOM its
+UDFs are engine=libertem's (:func:`evaluation.engines.libertem.udf_classes`): for riCOM and iCOM its
 ``CentreOfMassUDF`` (the per-frame physics of :func:`evaluation.references.centre_of_mass`); every
 ``live.preview_every_rows`` completed scan rows the centre-of-mass field of the rows received so far is
 integrated (:func:`evaluation.references.ricom_from_com` / :func:`evaluation.references.icom_from_com`)
@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.engines.libertem import _udf_classes
+from evaluation.engines.libertem import ShapeOnly, resampled_stream, udf_classes
 from evaluation.references import Reconstruction, icom_from_com, ricom_from_com
 
 __all__ = [
@@ -309,7 +309,7 @@ def run_live(
         if method == "airpi":
             result = _airpi_live(ctx, acquisition, scan, model, params, settings, write, progress, precision)
         else:
-            udf = _udf_classes()["com"](tuple(float(k) for k in scan.k_pixel_invA))
+            udf = udf_classes()["com"](tuple(float(k) for k in scan.k_pixel_invA))
             result = None
             for rows, buffers in _partials(ctx, acquisition, udf, settings):
                 moment = buffers["moment"].reshape(rx, ry, 2)
@@ -385,7 +385,6 @@ def _airpi_live(
     kernels need each position's neighbours, so the newest row is reconstructed as a scan edge until the
     next arrives. The final pass on all rows is engine=local's AIRPI on the same frames (same detector
     centre). Memory: the resampled stack, ``Rx * Ry * K * K`` float32."""
-    import torch
 
     from evaluation.networks import reconstruct_with_network
     from evaluation.networks.airpi import airpi_reconstruct
@@ -393,42 +392,32 @@ def _airpi_live(
 
     rx, ry = settings.scan_shape
     kx, ky = (int(n) for n in acquisition.shape.sig)
-    full = dataclasses.replace(scan, data=_Shape((rx, ry, kx, ky)))
+    full = dataclasses.replace(scan, data=ShapeOnly((rx, ry, kx, ky)))
     start = time.perf_counter()
-
-    class Resampled(_PatternStream):
-        """A pattern stream over an already resampled stack ``(rows, Ry, K, K)`` (as engine=libertem's)."""
-
-        def __init__(self, stream: _PatternStream, stack: np.ndarray) -> None:
-            self.__dict__.update(stream.__dict__)
-            self.geometry = dataclasses.replace(stream.geometry, data=stack)
-
-        def _resample(self, block: np.ndarray) -> Any:
-            return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(self.device)
 
     def reconstructor(whole: Any, predictor: Any, **options: Any) -> Reconstruction:
         def stream_factory(geometry: Any, *args: Any, **kwargs: Any) -> _PatternStream:
             stream = _PatternStream(
-                dataclasses.replace(geometry, data=_Shape((rx, ry, kx, ky))), *args, **kwargs
+                dataclasses.replace(geometry, data=ShapeOnly((rx, ry, kx, ky))), *args, **kwargs
             )
             k = int(stream.pixels)
             stack = None
-            for rows, buffers in _partials(ctx, acquisition, _udf_classes()["resample"](stream), settings):
+            for rows, buffers in _partials(ctx, acquisition, udf_classes()["resample"](stream), settings):
                 stack = buffers["patterns"].reshape(rx, ry, k, k)
                 if rows < min(rx, 3):
                     continue  # AIRPI needs at least 3 rows
                 if rows < rx:
-                    part = dataclasses.replace(whole, data=_Shape((rows, ry, kx, ky)))
+                    part = dataclasses.replace(whole, data=ShapeOnly((rows, ry, kx, ky)))
                     view = stack[:rows]
                     result = airpi_reconstruct(
                         part,
                         predictor,
                         **options,
-                        stream_factory=lambda *a, view=view, **kw: Resampled(stream, view),
+                        stream_factory=lambda *a, view=view, **kw: resampled_stream(stream, view),
                     )
                     write(result, rows, time.perf_counter() - start)
             assert stack is not None
-            return Resampled(stream, stack)
+            return resampled_stream(stream, stack)
 
         final = airpi_reconstruct(whole, predictor, **options, stream_factory=stream_factory)
         return final
@@ -439,10 +428,3 @@ def _airpi_live(
     )  # fmt: skip
     write(result, rx, time.perf_counter() - start)
     return result
-
-
-class _Shape:
-    """Stands in for the data of a live scan where only its shape is needed."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.shape = tuple(int(n) for n in shape)
