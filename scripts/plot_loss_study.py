@@ -19,16 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-TERMS = (
-    "intensity_k",
-    "phase_k",
-    "intensity_r",
-    "phase_r",
-    "object",
-    "xc",
-    "intensity_penalty",
-    "phase_penalty",
-)
+from models.losses import AIRPILoss
+
+TERMS = AIRPILoss.TERMS  # the weighted terms every AIRPI run logs (val/weighted_<term>)
 
 
 def read_validations(run_dir: Path) -> list[dict[str, float]]:

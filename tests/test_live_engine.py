@@ -130,12 +130,24 @@ def _local_ricom(folder: Path, rows: int | None = None) -> np.ndarray:
         return np.asarray(run_method(scan, "ricom", dict(RICOM), progress=False).phase)
 
 
+def _run_in_thread(cfg) -> list[int]:
+    """reconstruct_main(cfg) in a daemon thread joined with a timeout (bounds the test if the stream
+    stalls; not a speed assertion); its exit codes."""
+    import threading
+
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(reconstruct_main(cfg)), daemon=True)
+    runner.start()
+    runner.join(timeout=600)
+    assert not runner.is_alive(), "engine=libertem_live did not finish within 600 s"
+    return codes
+
+
 def test_cli_live_ricom_equals_local_and_writes_partials(folder, merlin, tmp_path, monkeypatch, capsys):
     """reconstruct.py engine=libertem_live (reconstruct_main, in a daemon thread joined with a timeout)
     against the simulator: a partial file + preview after rows 3, 6 and 8 of the 8, each riCOM of exactly
     the rows received so far (as engine=local on those rows); the final riCOM equals engine=local's on the
     same counts."""
-    import threading
 
     import evaluation.cli as cli
 
@@ -158,11 +170,7 @@ def test_cli_live_ricom_equals_local_and_writes_partials(folder, merlin, tmp_pat
         f"live.scan_shape=[{SCAN_PX},{SCAN_PX}]", f"live.control_port={control}", f"live.data_port={data}",
         "live.preview_every_rows=3", "live.timeout_s=120",
     )  # fmt: skip
-    codes = []
-    runner = threading.Thread(target=lambda: codes.append(reconstruct_main(cfg)), daemon=True)
-    runner.start()
-    runner.join(timeout=600)  # bounds the test if the stream stalls; not a speed assertion
-    assert not runner.is_alive(), "engine=libertem_live did not finish within 600 s"
+    codes = _run_in_thread(cfg)
     out, err = capsys.readouterr()
     assert codes == [0], err
     # 8 rows in partitions of one row (3 does not divide 8): partial writes after rows 3, 6 and 8
@@ -197,7 +205,6 @@ def test_cli_live_airpi_equals_local_on_the_rows_received(folder, merlin, tmp_pa
     """engine=libertem_live method=airpi (a tiny untrained AIRPI network; the detector centre given, as
     live needs): the partial after 4 of 8 rows equals engine=local's AIRPI on those 4 rows, the final
     equals engine=local's AIRPI on the whole scan."""
-    import threading
 
     from test_reconstruct_networks import save_checkpoint
 
@@ -220,11 +227,7 @@ def test_cli_live_airpi_equals_local_on_the_rows_received(folder, merlin, tmp_pa
         f"live.scan_shape=[{SCAN_PX},{SCAN_PX}]", f"live.control_port={control}", f"live.data_port={data}",
         "live.preview_every_rows=4", "live.timeout_s=120",
     )  # fmt: skip
-    codes = []
-    runner = threading.Thread(target=lambda: codes.append(reconstruct_main(cfg)), daemon=True)
-    runner.start()
-    runner.join(timeout=600)  # bounds the test if the stream stalls; not a speed assertion
-    assert not runner.is_alive(), "engine=libertem_live did not finish within 600 s"
+    codes = _run_in_thread(cfg)
     assert codes == [0], capsys.readouterr().err
     assert [rows for rows, _ in seen] == [4, 8]
 
