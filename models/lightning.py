@@ -405,7 +405,8 @@ class PtychoNNLightning(_NetModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "training_statistics"):
             raise ValueError("PtychoNNLightning: standardise_inputs/standardise_labels need a data module "
-                             "with training_statistics() (data=epie_labels), got "
+                             "with training_statistics() (data=epie_labels, or data=multislice with "
+                             "view=ptychonn), got "
                              f"{type(datamodule).__name__}")  # fmt: skip
         stats = datamodule.training_statistics()
         self.norm.fit(*(stats[k].to(self.device) for k in ("diffraction", "amplitude", "phase")))

@@ -142,10 +142,9 @@ class PtychoNNStandardisation(nn.Module):
                                  f"{tuple(self.input_mean.shape[-2:])} (model.input_px)")  # fmt: skip
             p = patterns.double().reshape(-1, *patterns.shape[-2:])
             std = p.std(0)
+            floor = max(self.input_std_floor * float(std.max()), 1e-6)  # inputs in [0, 1]; none constant
             self.input_mean.copy_(p.mean(0).reshape(self.input_mean.shape))
-            self.input_std.copy_(
-                std.clamp_min(self.input_std_floor * float(std.max())).reshape(self.input_std.shape)
-            )
+            self.input_std.copy_(std.clamp_min(floor).reshape(self.input_std.shape))
         if self.labels:
             for name, label in (("amplitude", amplitude), ("phase", phase)):
                 getattr(self, f"{name}_mean").fill_(float(label.double().mean()))

@@ -185,8 +185,9 @@ class ModelProvenance(L.Callback):
     """Writes what the model was trained for into every checkpoint, as ``checkpoint["deepstem"]`` (the
     section :func:`evaluation.networks.load_network` reads and ``scripts/export_checkpoint.py`` keeps):
     the data module's ``checkpoint_info()`` (``{"geometry": {...}, "trained_for": {quantity: [low,
-    high]}}``), merged under what the checkpoint already holds. Data modules without ``checkpoint_info``
-    (kernel shards, whose ranges the exporter reads off the datagen config) leave checkpoints unchanged.
+    high]}}``), merged under what the checkpoint already holds (kernel shards: the ranges of the
+    training split's optics; a scan's ePIE labels: its geometry and optics). Data modules without
+    ``checkpoint_info`` leave checkpoints unchanged.
 
     ``reconstruct.py`` then needs no geometry options for such a model: e.g. a PtychoNN trained on a scan's
     ePIE reconstruction records its whole-detector input grid

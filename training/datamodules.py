@@ -29,6 +29,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import h5py
 import lightning as L
 import numpy as np
 import torch
@@ -59,6 +60,7 @@ __all__ = [
     "HaadfDataModule",
     "MultisliceDataModule",
     "StockImagesDataModule",
+    "kernel_training_ranges",
     "ptychonn_view",
 ]
 
@@ -237,12 +239,56 @@ def ptychonn_view(
     }
 
 
+#: kernel-shard columns -> the ``trained_for`` quantity they give
+#: (:data:`evaluation.networks.checkpoints.TRAINED_FOR_UNITS`)
+KERNEL_RANGE_COLUMNS = {
+    "energy_eV": "energy_eV",
+    "semiangle_mrad": "semiangle_mrad",
+    "Cs_A": "Cs_A",
+    "defocus_A": "defocus_A",
+    "step_A": "scan_step_A",
+}
+
+
+def kernel_training_ranges(
+    index: ShardIndex, indices: np.ndarray, scan_step: bool = True
+) -> dict[str, list[float]]:
+    """``{quantity: [low, high]}`` over the kernel samples ``indices`` (global) of ``index``: energy,
+    semi-angle, Cs, defocus, scan step (when ``scan_step``) and ``alpha_over_gmax`` (the aperture
+    ``semiangle / wavelength`` over the CBED's ``gmax_invA``). Columns a shard lacks are left out."""
+    from physics.optics import wavelength
+
+    shard_of, local = index.locate(np.asarray(indices, dtype=np.int64))
+    columns: dict[str, list[np.ndarray]] = {}
+    for shard in np.unique(shard_of):
+        rows = local[shard_of == shard]
+        with h5py.File(index.paths[int(shard)], "r") as handle:
+            for name in (*KERNEL_RANGE_COLUMNS, "gmax_invA"):
+                if name in handle:
+                    columns.setdefault(name, []).append(np.asarray(handle[name][:], float)[rows])
+    values = {name: np.concatenate(parts) for name, parts in columns.items()}
+    ranges = {
+        KERNEL_RANGE_COLUMNS[name]: [float(v.min()), float(v.max())]
+        for name, v in values.items()
+        if name in KERNEL_RANGE_COLUMNS and v.size and (scan_step or name != "step_A")
+    }
+    if all(k in values for k in ("energy_eV", "semiangle_mrad", "gmax_invA")) and values["gmax_invA"].size:
+        lam = np.array([wavelength(float(e)) for e in values["energy_eV"]])
+        ratio = values["semiangle_mrad"] * 1e-3 / lam / values["gmax_invA"]
+        ranges["alpha_over_gmax"] = [float(ratio.min()), float(ratio.max())]
+    return ranges
+
+
 class MultisliceDataModule(_ShardDataModule):
     """Kernel shards for AIRPI (``view="airpi"``) and PtychoNN (``view="ptychonn"``).
 
     ``augmentation``: keyword arguments of :class:`training.augment.AirpiAugmentation` (dose range in
     electrons per CBED, no-specimen probability, misalignment, detector noise, ...). The PtychoNN view
-    uses its dose range for the centre CBED.
+    uses its dose range for the centre CBED; ``label_weight="mask"`` adds the illuminated mask as the
+    batch's loss ``weight`` (the outside is vacuum by construction, not predictable from the pattern), and
+    :meth:`training_statistics` (``statistics_samples`` training samples) feeds PtychoNN's
+    ``model.standardise_inputs`` / ``standardise_labels``. Checkpoints record the training optics
+    (:meth:`checkpoint_info`).
     """
 
     dataset_class = KernelDataset
@@ -253,15 +299,57 @@ class MultisliceDataModule(_ShardDataModule):
         data_dir: str | Sequence[str],
         view: str = "airpi",
         augmentation: Mapping[str, Any] | None = None,
+        label_weight: str | None = None,
+        statistics_samples: int = 4096,
         **kwargs: Any,
     ) -> None:
         super().__init__(data_dir, **kwargs)
         if view not in ("airpi", "ptychonn"):
             raise ValueError(f"data.view must be 'airpi' or 'ptychonn', got {view!r}")
+        if label_weight not in (None, "mask"):
+            raise ValueError(f"data.label_weight must be null or 'mask', got {label_weight!r}")
+        if label_weight is not None and view != "ptychonn":
+            raise ValueError("data.label_weight=mask applies to data.view=ptychonn only")
         self.view = view
+        self.label_weight = label_weight
+        self.statistics_samples = int(statistics_samples)
         options = _ranges_as_tuples(_plain(augmentation))
         options.setdefault("seed", self.seed)
         self.augmentation = AirpiAugmentation(**options)
+
+    def checkpoint_info(self) -> dict[str, dict[str, Any]]:
+        """What checkpoints record of this training (:class:`training.callbacks.ModelProvenance`): the
+        ranges of the training split's optics as ``trained_for`` (:func:`kernel_training_ranges`; the
+        scan step only for AIRPI, whose neighbour channels depend on it) plus the training dose range
+        in electrons per CBED. A model trained on kernel shards then warns, in ``reconstruct.py``, for a
+        scan outside them, and is resampled to the ``alpha / gmax`` it saw."""
+        self.setup()
+        trained_for = kernel_training_ranges(
+            self.index, self.datasets["train"].indices, scan_step=self.view == "airpi"
+        )
+        dose = self.augmentation.dose_e_range
+        if dose is not None:
+            trained_for["dose_e_per_cbed"] = [float(min(dose)), float(max(dose))]
+        return {"trained_for": trained_for}
+
+    def training_statistics(self) -> dict[str, torch.Tensor]:
+        """PtychoNN view of up to ``statistics_samples`` training samples (a seeded draw, noise free):
+        ``diffraction``, ``amplitude``, ``phase`` (N, 1, K, K), what
+        :class:`models.ptychonn.PtychoNNStandardisation` is fitted on (``model.standardise_*``)."""
+        if self.view != "ptychonn":
+            raise ValueError("training_statistics() is the PtychoNN view's (data.view=ptychonn)")
+        self.setup()
+        dataset = self.datasets["train"]
+        count = min(len(dataset), max(1, self.statistics_samples))
+        rng = np.random.default_rng(self.seed)
+        positions = np.sort(rng.choice(len(dataset), size=count, replace=False))
+        parts: dict[str, list[torch.Tensor]] = {"diffraction": [], "amplitude": [], "phase": []}
+        for start in range(0, count, 256):
+            batch = collate_batched(dataset.__getitems__(positions[start : start + 256].tolist()))
+            view = ptychonn_view(batch, batch["cbed"])
+            for key, values in parts.items():
+                values.append(view[key])
+        return {key: torch.cat(values) for key, values in parts.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Training-noise generator states and the training loader's position, saved in checkpoints so
@@ -288,7 +376,10 @@ class MultisliceDataModule(_ShardDataModule):
             dose = uniform_range(generator, counts.shape[0], *self.augmentation.dose_e_range, log=True,
                                  device=counts.device, dtype=torch.float64)  # fmt: skip
             counts = apply_dose(counts, dose, generator)
-        return ptychonn_view(batch, counts)
+        view = ptychonn_view(batch, counts)
+        if self.label_weight == "mask":  # the loss on the illuminated object only (what is stitched)
+            view["weight"] = view["mask"].float()
+        return view
 
 
 class HaadfDataModule(_ShardDataModule):
