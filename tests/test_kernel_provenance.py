@@ -64,7 +64,10 @@ def test_training_statistics_are_noise_free_training_views(kernel_dir):
     # each pattern over its own maximum (no dose noise: the stored CBED is constant over pixels)
     assert torch.allclose(stats["diffraction"], torch.ones_like(stats["diffraction"]))
     # write_shard's probe is 1 everywhere and its wave index*(1+i): phase pi/4 except sample 0
-    assert torch.allclose(stats["phase"][stats["amplitude"] > 0], torch.full_like(stats["phase"], np.pi / 4)[stats["amplitude"] > 0])  # noqa: E501
+    assert torch.allclose(
+        stats["phase"][stats["amplitude"] > 0],
+        torch.full_like(stats["phase"], np.pi / 4)[stats["amplitude"] > 0],
+    )  # noqa: E501
     with pytest.raises(ValueError, match="view=ptychonn"):
         MultisliceDataModule(kernel_dir).training_statistics()
 
