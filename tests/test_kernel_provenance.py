@@ -67,7 +67,7 @@ def test_training_statistics_are_noise_free_training_views(kernel_dir):
     assert torch.allclose(
         stats["phase"][stats["amplitude"] > 0],
         torch.full_like(stats["phase"], np.pi / 4)[stats["amplitude"] > 0],
-    )  # noqa: E501
+    )
     with pytest.raises(ValueError, match="view=ptychonn"):
         MultisliceDataModule(kernel_dir).training_statistics()
 

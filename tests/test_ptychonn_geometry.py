@@ -85,3 +85,12 @@ def test_trained_checkpoint_records_geometry_and_reconstruction_sees_the_trainin
         np.testing.assert_allclose(
             (shown / shown.max()).numpy(), (trained / trained.max()).numpy(), atol=1e-5
         )
+
+
+def test_default_object_pixel_is_no_coarser_than_the_network_pixel():
+    from evaluation.networks.ptychonn import default_oversampling
+
+    assert default_oversampling((0.35, 0.35), 0.164) == 3  # 0.117 A <= 0.164 A, 0.175 A would not be
+    assert default_oversampling((0.3, 0.2), 0.15) == 2  # the coarser axis decides
+    assert default_oversampling(0.1, 0.15) == 1  # never below one object pixel per step
+    assert default_oversampling(0.3, 0.15) == 2  # exact multiples are not rounded up

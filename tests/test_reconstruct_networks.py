@@ -103,7 +103,9 @@ def _config(folder: Path, *overrides: str):
         ("airpi", ["airpi.pixels=32", "airpi.oversampling=2"], 0.5, 23),
         ("airpi", ["airpi.pixels=32", "airpi.data_repetition=true"], 2.0, 6),
         ("chang_unet", [], 1.0, 12),
-        ("ptychonn", ["ptychonn.pixels=32"], 1.0, 12),
+        ("ptychonn", ["ptychonn.pixels=32", "ptychonn.oversampling=1"], 1.0, 12),
+        # oversampling null: the object pixel no coarser than the network's (here step / 2)
+        ("ptychonn", ["ptychonn.pixels=32"], 0.5, 23),
     ],
 )
 def test_network_methods_write_a_reconstruction(folder, method, extra, pixel_factor, size, capsys, tmp_path):

@@ -11,6 +11,7 @@ input CBED.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,7 @@ from evaluation.references import Reconstruction
 from evaluation.unwrap import unwrap_phase_image
 from physics import probe
 
-__all__ = ["PtychoNNPlacement", "ptychonn_placement", "ptychonn_reconstruct"]
+__all__ = ["PtychoNNPlacement", "default_oversampling", "ptychonn_placement", "ptychonn_reconstruct"]
 
 
 @dataclass
@@ -190,7 +191,7 @@ def ptychonn_placement(
     pixels: int = 64,
     gmax_invA: float | None = None,
     ratio_alpha_gmax: tuple[float, float] | None = PAPER_RATIO_ALPHA_GMAX,
-    oversampling: int = 1,
+    oversampling: int | None = None,
     weight_threshold: float = 0.1,
     detector_centre_px: Any = None,
     block_rows: int | None = None,
@@ -200,12 +201,16 @@ def ptychonn_placement(
 ) -> PtychoNNPlacement:
     """The :class:`PtychoNNPlacement` of a scan: detector centre (the mean CBED's centre of mass unless
     given), network grid ``gmax``, probe-mask footprint and weights, the probe (see
-    :func:`ptychonn_reconstruct`) and the trust-map options."""
+    :func:`ptychonn_reconstruct`) and the trust-map options. ``oversampling`` None: the smallest integer
+    that makes the object pixel (``step / oversampling``) no coarser than the network's ``1 / (2 gmax)``,
+    so that the patches' sub-step detail is kept (:func:`default_oversampling`)."""
     geometry = ScanGeometry.from_scan(scan)
     _check_patterns(geometry)
     centre = _detector_centre(geometry, detector_centre_px, progress, block_rows)
     gmax = _network_grid(geometry, centre, pixels, gmax_invA, ratio_alpha_gmax)
     d = 1.0 / (2.0 * gmax)
+    if oversampling is None:
+        oversampling = default_oversampling(geometry.step_A, d)
     psi_in = probe(
         geometry.energy_eV, geometry.semiangle_mrad, pixels, gmax_invA=gmax,
         defocus_A=geometry.defocus_A, Cs_A=geometry.Cs_A,
@@ -226,6 +231,16 @@ def ptychonn_placement(
     )  # fmt: skip
 
 
+def default_oversampling(step_A: Any, network_pixel_A: float) -> int:
+    """The smallest integer ``n`` with ``step / n <= network_pixel_A`` on both scan axes (at least 1).
+
+    >>> default_oversampling((0.35, 0.35), 0.164)
+    3
+    """
+    steps = np.broadcast_to(np.asarray(step_A, dtype=float), (2,))
+    return max(1, math.ceil(float(steps.max()) / float(network_pixel_A) - 1e-6))
+
+
 def ptychonn_reconstruct(
     scan: Any,
     predictor: Predictor,
@@ -233,7 +248,7 @@ def ptychonn_reconstruct(
     pixels: int = 64,
     gmax_invA: float | None = None,
     ratio_alpha_gmax: tuple[float, float] | None = PAPER_RATIO_ALPHA_GMAX,
-    oversampling: int = 1,
+    oversampling: int | None = None,
     weight_threshold: float = 0.1,
     crop_to_scan: bool = True,
     unwrap_phase: bool = True,
