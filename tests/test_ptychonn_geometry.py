@@ -53,7 +53,12 @@ def test_trained_checkpoint_records_geometry_and_reconstruction_sees_the_trainin
     train(cfg)
     model = load_network(tmp_path / "run" / "checkpoints" / "last.ckpt", "ptychonn")
     geometry = model.deepstem_info["geometry"]
-    assert geometry == {"network_px": 16.0, "detector_px": 32.0, "whole_detector": 1.0}
+    assert geometry == {
+        "network_px": 16.0,
+        "detector_px": 32.0,
+        "whole_detector": 1.0,
+        "weight_threshold": 0.1,
+    }
     scan = load_4dstem(scan_path)
     assert model.deepstem_info["trained_for"]["energy_eV"] == [scan.energy_eV] * 2
     assert optics_mismatch(model, scan) == []
@@ -94,3 +99,23 @@ def test_default_object_pixel_is_no_coarser_than_the_network_pixel():
     assert default_oversampling((0.3, 0.2), 0.15) == 2  # the coarser axis decides
     assert default_oversampling(0.1, 0.15) == 1  # never below one object pixel per step
     assert default_oversampling(0.3, 0.15) == 2  # exact multiples are not rounded up
+
+
+def test_recorded_loss_footprint_becomes_the_stitching_footprint(tmp_path):
+    geometry = {**WHOLE_64_TO_32["deepstem"]["geometry"], "weight_threshold": 0.01}
+    info = {"deepstem": {"geometry": geometry}}
+    filled, messages = ptychonn_geometry_params(info, {}, (64, 64), (0.0635, 0.0635))
+    assert filled["weight_threshold"] == 0.01 and messages == []
+    kept, messages = ptychonn_geometry_params(info, {"weight_threshold": 0.1}, (64, 64), (0.0635, 0.0635))
+    assert kept["weight_threshold"] == 0.1
+    assert len(messages) == 1 and "weight_threshold=0.1" in messages[0] and "loss footprint" in messages[0]
+    # models without the record keep the stitching's default
+    assert "weight_threshold" not in ptychonn_geometry_params(WHOLE_64_TO_32, {}, (64, 64), (0.06, 0.06))[0]
+    # the ePIE-label data module records what its loss used
+    from tests.test_datamodules import _epie_fixture
+    from training.datamodules import EpieLabelsDataModule
+
+    _, scan_path, recon_path = _epie_fixture(tmp_path)
+    dm = EpieLabelsDataModule(scan_path, recon_path, patch_px=16, label_weight="probe", weight_threshold=0.02)
+    dm.setup()
+    assert dm.checkpoint_info()["geometry"]["weight_threshold"] == 0.02

@@ -734,14 +734,14 @@ class EpieLabelsDataModule(L.LightningDataModule):
         }
         if self.dose_e_range is not None:
             trained_for["dose_e_per_cbed"] = [min(self.dose_e_range), max(self.dose_e_range)]
-        return {
-            "geometry": {
-                "network_px": float(self.patch_px),
-                "detector_px": float(self.scan.data.shape[-1]),
-                "whole_detector": 1.0,
-            },
-            "trained_for": trained_for,
+        geometry = {
+            "network_px": float(self.patch_px),
+            "detector_px": float(self.scan.data.shape[-1]),
+            "whole_detector": 1.0,
         }
+        if self.label_weight == "probe":  # the loss footprint: the stitching should use the same
+            geometry["weight_threshold"] = float(self.weight_threshold)
+        return {"geometry": geometry, "trained_for": trained_for}
 
     def probe_weight(self) -> torch.Tensor:
         """The probe intensity on the label window (1, patch_px, patch_px), max 1, 0 below the threshold."""

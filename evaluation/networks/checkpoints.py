@@ -208,7 +208,8 @@ def ptychonn_geometry_params(
 
     A PtychoNN trained on a scan's own ePIE reconstruction
     (:class:`training.datamodules.EpieLabelsDataModule`) records
-    ``{"network_px": K, "detector_px": N, "whole_detector": 1}``: it saw each whole ``N x N`` detector
+    ``{"network_px": K, "detector_px": N, "whole_detector": 1}`` (and ``weight_threshold``, the probe
+    fraction its loss footprint ended at, which becomes the stitching's): it saw each whole ``N x N`` detector
     resized to ``K x K`` (area average), so network pixel ``K // 2`` sits at detector coordinate
     ``(K // 2 + 1/2) N / K - 1/2`` (0-based pixel centres; 32.5 for 64 -> 32) and the network grid spans the
     whole detector, ``gmax = N k_pixel / 2``: the resampling of :mod:`evaluation.networks` then reproduces
@@ -235,14 +236,21 @@ def ptychonn_geometry_params(
         "gmax_invA": min(ny, nx) * k_pixel / 2.0,
         "detector_centre_px": tuple((k_net // 2 + 0.5) * n / k_net - 0.5 for n in (ny, nx)),
     }
+    if "weight_threshold" in recorded:  # the loss footprint it was trained on is the one to stitch
+        derived["weight_threshold"] = float(recorded["weight_threshold"])
     for keyword, value in derived.items():
         given = out.get(keyword)
         if given is None:
             out[keyword] = value
         elif not np.allclose(np.asarray(given, float), np.asarray(value, float), rtol=1e-6, atol=1e-9):
+            why = (
+                "its loss footprint"
+                if keyword == "weight_threshold"
+                else f"the whole {trained_n} px detector resized to {k_net} px"
+            )
             messages.append(
                 f"ptychonn.{keyword}={given} differs from the model's training geometry ({keyword}={value}: "
-                f"the whole {trained_n} px detector resized to {k_net} px)"
+                f"{why})"
             )
     return out, messages
 
