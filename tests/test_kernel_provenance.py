@@ -60,16 +60,28 @@ def test_mask_weight_is_the_illuminated_region(kernel_dir):
 def test_training_statistics_are_noise_free_training_views(kernel_dir):
     dm = MultisliceDataModule(kernel_dir, view="ptychonn", statistics_samples=7, seed=3)
     stats = dm.training_statistics()
-    assert {k: tuple(v.shape) for k, v in stats.items()} == {k: (7, 1, 8, 8) for k in stats}
+    assert stats["diffraction"].shape == (7, 1, 8, 8)
+    assert stats["amplitude"].shape == stats["phase"].shape == (1, 1, 1, 7 * 64)
     # each pattern over its own maximum (no dose noise: the stored CBED is constant over pixels)
     assert torch.allclose(stats["diffraction"], torch.ones_like(stats["diffraction"]))
     # write_shard's probe is 1 everywhere and its wave index*(1+i): phase pi/4 except sample 0
-    assert torch.allclose(
-        stats["phase"][stats["amplitude"] > 0],
-        torch.full_like(stats["phase"], np.pi / 4)[stats["amplitude"] > 0],
-    )
+    lit = stats["amplitude"] > 0
+    assert torch.allclose(stats["phase"][lit], torch.full_like(stats["phase"], np.pi / 4)[lit])
     with pytest.raises(ValueError, match="view=ptychonn"):
         MultisliceDataModule(kernel_dir).training_statistics()
+
+
+def test_mask_weighted_statistics_are_those_of_the_illuminated_pixels():
+    """The label statistics are taken where the loss is: a probe lighting 4 of 64 pixels with phase 1 rad
+    gives phase mean 1, not the whole patch's 4/64."""
+    from training.datamodules import ptychonn_view
+
+    probe = torch.zeros(1, 8, 8, dtype=torch.complex64)
+    probe[0, 3:5, 3:5] = 1.0
+    wave = probe * np.exp(1j)
+    view = ptychonn_view({"wave": wave, "probe": probe, "index": torch.tensor([0])}, torch.ones(1, 9, 8, 8))
+    assert float(view["phase"].mean()) == pytest.approx(4 / 64, rel=1e-5)
+    assert float(view["phase"][view["mask"]].mean()) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_a_kernel_fit_writes_the_ranges_and_the_fitted_standardisation(kernel_dir, tmp_path):
