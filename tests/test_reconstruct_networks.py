@@ -146,7 +146,7 @@ def test_reconstruct_py_airpi_end_to_end(folder, tmp_path):
         ("ptychonn", "cgrdn.ckpt", "holds model 'cgrdn', not 'ptychonn'"),
         ("chang_unet", "airpi.ckpt", "holds model 'airpi', not 'chang_unet'"),
         ("airpi", "scan.h5", "not a readable PyTorch checkpoint"),
-        ("ptychonn", None, "needs a network checkpoint"),
+        ("chang_unet", None, "needs a network checkpoint"),  # no Chang model ships
     ],
 )
 def test_wrong_checkpoint_is_one_line_and_writes_nothing(folder, tmp_path, method, ckpt, message, capsys):

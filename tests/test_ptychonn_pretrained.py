@@ -1,0 +1,63 @@
+"""The shipped PtychoNN (pretrained/ptychonn_cpu.ckpt, made by experiment=ptychonn_cpu;
+docs/results_ptychonn.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from scan4d_helpers import simulate_scan
+
+from evaluation.cli import choose_checkpoint
+from evaluation.io import Scan4D
+from evaluation.metrics import xc
+from evaluation.networks import identify_checkpoint, load_network, optics_mismatch, reconstruct_with_network
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "pretrained" / "ptychonn_cpu.ckpt"
+
+
+def test_shipped_ptychonn_is_small_safe_to_load_documented_and_the_default():
+    assert SHIPPED.is_file() and SHIPPED.stat().st_size <= 20e6
+    checkpoint = torch.load(SHIPPED, map_location="cpu", weights_only=True)  # no pickled objects
+    assert identify_checkpoint(checkpoint) == "ptychonn" and "optimizer_states" not in checkpoint
+    assert "task_name: ptychonn_cpu" in checkpoint["deepstem"]["config_yaml"]
+    ranges = checkpoint["deepstem"]["trained_for"]  # written by the ModelProvenance callback in training
+    assert ranges["energy_eV"] == [200e3, 300e3] and 0.29 < ranges["alpha_over_gmax"][0] < 0.31
+    choice = choose_checkpoint("ptychonn")
+    assert choice is not None and choice[0] == SHIPPED
+    card = (ROOT / "pretrained" / "README.md").read_text()
+    assert "ptychonn_cpu.ckpt" in card and "experiment=ptychonn_cpu" in card
+
+
+def _scan(energy_eV: float) -> tuple[Scan4D, object]:
+    sim = simulate_scan(scan_px=16, cbed_px=64, energy_eV=energy_eV, semiangle_mrad=20.0, gmax_over_alpha=2.0)
+    scan = Scan4D(data=sim.data, energy_eV=sim.energy_eV, semiangle_mrad=sim.semiangle_mrad,
+                  scan_step_A=(sim.scan_step_A,) * 2, k_pixel_invA=(sim.k_pixel_invA,) * 2)  # fmt: skip
+    return scan, sim
+
+
+def test_shipped_ptychonn_reconstructs_a_weak_phase_scan_and_warns_outside_its_optics():
+    torch.set_num_threads(1)
+    scan, sim = _scan(300e3)
+    model = load_network(SHIPPED, "ptychonn")
+    assert optics_mismatch(model, scan) == []
+    recon = reconstruct_with_network(scan, "ptychonn", model, device="cpu", progress=False)
+    x = recon.origin_A[0] + np.arange(recon.phase.shape[0]) * recon.pixel_size_A[0]
+    y = recon.origin_A[1] + np.arange(recon.phase.shape[1]) * recon.pixel_size_A[1]
+    from scipy.ndimage import map_coordinates
+
+    xx, yy = np.meshgrid(x / sim.object_pixel_A, y / sim.object_pixel_A, indexing="ij")
+    truth = map_coordinates(sim.phase, [xx, yy], order=1, mode="grid-wrap")
+    score = xc(recon.phase, truth)
+    # an untrained network of the same layout on the same scan, for scale
+    untrained = load_network(SHIPPED, "ptychonn")
+    for p in untrained.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    untrained_recon = reconstruct_with_network(scan, "ptychonn", untrained, device="cpu", progress=False)
+    baseline = xc(untrained_recon.phase, truth)
+    assert score > 0.5 and score > baseline + 0.3, (score, baseline)
+    # 80 kV lies outside its 200-300 kV: named
+    messages = optics_mismatch(model, _scan(80e3)[0])
+    assert any("energy_eV" in m for m in messages)
