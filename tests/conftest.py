@@ -20,3 +20,13 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kernel_dir(tmp_path):
+    """Three small kernel shards (tests.test_datasets.write_shard: 20 samples each, 9 structures)."""
+    from tests.test_datasets import write_shard
+
+    for i in range(3):
+        write_shard(tmp_path / f"shard-{i:05d}-of-00003.h5", 20 * i, 20, [f"mp-{i}{j}" for j in range(3)])
+    return tmp_path

@@ -9,20 +9,12 @@ import torch
 
 from datagen import store
 from physics import probe as make_probe
-from tests.test_datasets import write_shard
 from training.datamodules import HaadfDataModule, MultisliceDataModule, StockImagesDataModule, ptychonn_view
 
 
 class _FakeTrainer:
     def __init__(self, training: bool) -> None:
         self.training, self.sanity_checking, self.global_rank, self.world_size = training, False, 0, 1
-
-
-@pytest.fixture
-def kernel_dir(tmp_path):
-    for i in range(3):
-        write_shard(tmp_path / f"shard-{i:05d}-of-00003.h5", 20 * i, 20, [f"mp-{i}{j}" for j in range(3)])
-    return tmp_path
 
 
 def test_multislice_airpi_batches_are_augmented_and_split_by_structure(kernel_dir):

@@ -3,6 +3,7 @@ ranges, the PtychoNN view's mask weights and standardisation statistics, and a r
 
 from __future__ import annotations
 
+import h5py
 import lightning as L
 import numpy as np
 import pytest
@@ -11,16 +12,8 @@ import torch
 from models.checkpoints import load_checkpoint
 from models.lightning import PtychoNNLightning
 from physics.optics import wavelength
-from tests.test_datasets import write_shard
 from training.callbacks import ModelProvenance
 from training.datamodules import MultisliceDataModule
-
-
-@pytest.fixture
-def kernel_dir(tmp_path):
-    for i in range(3):
-        write_shard(tmp_path / f"shard-{i:05d}-of-00003.h5", 20 * i, 20, [f"mp-{i}{j}" for j in range(3)])
-    return tmp_path
 
 
 def test_checkpoint_info_gives_the_training_split_ranges(kernel_dir):
@@ -71,17 +64,22 @@ def test_training_statistics_are_noise_free_training_views(kernel_dir):
         MultisliceDataModule(kernel_dir).training_statistics()
 
 
-def test_mask_weighted_statistics_are_those_of_the_illuminated_pixels():
-    """The label statistics are taken where the loss is: a probe lighting 4 of 64 pixels with phase 1 rad
-    gives phase mean 1, not the whole patch's 4/64."""
-    from training.datamodules import ptychonn_view
-
-    probe = torch.zeros(1, 8, 8, dtype=torch.complex64)
-    probe[0, 3:5, 3:5] = 1.0
-    wave = probe * np.exp(1j)
-    view = ptychonn_view({"wave": wave, "probe": probe, "index": torch.tensor([0])}, torch.ones(1, 9, 8, 8))
-    assert float(view["phase"].mean()) == pytest.approx(4 / 64, rel=1e-5)
-    assert float(view["phase"][view["mask"]].mean()) == pytest.approx(1.0, rel=1e-5)
+def test_mask_weighted_statistics_are_those_of_the_illuminated_pixels(kernel_dir):
+    """The label statistics are taken where the loss is: a probe lighting 4 of the 64 pixels gives 4
+    label values per sample with ``label_weight="mask"``, all 64 without."""
+    for shard in sorted(kernel_dir.glob("shard-*.h5")):
+        with h5py.File(shard, "r+") as handle:
+            probe = np.zeros(handle["probe"].shape, np.complex64)
+            probe[:, 3:5, 3:5] = 1.0
+            handle["probe"][...] = probe
+    masked = MultisliceDataModule(kernel_dir, view="ptychonn", statistics_samples=5, label_weight="mask")
+    whole = MultisliceDataModule(kernel_dir, view="ptychonn", statistics_samples=5)
+    assert masked.training_statistics()["phase"].numel() == 5 * 4
+    phase = whole.training_statistics()["phase"]
+    assert phase.numel() == 5 * 64
+    # outside the disc the label is vacuum (phase 0): the whole-patch mean is diluted 16x
+    lit = masked.training_statistics()["phase"]
+    assert float(phase.mean()) == pytest.approx(float(lit.mean()) * 4 / 64, rel=1e-5)
 
 
 def test_a_kernel_fit_writes_the_ranges_and_the_fitted_standardisation(kernel_dir, tmp_path):
