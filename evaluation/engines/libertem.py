@@ -53,6 +53,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import scipy.fft
 
 from evaluation.references import (
     Reconstruction,
@@ -61,7 +62,13 @@ from evaluation.references import (
     ricom_from_com,
     scan_detector_angles_mrad,
 )
-from evaluation.references._common import check_scan_array, pair, pattern_centre, smooth_periodic_extension
+from evaluation.references._common import (
+    check_memory,
+    check_scan_array,
+    pair,
+    pattern_centre,
+    smooth_periodic_extension,
+)
 
 __all__ = [
     "LIBERTEM_METHODS",
@@ -468,6 +475,7 @@ def _ssb(ctx: Any, dataset: Any, scan: Any, params: Mapping[str, Any], progress:
     options = dict(params)
     boundary = options.pop("boundary", "smooth")
     pad_fraction = options.pop("pad_fraction", 0.25)
+    memory_limit_GB = options.pop("memory_limit_GB", None)
     known = {"aberration_compensation", "normalize", "q_chunk", "aberrations"}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -482,13 +490,24 @@ def _ssb(ctx: Any, dataset: Any, scan: Any, params: Mapping[str, Any], progress:
     bf_index = np.full(geometry.in_disc.shape, -1, dtype=np.int64)
     bf_index[geometry.in_disc] = np.arange(int(geometry.in_disc.sum()))
     (rx, ry), (nx, ny) = geometry.scan_shape, geometry.fft_shape
+    bright = int(geometry.in_disc.sum())
+    # this process: the merge buffer and one partition's (Rx Ny M complex64 each), then the extended stack
+    # and its in-place transform (Nx Ny M complex64, twice while extending); workers hold Rx Ny M each
+    check_memory(
+        8 * bright * (2 * rx * ny + 2 * nx * ny),
+        f"a {rx} x {ry} scan (transformed as {nx} x {ny}) with {bright} bright-field pixels",
+        memory_limit_GB,
+        "ssb",
+        "the need is O(N) in scan positions: bin the detector (fewer bright-field pixels), crop the scan, or "
+        "set ssb.memory_limit_GB",
+    )
     row_transform = _extended_dft(ry, ny).astype(np.complex64)
     half = _run(ctx, dataset, udf_classes()["ssb"](bf_index, row_transform, rx))["half"]
     if nx > rx:
         half = smooth_periodic_extension(half, (nx,))
-    spectrum = np.fft.fft(half, axis=0).reshape(nx * ny, -1)
-    spectrum = (spectrum / scale).astype(np.complex64)
+    spectrum = scipy.fft.fft(half, axis=0, overwrite_x=True).reshape(nx * ny, -1)  # complex64
     del half
+    spectrum /= np.float32(scale)
     return ssb_from_spectrum(spectrum, geometry, scan.defocus_A, scan.Cs_A, progress=progress, **options)
 
 

@@ -9,6 +9,7 @@ vector ``v_det`` (after the optional transpose, which swaps its components) is t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 __all__ = [
+    "InsufficientMemoryError",
     "Reconstruction",
+    "available_memory_bytes",
+    "check_memory",
     "check_scan_array",
     "detector_frequencies",
     "iter_scan_rows",
@@ -48,6 +52,46 @@ class Reconstruction:
     amplitude: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
     consistency: np.ndarray | None = None
+
+
+class InsufficientMemoryError(ValueError):
+    """A reconstruction would need more memory than it may use; raised before the large allocation."""
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give a new allocation without swapping (Linux ``MemAvailable``; elsewhere the
+    free physical pages), or None when it cannot be told."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def memory_limit_bytes(memory_limit_GB: float | None, name: str) -> tuple[float | None, str]:
+    """The byte limit of ``memory_limit_GB`` (None: the available memory) and where it comes from."""
+    if memory_limit_GB is None:
+        available = available_memory_bytes()
+        return (None, "") if available is None else (float(available), "available")
+    if not float(memory_limit_GB) > 0:
+        raise ValueError(f"{name}: memory_limit_GB must be > 0 or null, got {memory_limit_GB!r}")
+    return float(memory_limit_GB) * 1e9, "allowed (memory_limit_GB)"
+
+
+def check_memory(need_bytes: float, what: str, memory_limit_GB: float | None, name: str, hint: str) -> None:
+    """Raise :class:`InsufficientMemoryError` (one line: the need, the limit, ``hint``) when ``need_bytes``
+    exceeds ``memory_limit_GB`` (None: the memory available now)."""
+    limit, source = memory_limit_bytes(memory_limit_GB, name)
+    if limit is not None and need_bytes > limit:
+        raise InsufficientMemoryError(
+            f"{name}: {what} needs ~{need_bytes / 1e9:.2f} GB, {limit / 1e9:.2f} GB {source}; {hint}"
+        )
 
 
 def pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
@@ -86,10 +130,10 @@ def iter_scan_rows(
         yield block, np.asarray(data[block], dtype=np.float32)
 
 
-def mean_pattern(data: Any, progress: bool = True) -> np.ndarray:
-    """Position-averaged diffraction pattern (float64)."""
+def mean_pattern(data: Any, progress: bool = True, rows_per_chunk: int | None = None) -> np.ndarray:
+    """Position-averaged diffraction pattern (float64), read in blocks of ``rows_per_chunk`` scan rows."""
     total = np.zeros(data.shape[2:], dtype=np.float64)
-    for _, block in iter_scan_rows(data, desc="mean CBED", progress=progress):
+    for _, block in iter_scan_rows(data, rows_per_chunk, desc="mean CBED", progress=progress):
         total += block.sum(axis=(0, 1), dtype=np.float64)
     return total / (data.shape[0] * data.shape[1])
 

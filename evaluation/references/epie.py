@@ -23,7 +23,7 @@ handled by Fourier-shifting the probe.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from evaluation.references._common import (
     check_scan_array,
     iter_scan_rows,
     mean_pattern,
+    memory_limit_bytes,
     pair,
     pattern_centre,
 )
@@ -43,26 +44,61 @@ from physics import fourier_shift, probe
 __all__ = ["epie"]
 
 
-def _prepare_patterns(data: Any, scan_rotation_deg: float, transpose: bool, progress: bool) -> np.ndarray:
-    """Measured Fourier amplitudes ``sqrt(I)`` in FFT order on the scan frame, float32 (Rx, Ry, Kx, Ky)."""
-    rx, ry, kx, ky = data.shape
-    if transpose and kx != ky:
-        raise ValueError("epie: a transposed detector needs square patterns")
-    centre = pattern_centre(mean_pattern(data, progress=progress))
-    shift = np.rint(np.array([kx // 2, ky // 2]) - centre).astype(int)
-    amplitudes = np.empty((rx, ry, kx, ky), dtype=np.float32)
-    for rows, block in iter_scan_rows(data, desc="ePIE read", progress=progress):
-        block = np.roll(block, tuple(shift), axis=(2, 3))
-        if transpose:
-            block = np.swapaxes(block, 2, 3)
-        if scan_rotation_deg:
-            from scipy import ndimage
+def _prepare_block(
+    block: np.ndarray, shift: np.ndarray, scan_rotation_deg: float, transpose: bool
+) -> np.ndarray:
+    """Measured Fourier amplitudes ``sqrt(I)`` of a block of patterns in FFT order on the scan frame,
+    float32 ``(rows, Ry, Kx, Ky)``: centring shift, transpose, rotation."""
+    block = np.roll(block, tuple(shift), axis=(2, 3))
+    if transpose:
+        block = np.swapaxes(block, 2, 3)
+    if scan_rotation_deg:
+        from scipy import ndimage
 
-            block = np.clip(
-                ndimage.rotate(block, scan_rotation_deg, axes=(2, 3), reshape=False, order=1), 0, None
-            )
-        amplitudes[rows] = np.sqrt(np.fft.ifftshift(block, axes=(2, 3)))
-    return amplitudes
+        block = np.clip(
+            ndimage.rotate(block, scan_rotation_deg, axes=(2, 3), reshape=False, order=1), 0, None
+        )
+    return np.sqrt(np.fft.ifftshift(block, axes=(2, 3))).astype(np.float32, copy=False)
+
+
+def _block_rows(shape: Sequence[int], block_rows: int | None, memory_limit_GB: float | None) -> int:
+    """Scan rows per block: ``block_rows`` if given; else the whole scan when its float32 amplitudes fit in
+    half of ``memory_limit_GB`` (None: of the memory available now), otherwise blocks of ~64 MB (at most a
+    quarter of the limit)."""
+    rx, ry, kx, ky = (int(n) for n in shape)
+    if block_rows is not None:
+        if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or block_rows < 1:
+            raise ValueError(f"epie: block_rows must be a positive integer or null, got {block_rows!r}")
+        return min(int(block_rows), rx)
+    limit, _ = memory_limit_bytes(memory_limit_GB, "epie")
+    if limit is None or 4.0 * rx * ry * kx * ky <= 0.5 * limit:
+        return rx
+    block_bytes = min(2.0**26, 0.25 * limit)  # ~64 MB, less when the limit is tight
+    return max(1, min(rx, int(block_bytes // (4 * ry * kx * ky))))
+
+
+def _visit(
+    blocks: list[slice],
+    whole: np.ndarray | None,
+    prepared: Callable[[slice], np.ndarray],
+    ry: int,
+    rng: np.random.Generator,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """One iteration's ``(position index, measured amplitudes)``: all positions in random order from the
+    patterns in memory (``whole``), or block by block (blocks in random order, then their positions),
+    each block read and prepared by ``prepared(rows)``."""
+    if whole is not None:
+        flat = whole.reshape(-1, *whole.shape[2:])
+        for n in rng.permutation(flat.shape[0]):
+            yield int(n), flat[n]
+        return
+    for b in rng.permutation(len(blocks)):
+        rows = blocks[b]
+        block = prepared(rows)
+        flat = block.reshape(-1, *block.shape[2:])
+        offset = rows.start * ry
+        for local in rng.permutation(flat.shape[0]):
+            yield offset + int(local), flat[local]
 
 
 def epie(
@@ -85,6 +121,8 @@ def epie(
     divergence_tolerance: float = 0.1,
     stop_on_divergence: bool = True,
     unwrap_phase: bool = True,
+    block_rows: int | None = None,
+    memory_limit_GB: float | None = None,
     progress: bool = True,
 ) -> Reconstruction:
     """ePIE reconstruction; returns the object phase (rad) and amplitude over the scanned field.
@@ -102,6 +140,15 @@ def epie(
     defocus_A, Cs_A, aberrations, initial_probe
         Initial probe: ``initial_probe`` (real space, complex, ``(Kx, Ky)``, centred) if given, otherwise
         :func:`physics.probe` with these aberrations; it is scaled to the mean pattern intensity.
+    block_rows, memory_limit_GB
+        Memory: with ``block_rows=None`` the prepared patterns (float32 amplitudes, ``4 Rx Ry Kx Ky`` bytes)
+        are held in memory when they fit in half of ``memory_limit_GB`` (None: of the memory available
+        now); otherwise, or with ``block_rows`` given, the scan is streamed from ``data`` (an HDF5 dataset
+        or memmap stays on disk) in blocks of that many scan rows (~64 MB, at most a quarter of the limit, by
+        default), read and prepared
+        again in every iteration. Each iteration then visits the blocks in random order and the positions
+        of a block in random order (one block: a random order of all positions, as in the paper); memory is
+        one block plus the object and probe.
 
     The result is on the object grid (pixel ``1 / (K k_pixel)``), cropped to the scanned field, pixel
     (0, 0) at the first probe position (``origin_A = (0, 0)``); the phase has the phase of the mean
@@ -120,8 +167,23 @@ def epie(
     step = pair(scan_step_A, "scan_step_A")
     k_pixel = pair(k_pixel_invA, "k_pixel_invA")
     pixel_A = (1.0 / (kx * k_pixel[0]), 1.0 / (ky * k_pixel[1]))
-    amplitudes = _prepare_patterns(data, scan_rotation_deg, transpose, progress)
-    intensity_total = float(np.sum(amplitudes.astype(np.float64) ** 2))
+    if transpose and kx != ky:
+        raise ValueError("epie: a transposed detector needs square patterns")
+    rows_per_block = _block_rows(data.shape, block_rows, memory_limit_GB)
+    centre = pattern_centre(mean_pattern(data, progress=progress, rows_per_chunk=rows_per_block))
+    shift = np.rint(np.array([kx // 2, ky // 2]) - centre).astype(int)
+
+    def prepared(rows: slice) -> np.ndarray:
+        return _prepare_block(np.asarray(data[rows], dtype=np.float32), shift, scan_rotation_deg, transpose)
+
+    blocks = [slice(start, min(rx, start + rows_per_block)) for start in range(0, rx, rows_per_block)]
+    whole = np.empty((rx, ry, kx, ky), dtype=np.float32) if len(blocks) == 1 else None
+    intensity_total = 0.0  # of the prepared patterns (a rotation clips and interpolates)
+    for rows, block in iter_scan_rows(data, rows_per_block, desc="ePIE read", progress=progress):
+        amplitudes = _prepare_block(block, shift, scan_rotation_deg, transpose)
+        intensity_total += float(np.sum(amplitudes.astype(np.float64) ** 2))
+        if whole is not None:
+            whole[rows] = amplitudes
     if not intensity_total > 0:
         raise ValueError("epie: the patterns hold no counts")
     mean_counts = intensity_total / (rx * ry)
@@ -153,7 +215,6 @@ def epie(
     pad = 1
     size = (corner[:, 0].max() + kx + 2 * pad, corner[:, 1].max() + ky + 2 * pad)
     obj = np.ones(size, dtype=np.complex128)
-    flat_amplitudes = amplitudes.reshape(rx * ry, kx, ky)
     rng = np.random.default_rng(seed)
     errors: list[float] = []
     best = (np.inf, -1, obj.copy(), p.copy())  # (error, iteration, object and probe after it)
@@ -161,7 +222,7 @@ def epie(
     for iteration in trange(iterations, desc="ePIE", disable=not progress, leave=False):
         error = 0.0
         update_probe = iteration >= probe_update_start and beta > 0
-        for n in rng.permutation(rx * ry):
+        for n, measured in _visit(blocks, whole, prepared, ry, rng):
             x0, y0 = corner[n] + pad
             view = (slice(x0, x0 + kx), slice(y0, y0 + ky))
             p_n = fourier_shift(p, fraction[n]) if subpixel else p
@@ -169,7 +230,6 @@ def epie(
             exit_wave = p_n * o_n
             spectrum = np.fft.fft2(exit_wave, norm="ortho")
             modulus = np.abs(spectrum)
-            measured = flat_amplitudes[n]
             error += float(np.sum((modulus - measured) ** 2))
             corrected = measured * np.exp(1j * np.angle(spectrum))
             difference = np.fft.ifft2(corrected, norm="ortho") - exit_wave
@@ -221,5 +281,6 @@ def epie(
             "diverged": bool(diverged),
             "phase_wraps_removed": int(wraps),
             "divergence_iteration": int(divergence_iteration),
+            "block_rows": int(rows_per_block),
         },
     )
