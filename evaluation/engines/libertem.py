@@ -62,13 +62,7 @@ from evaluation.references import (
     ricom_from_com,
     scan_detector_angles_mrad,
 )
-from evaluation.references._common import (
-    check_memory,
-    check_scan_array,
-    pair,
-    pattern_centre,
-    smooth_periodic_extension,
-)
+from evaluation.references._common import check_scan_array, pair, pattern_centre, smooth_periodic_extension
 
 __all__ = [
     "LIBERTEM_METHODS",
@@ -470,7 +464,12 @@ def _ssb(ctx: Any, dataset: Any, scan: Any, params: Mapping[str, Any], progress:
     Memory: the UDF buffer is ``Rx * Ny * M`` complex64 (``M`` bright-field pixels, ``Ny`` the padded row
     length) in every partition and in the merge, then the ``Nx * Ny * M`` spectrum: ``O(N)`` in scan
     positions, as the local engine's bright-field stack and spectrum."""
-    from evaluation.references.ssb import ssb_from_spectrum, ssb_geometry, ssb_intensity_scale
+    from evaluation.references.ssb import (
+        check_ssb_memory,
+        ssb_from_spectrum,
+        ssb_geometry,
+        ssb_intensity_scale,
+    )
 
     options = dict(params)
     boundary = options.pop("boundary", "smooth")
@@ -493,14 +492,7 @@ def _ssb(ctx: Any, dataset: Any, scan: Any, params: Mapping[str, Any], progress:
     bright = int(geometry.in_disc.sum())
     # this process: the merge buffer and one partition's (Rx Ny M complex64 each), then the extended stack
     # and its in-place transform (Nx Ny M complex64, twice while extending); workers hold Rx Ny M each
-    check_memory(
-        8 * bright * (2 * rx * ny + 2 * nx * ny),
-        f"a {rx} x {ry} scan (transformed as {nx} x {ny}) with {bright} bright-field pixels",
-        memory_limit_GB,
-        "ssb",
-        "the need is O(N) in scan positions: bin the detector (fewer bright-field pixels), crop the scan, or "
-        "set ssb.memory_limit_GB",
-    )
+    check_ssb_memory(8 * bright * (2 * rx * ny + 2 * nx * ny), geometry, memory_limit_GB)
     row_transform = _extended_dft(ry, ny).astype(np.complex64)
     half = _run(ctx, dataset, udf_classes()["ssb"](bf_index, row_transform, rx))["half"]
     if nx > rx:

@@ -26,6 +26,7 @@ __all__ = [
     "detector_frequencies",
     "iter_scan_rows",
     "mean_pattern",
+    "memory_limit_bytes",
     "pair",
     "rotate_vectors",
     "smooth_periodic_extension",

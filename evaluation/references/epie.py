@@ -144,11 +144,10 @@ def epie(
         Memory: with ``block_rows=None`` the prepared patterns (float32 amplitudes, ``4 Rx Ry Kx Ky`` bytes)
         are held in memory when they fit in half of ``memory_limit_GB`` (None: of the memory available
         now); otherwise, or with ``block_rows`` given, the scan is streamed from ``data`` (an HDF5 dataset
-        or memmap stays on disk) in blocks of that many scan rows (~64 MB, at most a quarter of the limit, by
-        default), read and prepared
-        again in every iteration. Each iteration then visits the blocks in random order and the positions
-        of a block in random order (one block: a random order of all positions, as in the paper); memory is
-        one block plus the object and probe.
+        or memmap stays on disk) in blocks of that many scan rows (by default ~64 MB, at most a quarter of
+        the limit), read and prepared again in every iteration. Each iteration then visits the blocks in
+        random order and the positions of a block in random order (one block: a random order of all
+        positions, as in the paper); memory is one block plus the object and probe.
 
     The result is on the object grid (pixel ``1 / (K k_pixel)``), cropped to the scanned field, pixel
     (0, 0) at the first probe position (``origin_A = (0, 0)``); the phase has the phase of the mean

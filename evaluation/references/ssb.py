@@ -56,6 +56,7 @@ from physics import aberration_phase, aperture, fft_friendly_size, wavelength
 
 __all__ = [
     "SSBGeometry",
+    "check_ssb_memory",
     "ssb",
     "ssb_from_spectrum",
     "ssb_geometry",
@@ -147,6 +148,22 @@ def ssb_memory_bytes(geometry: SSBGeometry, q_chunk: int = 256) -> int:
     transform = 12 * nx * ny
     chunks = 8 * nx * ny + 130 * min(int(q_chunk), nx * ny)  # the spectrum + gamma, |gamma|, weights, ...
     return int(m * max(extension, transform, chunks))
+
+
+def check_ssb_memory(need_bytes: float, geometry: SSBGeometry, memory_limit_GB: float | None) -> None:
+    """Refuse (:class:`~evaluation.references._common.InsufficientMemoryError`, one line naming the scan, the
+    need and what to change) when ``need_bytes`` exceeds ``memory_limit_GB`` (None: the memory available
+    now). Both engines call it with their own count."""
+    (rx, ry), (nx, ny) = geometry.scan_shape, geometry.fft_shape
+    check_memory(
+        need_bytes,
+        f"a {rx} x {ry} scan (transformed as {nx} x {ny}) with {int(geometry.in_disc.sum())} bright-field "
+        "pixels",
+        memory_limit_GB,
+        "ssb",
+        "the need is O(N) in scan positions: bin the detector (fewer bright-field pixels), crop the scan, or "
+        "set ssb.memory_limit_GB",
+    )
 
 
 def ssb_intensity_scale(mean_bright_field: np.ndarray, geometry: SSBGeometry) -> float:
@@ -267,14 +284,7 @@ def ssb(
     )  # fmt: skip
     in_disc = geometry.in_disc
     nx, ny = geometry.fft_shape
-    check_memory(
-        ssb_memory_bytes(geometry, q_chunk),
-        f"a {rx} x {ry} scan (transformed as {nx} x {ny}) with {int(in_disc.sum())} bright-field pixels",
-        memory_limit_GB,
-        "ssb",
-        "the need is O(N) in scan positions: bin the detector (fewer bright-field pixels), crop the scan, or "
-        "set ssb.memory_limit_GB",
-    )
+    check_ssb_memory(ssb_memory_bytes(geometry, q_chunk), geometry, memory_limit_GB)
     bf = np.empty((rx, ry, geometry.k_bf.shape[0]), dtype=np.float32)
     for rows, block in iter_scan_rows(data, desc="SSB read", progress=progress):
         bf[rows] = block[..., in_disc]
