@@ -324,3 +324,60 @@ def test_partitions_end_on_the_rows_written():
     assert rows_per_partition(3, 8, 8) == 1  # 3 does not divide 8: one row per partition
     assert rows_per_partition(8, 256, 256) == 4  # at most 1024 frames per partition
     assert rows_per_partition(4, 16, 2048) == 1  # a row longer than 1024 frames is still one partition
+
+
+def test_cli_live_stall_mid_scan_is_one_error_line(folder, tmp_path):
+    """A detector that stops after 5 of 8 scan rows (the simulator sends 40 frames and then nothing):
+    ``python reconstruct.py engine=libertem_live`` (a subprocess: the stalled receiver thread stays blocked
+    in native code, which the entry point leaves with os._exit) ends with exit code 2 and one error line
+    naming live.stall_timeout_s, writes no final file, and any partial file it wrote is complete."""
+    import subprocess
+    import sys
+
+    from libertem_live.detectors.common import UndeadException
+    from libertem_live.detectors.merlin.sim import CameraSim
+
+    sim = CameraSim(
+        path=str(folder / "scan.hdr"), nav_shape=(SCAN_PX, SCAN_PX), host="127.0.0.1",
+        data_port=0, control_port=0, trigger_port=0,
+    )  # fmt: skip
+    inner = sim.sim
+    frames_sent = 5 * SCAN_PX
+
+    def stop_mid_scan(conn) -> None:
+        for index, chunk in enumerate(inner.get_chunks()):  # a frame is two chunks: prefix, header + pixels
+            if index >= 2 * frames_sent:
+                break
+            conn.sendall(chunk)
+        inner.stop_event.wait()  # the detector hangs with the connection open
+
+    inner.handle_acquisition = stop_mid_scan
+    sim.start()
+    try:
+        for thread in (sim.server_t, sim.control_t, sim.trigger_t):
+            thread.wait_for_listen(timeout=60)
+        command = [
+            sys.executable, str(ROOT / "reconstruct.py"), "engine=libertem_live", "method=ricom",
+            "ricom.kernel_size=5", "progress=false", f"calibration={folder / 'calibration.yaml'}",
+            f"output={tmp_path / 'live.h5'}", f"live.scan_shape=[{SCAN_PX},{SCAN_PX}]",
+            f"live.control_port={sim.control_t.port}", f"live.data_port={sim.server_t.port}",
+            "live.preview_every_rows=2", "live.timeout_s=120", "live.stall_timeout_s=10",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    finally:
+        try:
+            sim.stop()
+        except UndeadException:
+            pass
+    errors = [line for line in done.stderr.splitlines() if line.startswith("deepstem: error:")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert "no frames for 10 s (live.stall_timeout_s)" in errors[0]
+    assert "live.h5 not written" in errors[0]
+    assert "panicked" not in done.stderr  # left before the interpreter shut down under the receiver
+    assert not (tmp_path / "live.h5").exists()
+    partial = partial_path(tmp_path / "live.h5")
+    if partial.exists():  # the rows reconstructed before the stall: a complete, valid file
+        with store.open_checked(partial, store.RECON) as handle:
+            assert 0 < handle.attrs["info_rows_done"] <= 5

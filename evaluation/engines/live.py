@@ -31,6 +31,19 @@ depth are read from it) and data port (``live.data_port``, 6342) on ``live.host`
 with a plain TCP connect of at most ``live.connect_timeout_s`` seconds, so an unreachable detector is one
 error line instead of a hang. The acquisition is then awaited passively (the operator or the scan
 software arms and triggers the detector) for at most ``live.timeout_s`` seconds.
+
+A detector that stops mid-scan: LiberTEM-live's receiver waits for frames without a timeout, so its result
+loop runs in a daemon thread (:func:`watched`) and the engine waits at most ``live.stall_timeout_s``
+seconds for the result of each partition of the scan (:func:`rows_per_partition` rows). When none comes in
+that time it raises :class:`LiveStallError` naming the rows reconstructed; the partial reconstruction
+written so far stays on disk, and the receiver thread, its connection and the executor are abandoned
+(closing the connection under the blocked receive fails; they end with the process, which
+``reconstruct.py`` leaves at once, see :func:`receivers_abandoned`). LiberTEM's pipelined executor
+collects a partition's result only after it has received the next partition's frames, and the first
+result also waits for the workers to start, so ``stall_timeout_s`` must exceed twice the time one partition
+takes at the detector's frame rate plus the start-up (measured on 2 cores: an 8 x 8 scan in partitions of
+16 frames arriving at 10 frames/s gave its first result only after its last frame, 6.4 s after the first);
+the default 60 s suits partitions that arrive in well under 20 s.
 """
 
 from __future__ import annotations
@@ -38,13 +51,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import queue
 import socket
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -54,12 +69,15 @@ from evaluation.references import Reconstruction, icom_from_com, ricom_from_com
 __all__ = [
     "LIVE_METHODS",
     "LiveSettings",
+    "LiveStallError",
     "completed_rows",
     "live_context",
     "partial_path",
+    "receivers_abandoned",
     "rows_per_partition",
     "run_live",
     "unsupported_message",
+    "watched",
 ]
 
 #: methods engine=libertem_live runs
@@ -105,7 +123,8 @@ class LiveSettings:
 
     ``scan_shape`` ``(Rx, Ry)`` positions; ``preview_every_rows``: write the partial result every this many
     completed scan rows; ``timeout_s``: seconds to wait for the acquisition to start;
-    ``connect_timeout_s``: seconds each port probe may take; ``workers``: LiberTEM worker processes.
+    ``connect_timeout_s``: seconds each port probe may take; ``stall_timeout_s``: seconds to wait for each
+    partition of frames once the acquisition runs; ``workers``: LiberTEM worker processes.
     """
 
     scan_shape: tuple[int, int]
@@ -115,6 +134,7 @@ class LiveSettings:
     preview_every_rows: int = 8
     timeout_s: float = 60.0
     connect_timeout_s: float = 5.0
+    stall_timeout_s: float = 60.0
     workers: int = 1
 
     @classmethod
@@ -143,9 +163,79 @@ class LiveSettings:
             preview_every_rows=_whole(values.get("preview_every_rows", 8), "live.preview_every_rows", 1),
             timeout_s=_seconds(values.get("timeout_s", 60.0), "live.timeout_s"),
             connect_timeout_s=_seconds(values.get("connect_timeout_s", 5.0), "live.connect_timeout_s"),
+            stall_timeout_s=_seconds(values.get("stall_timeout_s", 60.0), "live.stall_timeout_s"),
             workers=_whole(values.get("workers", 1), "live.workers", 1),
             **ports,
         )
+
+
+class LiveStallError(RuntimeError):
+    """The detector stopped sending frames mid-scan (no partition within ``live.stall_timeout_s``)."""
+
+
+_Item = TypeVar("_Item")
+#: receiver threads that :func:`watched` abandoned on a stall (still blocked in this process)
+_abandoned = {"threads": 0}
+
+
+def receivers_abandoned() -> int:
+    """How many stalled receiver threads this process holds. They are blocked in LiberTEM-live's native
+    receive, which fails loudly when the interpreter shuts down under it, so an entry point that saw one
+    flushes its output and leaves with ``os._exit`` (as ``reconstruct.py`` does)."""
+    return _abandoned["threads"]
+
+
+def watched(
+    items: Iterable[_Item], timeout_s: float, stalled: Callable[[float], Exception]
+) -> Iterator[_Item]:
+    """Iterate ``items`` in a daemon thread and yield each item here, failing with ``stalled(timeout_s)``
+    when the next one takes longer than ``timeout_s`` seconds to come.
+
+    The thread hands over one item at a time and waits until the caller asks for the next before it
+    advances ``items``, so an item (e.g. LiberTEM's result buffers, updated in place) is not changed while
+    the caller uses it and the clock runs only while ``items`` works. Exceptions of ``items`` are re-raised
+    here. On a stall the thread is abandoned (it may be blocked in a call that cannot be interrupted); when
+    the caller stops early, ``items`` is closed in its thread at its next step."""
+    handoff: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+    proceed = threading.Event()
+    stop = threading.Event()
+
+    def produce() -> None:
+        iterator = iter(items)
+        try:
+            for item in iterator:
+                handoff.put(("item", item))
+                proceed.wait()
+                proceed.clear()
+                if stop.is_set():
+                    break
+            else:
+                handoff.put(("end", None))
+        except BaseException as err:  # handed to the caller's thread
+            handoff.put(("error", err))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None and stop.is_set():
+                close()
+
+    thread = threading.Thread(target=produce, name="deepstem-live-receiver", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                kind, value = handoff.get(timeout=timeout_s)
+            except queue.Empty:
+                _abandoned["threads"] += 1
+                raise stalled(timeout_s) from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+            proceed.set()
+    finally:
+        stop.set()
+        proceed.set()
 
 
 def partial_path(output: Path) -> Path:
@@ -192,11 +282,32 @@ def live_context(workers: int = 1) -> Iterator[Any]:
         ctx = api.LiveContext(executor=executor)
         try:
             yield ctx
-        finally:
+        except LiveStallError:
+            # closing would wait on the abandoned receiver: stop the workers (else they outlive the
+            # process, holding its output pipes) and leave the rest to the process's end
+            _terminate_workers(executor)
+            raise
+        except BaseException:
             ctx.close()
+            raise
+        ctx.close()
     finally:
         for logger, level in previous.items():
             logger.setLevel(level)
+
+
+def _terminate_workers(executor: Any, timeout_s: float = 5.0) -> None:
+    """Terminate (then kill) the worker processes of a LiberTEM ``PipelinedExecutor`` that cannot be
+    closed because its result loop is blocked (its pool is private API: nothing happens without one)."""
+    for info in getattr(getattr(executor, "_pool", None), "workers", None) or ():
+        process = getattr(info, "process", None)
+        if process is None or process.exitcode is not None:
+            continue
+        process.terminate()
+        process.join(timeout_s)
+        if process.exitcode is None:
+            process.kill()
+            process.join(timeout_s)
 
 
 #: at most this many frames per LiberTEM partition (one partition is merged, and may be written, at a time)
@@ -267,7 +378,9 @@ def run_live(
     :func:`live_context`. ``model``: the loaded AIRPI network (``airpi``; run on the CPU at ``precision``).
     Returns the final reconstruction and a summary (``partial_writes``, ``frames``, ``seconds``: from the
     acquisition's start to its last frame). RuntimeError when the detector cannot be reached or no
-    acquisition starts within ``settings.timeout_s``; ValueError for a bad method or setting.
+    acquisition starts within ``settings.timeout_s``; :class:`LiveStallError` (a RuntimeError) when the
+    frames stop for ``settings.stall_timeout_s`` mid-scan (the partial file written so far stays);
+    ValueError for a bad method or setting.
     """
     message = unsupported_message(method)
     if message is not None:
@@ -304,19 +417,25 @@ def run_live(
         if progress:
             print(f"live: {rows}/{rx} scan rows -> {partial}", file=sys.stderr, flush=True)
 
-    with _acquisition(ctx, settings) as acquisition:
-        start = time.perf_counter()
-        if method == "airpi":
-            result = _airpi_live(ctx, acquisition, scan, model, params, settings, write, progress, precision)
-        else:
-            udf = udf_classes()["com"](tuple(float(k) for k in scan.k_pixel_invA))
-            result = None
-            for rows, buffers in _partials(ctx, acquisition, udf, settings):
-                moment = buffers["moment"].reshape(rx, ry, 2)
-                total = buffers["total"].reshape(rx, ry)
-                result = _reconstruct(method, com_field(moment, total, rows), scan, params)
-                write(result, rows, time.perf_counter() - start)
-        seconds = time.perf_counter() - start
+    try:
+        with _acquisition(ctx, settings) as acquisition:
+            start = time.perf_counter()
+            if method == "airpi":
+                result = _airpi_live(
+                    ctx, acquisition, scan, model, params, settings, write, progress, precision
+                )
+            else:
+                udf = udf_classes()["com"](tuple(float(k) for k in scan.k_pixel_invA))
+                result = None
+                for rows, buffers in _partials(ctx, acquisition, udf, settings):
+                    moment = buffers["moment"].reshape(rx, ry, 2)
+                    total = buffers["total"].reshape(rx, ry)
+                    result = _reconstruct(method, com_field(moment, total, rows), scan, params)
+                    write(result, rows, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+    except LiveStallError as err:
+        kept = f"the partial result stays in {partial}" if state["writes"] else "no partial was written"
+        raise LiveStallError(f"{err} ({kept}; {output.name} not written)") from None
     if result is None:
         raise RuntimeError("engine=libertem_live: the acquisition ended before all scan rows arrived")
     result.info["engine"] = "libertem_live"
@@ -328,10 +447,11 @@ def _acquisition(ctx: Any, settings: LiveSettings) -> Iterator[Any]:
     """Connect to the Merlin, wait (at most ``settings.timeout_s``) for its acquisition to start and yield
     the LiberTEM-live acquisition of ``settings.scan_shape`` (partitions of :func:`rows_per_partition`)."""
     rx, ry = settings.scan_shape
-    with ctx.make_connection("merlin").open(
+    conn = ctx.make_connection("merlin").open(
         api_host=settings.host, api_port=settings.control_port,
         data_host=settings.host, data_port=settings.data_port, drain=False,
-    ) as conn:  # fmt: skip
+    )  # fmt: skip
+    try:
         pending = conn.wait_for_acquisition(timeout=settings.timeout_s)
         if pending is None:
             raise RuntimeError(
@@ -347,6 +467,12 @@ def _acquisition(ctx: Any, settings: LiveSettings) -> Iterator[Any]:
         yield ctx.make_acquisition(
             conn=conn, nav_shape=(rx, ry), pending_aq=pending, frames_per_partition=frames
         )
+    except LiveStallError:
+        raise  # the abandoned receiver thread still holds the connection: closing it would fail
+    except BaseException:
+        conn.close()
+        raise
+    conn.close()
 
 
 def _partials(
@@ -357,7 +483,15 @@ def _partials(
     complete, and when all are. RuntimeError when the stream ends short."""
     rx, ry = settings.scan_shape
     last = 0
-    for part in ctx.run_udf_iter(dataset=acquisition, udf=udf, progress=False):
+
+    def stalled(timeout_s: float) -> LiveStallError:
+        return LiveStallError(
+            f"engine=libertem_live: no frames for {timeout_s:g} s (live.stall_timeout_s) with {last} of {rx} "
+            f"scan rows reconstructed; did the detector stop mid-scan?"
+        )
+
+    partitions = ctx.run_udf_iter(dataset=acquisition, udf=udf, progress=False)
+    for part in watched(partitions, settings.stall_timeout_s, stalled):
         rows = completed_rows(np.asarray(part.damage.data).reshape(rx, ry))
         if rows == 0 or (rows - last < settings.preview_every_rows and rows < rx):
             continue
