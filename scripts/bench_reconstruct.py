@@ -79,6 +79,11 @@ block (fewer than ~900 / Ry rows, e.g. the 6x6 of the tests) is read whole, so t
 
 ``--scale-check`` runs AIRPI at its reference configuration only.
 
+``--read-ahead-check`` (networks): after the configurations, the first one end to end again with the
+pattern read-ahead off (``_PatternStream.read_ahead = False``: each block of raw rows read in place) and
+then on (the default: the next block is read by a reader thread during inference), in the same process:
+``"read_ahead": {"off_patterns_per_s", "on_patterns_per_s", "on_over_off", "max_abs_phase_diff_rad"}``.
+
 Prints one JSON line: ``{"benchmark": "reconstruct", "device", "machine" (with "cpu_model",
 "cpu_simd_flags"), "torch", "threads", "scan", "detector", "precisions", "channels_last", "bf16":
 {"native", "cpu_flags", "auto_precision"}, "results": {method: {"patterns_per_s", "peak_memory_MB",
@@ -389,6 +394,7 @@ def child(
     channels_last: str = "on",
     network_min_s: float = 1.0,
     ckpt: Path | None = None,
+    read_ahead_check: bool = False,
 ) -> dict[str, Any]:
     """Measure ``method`` on the scan file ``scan_path`` in this process; returns its result dict.
 
@@ -453,6 +459,8 @@ def child(
         result["precisions"] = {precision: runs[_label(precision, primary)] for precision in precisions}
         if channels_last == "both" and "32" in precisions:
             result["layouts"] = {"nhwc": runs["32/nhwc"], "nchw": runs["32/nchw"]}
+        if read_ahead_check:
+            result["read_ahead"] = _read_ahead_check(call, pairs[0], positions, run_device)
         result["positions"] = positions
         scan.close()
         return result
@@ -494,6 +502,30 @@ def child(
 # Parent process
 
 
+def _read_ahead_check(call: Any, pair: tuple[str, bool], positions: int, device: str) -> dict[str, Any]:
+    """The first configuration end to end with the pattern read-ahead off, then on (one after the other,
+    same process): patterns/s of each, their ratio, and the largest phase difference (0: same numbers)."""
+    import numpy as np
+
+    from evaluation.networks.geometry import _PatternStream
+
+    rates, phases = {}, {}
+    try:
+        for mode in ("off", "on"):
+            _PatternStream.read_ahead = mode == "on"
+            recon, measured = _measure(lambda: call(precision=pair[0], layout=pair[1]), device)
+            rates[mode] = round(positions / measured["seconds"], 2)
+            phases[mode] = np.asarray(recon.phase, dtype=np.float64)
+    finally:
+        _PatternStream.read_ahead = True
+    return {
+        "off_patterns_per_s": rates["off"],
+        "on_patterns_per_s": rates["on"],
+        "on_over_off": round(rates["on"] / rates["off"], 3),
+        "max_abs_phase_diff_rad": float(np.max(np.abs(phases["on"] - phases["off"]))),
+    }
+
+
 def run_child(
     method: str, scan_path: Path, args: argparse.Namespace, reference_only: bool = False
 ) -> dict[str, Any]:
@@ -508,6 +540,8 @@ def run_child(
     ]  # fmt: skip
     if method == "airpi" and args.airpi_ckpt is not None:
         command += ["--airpi-ckpt", str(args.airpi_ckpt)]
+    if args.read_ahead_check and not reference_only:
+        command += ["--read-ahead-check"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -634,6 +668,10 @@ def main() -> None:
         "--airpi-ckpt", type=Path, default=None, help="AIRPI checkpoint (default: untrained weights)"
     )
     parser.add_argument("--scale-check", action="store_true", help="AIRPI also on 2x the positions per side")
+    parser.add_argument(
+        "--read-ahead-check", action="store_true",
+        help="networks: also the first configuration with the pattern read-ahead off, then on",
+    )  # fmt: skip
     parser.add_argument("--tmpdir", type=Path, default=None, help="where the scan files go (default: TMPDIR)")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--scan-path", type=Path, help=argparse.SUPPRESS)
@@ -652,6 +690,7 @@ def main() -> None:
             args.child, args.scan_path, args.device, args.batch, args.epie_iterations,
             precisions=args.precisions, channels_last=args.channels_last, network_min_s=args.network_min_s,
             ckpt=args.airpi_ckpt if args.child == "airpi" else None,
+            read_ahead_check=args.read_ahead_check,
         )  # fmt: skip
         print("RESULT " + json.dumps(result), flush=True)
         return

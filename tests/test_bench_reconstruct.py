@@ -92,3 +92,23 @@ def test_airpi_to_ssb_ratio_per_precision():
     assert ratio["ratio"] == {"32": 0.1, "bf16": 0.01}
     assert ratio["meets_goal"] == {"32": True, "bf16": False} and ratio["goal_ratio"] == 0.05
     assert bench.airpi_vs_ssb({"airpi": results["airpi"], "ssb": {"error": "exit 1"}}) is None
+
+
+def test_read_ahead_check_reports_both_rates_and_the_same_phase(tmp_path, one_thread):
+    """``--read-ahead-check``: the network with the pattern read-ahead off and on gives the same phase
+    (reading ahead changes when a block is read, not what) and both rates; the switch is restored."""
+    from evaluation.networks.geometry import _PatternStream
+
+    bench = _bench()
+    path = bench.SyntheticScan((6, 6), (32, 32)).write(tmp_path / "scan.h5")
+    result = bench.child(
+        "airpi", path, "cpu", batch=4, epie_iterations=1, precisions=("32",), channels_last="on",
+        network_min_s=0.0, read_ahead_check=True,
+    )  # fmt: skip
+    json.dumps(result)
+    check = result["read_ahead"]
+    assert _positive(check["off_patterns_per_s"]) and _positive(check["on_patterns_per_s"])
+    ratio = check["on_patterns_per_s"] / check["off_patterns_per_s"]
+    assert check["on_over_off"] == pytest.approx(ratio, rel=1e-2)
+    assert check["max_abs_phase_diff_rad"] == 0.0
+    assert _PatternStream.read_ahead is True

@@ -9,6 +9,8 @@ give back the true object, so any error in placement, weighting, resampling or l
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import tracemalloc
 
 import numpy as np
@@ -157,6 +159,65 @@ def test_airpi_kernels_are_row_major_with_edges_reusing_the_nearest_cbeds(sim):
             label[min(max(i + a, 0), 15), min(max(j + b, 0), 15)] for a in (-1, 0, 1) for b in (-1, 0, 1)
         ]
         np.testing.assert_allclose(values, expected, rtol=1e-6)
+
+
+class _RecordedRows:
+    """Scan data that records which thread read which raw rows (and when, relative to the consumer)."""
+
+    def __init__(self, data: np.ndarray, log: list) -> None:
+        self.data, self.log = data, log
+        self.shape, self.dtype, self.ndim = data.shape, data.dtype, data.ndim
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            self.log.append(("read", threading.current_thread().name, key.start, key.stop))
+        return self.data[key]
+
+
+def _wait_for(condition, timeout_s: float) -> bool:
+    event = threading.Event()
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return True
+        event.wait(0.01)
+    return condition()
+
+
+@pytest.mark.parametrize("neighbours", [True, False])
+def test_kernels_read_the_next_block_ahead_in_a_reader_thread(sim, neighbours):
+    """While the caller holds block n, block n + 1's raw rows are being read by the reader thread; the
+    kernels equal those of reading each block in place (rows() without read-ahead)."""
+    label = 1.0 + 16 * np.arange(16)[:, None] + np.arange(16)[None, :]
+    plain = np.broadcast_to(label[:, :, None, None], (16, 16, K, K)).astype(np.float32)
+    log: list = []
+    geometry = ScanGeometry.from_scan(as_scan(sim, plain))
+    stream = _PatternStream(geometry, K, gmax_of(sim), np.array([K // 2, K // 2]), torch.device("cpu"))
+    recorded = _PatternStream(
+        dataclasses.replace(geometry, data=_RecordedRows(plain, log)), K, gmax_of(sim),
+        np.array([K // 2, K // 2]), torch.device("cpu"),
+    )  # fmt: skip
+    blocks = 0
+    for (e, c, kernels), (e0, c0, expected) in zip(
+        recorded.kernels(4, False, "", neighbours=neighbours),
+        stream.kernels(4, False, "", neighbours=neighbours),
+        strict=True,
+    ):
+        blocks += 1
+        log.append(("consumer has block", blocks))
+        if blocks == 1:  # holding block 1, the reader reads block 2 meanwhile (waits only if it does not)
+            assert _wait_for(lambda: sum(entry[0] == "read" for entry in log) >= 2, 30.0)
+        np.testing.assert_array_equal(e, e0)
+        np.testing.assert_array_equal(c, c0)
+        torch.testing.assert_close(kernels, expected, rtol=0, atol=0)
+    assert blocks == 4
+    reads = [entry for entry in log if entry[0] == "read"]
+    assert len(reads) == 4 and all(name.startswith("deepstem-read") for _, name, _, _ in reads)
+    assert reads[0][2] == 0 and reads[-1][3] == 16  # the scan's rows, first to last
+    # never more than one block ahead: before the caller has block n, at most n + 1 blocks were read
+    assert all(
+        sum(1 for entry in log[: log.index(("consumer has block", n))] if entry[0] == "read") <= n + 1
+        for n in range(1, 5)
+    )
 
 
 def test_airpi_network_inputs_are_the_training_preprocessing(sim):
@@ -337,7 +398,8 @@ def test_memory_grows_with_the_object_not_with_the_data(sim, tmp_path):
     """tracemalloc (NumPy/h5py allocations) peak for 16 vs 64 scan rows of 16 positions, 64x64-pixel CBEDs.
 
     The data grow from 4 to 16 MB; a block of rows stays the same, so the peak may only grow by what the
-    object accumulator needs (a few kB here).
+    object accumulator needs (a few kB here). The peak holds two blocks of raw rows (the one in use and the
+    one the reader reads ahead: ~1 MB each here), 3.8 MB measured (1.7 MB before the read-ahead).
     """
     peaks, sizes = [], []
     for rows in (16, 64):
@@ -349,7 +411,7 @@ def test_memory_grows_with_the_object_not_with_the_data(sim, tmp_path):
         )  # fmt: skip
         sizes.append(data.nbytes)
         peaks.append(_peak_bytes(path, sim))
-    assert peaks[1] < 0.15 * sizes[1], (peaks, sizes)
+    assert peaks[1] < 0.3 * sizes[1], (peaks, sizes)
     assert peaks[1] - peaks[0] < 0.02 * (sizes[1] - sizes[0]), (peaks, sizes)
 
 

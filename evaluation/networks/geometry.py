@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,6 +190,10 @@ class _PatternStream:
     rotation draws on what the detector holds there instead of zeros; they are cropped after it.
     """
 
+    #: read the next block of raw rows in a reader thread while the caller works (off: read in place;
+    #: for comparisons, scripts/bench_reconstruct.py --no-read-ahead)
+    read_ahead: bool = True
+
     def __init__(
         self,
         geometry: ScanGeometry,
@@ -210,8 +215,25 @@ class _PatternStream:
         self.my_t = torch.from_numpy(my.T.astype(np.float32)).to(device)
         self.pixels = pixels
 
-    def _resample(self, block: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(self.device)
+    def _read(self, first: int, last: int) -> np.ndarray | torch.Tensor:
+        """Raw scan rows ``first .. last`` (inclusive) as float32 in host memory: a page-locked tensor when
+        the device is CUDA (its copy to the device then runs asynchronously), else an array."""
+        block = np.ascontiguousarray(self.geometry.data[first : last + 1], dtype=np.float32)
+        if self.device.type == "cuda":
+            return torch.from_numpy(block).pin_memory()
+        return block
+
+    def _raw_range(self, start: int, stop: int) -> tuple[int, int]:
+        """The raw scan rows (first, last inclusive) that effective rows ``start .. stop - 1`` draw on."""
+        g = self.geometry
+        h = g.box // 2
+        return max(0, g.stride * start - h), min(g.shape[0] - 1, g.stride * (stop - 1) + h)
+
+    def _resample(self, block: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(block, torch.Tensor):
+            x = block.to(self.device, non_blocking=block.is_pinned())
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(self.device)
         out = torch.matmul(torch.matmul(self.mx, x), self.my_t)  # (..., K + 2 margin, K + 2 margin)
         if self.geometry.transpose:
             out = out.transpose(-2, -1)
@@ -225,14 +247,16 @@ class _PatternStream:
             out = out[..., m : m + self.pixels, m : m + self.pixels].contiguous()
         return out
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Effective rows ``start .. stop - 1``: (rows, Ry_eff, K, K) float32 on the device."""
+    def rows(self, start: int, stop: int, raw: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+        """Effective rows ``start .. stop - 1``: (rows, Ry_eff, K, K) float32 on the device. ``raw``: their
+        raw rows (:meth:`_raw_range`) read already (by :meth:`kernels`' read-ahead), else read here."""
         g = self.geometry
         rx, ry = g.shape[:2]
         h = g.box // 2
-        first = max(0, g.stride * start - h)
-        last = min(rx - 1, g.stride * (stop - 1) + h)
-        raw = self._resample(np.asarray(g.data[first : last + 1], dtype=np.float32))  # (n, Ry, K, K)
+        first, last = self._raw_range(start, stop)
+        if raw is None:
+            raw = self._read(first, last)
+        raw = self._resample(raw)  # (n, Ry, K, K)
         if g.box == 1 and g.stride == 1:
             return raw
         _, ry_eff = g.positions_shape
@@ -254,26 +278,73 @@ class _PatternStream:
 
         Kernel index ``3 i + j`` holds position ``(e + i - 1, c + j - 1)``, clamped to the scan (edge
         positions reuse the nearest CBEDs). Without ``neighbours`` only the centre CBED (B, 1, K, K).
+
+        Read-ahead: while the caller works on one block (the network's forward pass, which releases the
+        GIL), a reader thread reads the next block's raw rows from the file (into page-locked memory for a
+        CUDA device), so reading and inference overlap; at most two blocks of raw rows are in memory.
         """
-        rx, ry = self.geometry.positions_shape
+        rx = self.geometry.positions_shape[0]
         starts = range(0, rx, block_rows)
-        for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
+        spans = []  # effective rows (lo, hi) each block resamples: the block and, for kernels, its neighbours
+        for start in starts:
             stop = min(rx, start + block_rows)
-            if not neighbours:
-                ee, cc = np.meshgrid(np.arange(start, stop), np.arange(ry), indexing="ij")
-                rows = self.rows(start, stop)
-                yield ee.ravel(), cc.ravel(), rows.reshape(-1, 1, self.pixels, self.pixels)
-                continue
-            lo, hi = max(0, start - 1), min(rx, stop + 1)
-            rows = self.rows(lo, hi)
-            e = np.arange(start, stop)
-            ri = np.clip(e[:, None] + np.arange(-1, 2)[None, :], 0, rx - 1) - lo  # (ne, 3)
-            ci = np.clip(np.arange(ry)[:, None] + np.arange(-1, 2)[None, :], 0, ry - 1)  # (ry, 3)
-            index_r = torch.as_tensor(ri, device=self.device)[:, None, :, None]
-            index_c = torch.as_tensor(ci, device=self.device)[None, :, None, :]
-            kernels = rows[index_r, index_c]  # (ne, ry, 3, 3, K, K)
-            ee, cc = np.meshgrid(e, np.arange(ry), indexing="ij")
-            yield ee.ravel(), cc.ravel(), kernels.reshape(-1, 9, self.pixels, self.pixels)
+            spans.append((start, stop) if not neighbours else (max(0, start - 1), min(rx, stop + 1)))
+        reader = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepstem-read")
+            if self.read_ahead
+            else _InlineReader()
+        )
+        with reader:
+            ahead = reader.submit(self._read, *self._raw_range(*spans[0])) if spans else None
+            for index, start in enumerate(
+                tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False)
+            ):
+                stop = min(rx, start + block_rows)
+                raw = ahead.result()
+                if index + 1 < len(spans):
+                    ahead = reader.submit(self._read, *self._raw_range(*spans[index + 1]))
+                yield from self._block(start, stop, spans[index], raw, neighbours)
+
+    def _block(
+        self,
+        start: int,
+        stop: int,
+        span: tuple[int, int],
+        raw: np.ndarray | torch.Tensor,
+        neighbours: bool,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
+        """The positions and kernels of effective rows ``start .. stop - 1`` from ``raw`` (of ``span``)."""
+        rx, ry = self.geometry.positions_shape
+        if not neighbours:
+            ee, cc = np.meshgrid(np.arange(start, stop), np.arange(ry), indexing="ij")
+            rows = self.rows(start, stop, raw=raw)
+            yield ee.ravel(), cc.ravel(), rows.reshape(-1, 1, self.pixels, self.pixels)
+            return
+        lo, hi = span
+        rows = self.rows(lo, hi, raw=raw)
+        e = np.arange(start, stop)
+        ri = np.clip(e[:, None] + np.arange(-1, 2)[None, :], 0, rx - 1) - lo  # (ne, 3)
+        ci = np.clip(np.arange(ry)[:, None] + np.arange(-1, 2)[None, :], 0, ry - 1)  # (ry, 3)
+        index_r = torch.as_tensor(ri, device=self.device)[:, None, :, None]
+        index_c = torch.as_tensor(ci, device=self.device)[None, :, None, :]
+        kernels = rows[index_r, index_c]  # (ne, ry, 3, 3, K, K)
+        ee, cc = np.meshgrid(e, np.arange(ry), indexing="ij")
+        yield ee.ravel(), cc.ravel(), kernels.reshape(-1, 9, self.pixels, self.pixels)
+
+
+class _InlineReader:
+    """:class:`ThreadPoolExecutor`'s ``submit`` without a thread: the call runs at once."""
+
+    def __enter__(self) -> _InlineReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
 
 
 def _default_block_rows(ry: int, pixels: int, budget_bytes: float = 2**27) -> int:
