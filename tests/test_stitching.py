@@ -439,3 +439,18 @@ def test_chang_accepts_a_detector_that_ends_at_twice_the_aperture(detector_px):
     assert np.isfinite(recon.phase).all()
     with pytest.raises(ValueError, match="Chang input needs the detector to reach"):
         chang_reconstruct(scan, zero_phase, collection_ratio=2.2, progress=False)
+
+
+def test_without_read_ahead_the_caller_reads_each_block_in_place(sim, monkeypatch):
+    monkeypatch.setattr(_PatternStream, "read_ahead", False)
+    label = 1.0 + 16 * np.arange(16)[:, None] + np.arange(16)[None, :]
+    plain = np.broadcast_to(label[:, :, None, None], (16, 16, K, K)).astype(np.float32)
+    log: list = []
+    geometry = ScanGeometry.from_scan(as_scan(sim, _RecordedRows(plain, log)))
+    stream = _PatternStream(geometry, K, gmax_of(sim), np.array([K // 2, K // 2]), torch.device("cpu"))
+    for blocks, _ in enumerate(stream.kernels(4, False, ""), start=1):
+        log.append(("consumer has block", blocks))
+    names = {entry[1] for entry in log if entry[0] == "read"}
+    assert names == {threading.current_thread().name}
+    # each block is read just before the caller gets it, not ahead
+    assert [entry[0] for entry in log] == ["read", "consumer has block"] * 4

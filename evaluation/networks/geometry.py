@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -289,21 +289,19 @@ class _PatternStream:
         for start in starts:
             stop = min(rx, start + block_rows)
             spans.append((start, stop) if not neighbours else (max(0, start - 1), min(rx, stop + 1)))
-        reader = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepstem-read")
-            if self.read_ahead
-            else _InlineReader()
-        )
-        with reader:
+        bar = tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False)
+        if not self.read_ahead:
+            for index, start in enumerate(bar):
+                raw = self._read(*self._raw_range(*spans[index]))
+                yield from self._block(start, min(rx, start + block_rows), spans[index], raw, neighbours)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepstem-read") as reader:
             ahead = reader.submit(self._read, *self._raw_range(*spans[0])) if spans else None
-            for index, start in enumerate(
-                tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False)
-            ):
-                stop = min(rx, start + block_rows)
+            for index, start in enumerate(bar):
                 raw = ahead.result()
                 if index + 1 < len(spans):
                     ahead = reader.submit(self._read, *self._raw_range(*spans[index + 1]))
-                yield from self._block(start, stop, spans[index], raw, neighbours)
+                yield from self._block(start, min(rx, start + block_rows), spans[index], raw, neighbours)
 
     def _block(
         self,
@@ -330,21 +328,6 @@ class _PatternStream:
         kernels = rows[index_r, index_c]  # (ne, ry, 3, 3, K, K)
         ee, cc = np.meshgrid(e, np.arange(ry), indexing="ij")
         yield ee.ravel(), cc.ravel(), kernels.reshape(-1, 9, self.pixels, self.pixels)
-
-
-class _InlineReader:
-    """:class:`ThreadPoolExecutor`'s ``submit`` without a thread: the call runs at once."""
-
-    def __enter__(self) -> _InlineReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        future: Future = Future()
-        future.set_result(fn(*args))
-        return future
 
 
 def _default_block_rows(ry: int, pixels: int, budget_bytes: float = 2**27) -> int:
