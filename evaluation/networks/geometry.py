@@ -190,8 +190,8 @@ class _PatternStream:
     rotation draws on what the detector holds there instead of zeros; they are cropped after it.
     """
 
-    #: read the next block of raw rows in a reader thread while the caller works (off: read in place;
-    #: for comparisons, scripts/bench_reconstruct.py --no-read-ahead)
+    #: read the next block of raw rows in a reader thread while the caller works (off: each block read in
+    #: place; scripts/bench_reconstruct.py --read-ahead-check compares the two)
     read_ahead: bool = True
 
     def __init__(
@@ -279,9 +279,10 @@ class _PatternStream:
         Kernel index ``3 i + j`` holds position ``(e + i - 1, c + j - 1)``, clamped to the scan (edge
         positions reuse the nearest CBEDs). Without ``neighbours`` only the centre CBED (B, 1, K, K).
 
-        Read-ahead: while the caller works on one block (the network's forward pass, which releases the
-        GIL), a reader thread reads the next block's raw rows from the file (into page-locked memory for a
-        CUDA device), so reading and inference overlap; at most two blocks of raw rows are in memory.
+        Read-ahead (:attr:`read_ahead`, on by default): while the caller works on one block (the network's
+        forward pass, which releases the GIL), a reader thread reads the next block's raw rows from the file
+        (into page-locked memory for a CUDA device), so reading and inference overlap; at most two blocks of
+        raw rows are in memory.
         """
         rx = self.geometry.positions_shape[0]
         starts = range(0, rx, block_rows)
