@@ -37,7 +37,7 @@ from evaluation.references import (
     ssb,
     virtual_detector,
 )
-from physics.runtime import check_precision, configure_threads, report_error
+from physics.runtime import check_compile, check_precision, configure_threads, report_error
 
 __all__ = [
     "CONVENTIONAL_METHODS",
@@ -160,13 +160,15 @@ def run_method(
     engine: str = "local",
     engine_workers: Any = None,
     engine_scheduler: Any = None,
+    compile: bool | str = "auto",
 ) -> Reconstruction:
     """Run one method on ``scan`` with the parameters of its config section.
 
     Network methods need ``model``: a loaded LightningModule or a checkpoint path; they run at
     ``precision`` (auto | bf16 | 32: auto = bf16 where the device has bf16 units, fp32 otherwise), with
-    weights and inputs in NHWC memory order where ``channels_last`` (NCHW otherwise). Both are ignored by
-    the conventional methods.
+    weights and inputs in NHWC memory order where ``channels_last`` (NCHW otherwise), compiled with
+    :func:`torch.compile` per ``compile`` (auto | true | false, :func:`evaluation.networks.resolve_compile`;
+    the local engine only). All three are ignored by the conventional methods.
 
     ``engine="libertem"`` runs the per-pattern part as LiberTEM UDFs (:mod:`evaluation.engines.libertem`:
     icom, ricom, vadf, ssb, ptychonn, airpi, chang_unet; inline with ``engine_workers`` None, else a local
@@ -196,7 +198,7 @@ def run_method(
             raise ValueError(f"method {method!r} needs a network checkpoint: give ckpt=PATH")
         return reconstruct_with_network(
             scan, method, model, params, device=device, progress=progress, precision=precision,
-            channels_last=channels_last,
+            channels_last=channels_last, compile=compile,
         )  # fmt: skip
     common = {
         "scan_step_A": scan.scan_step_A,
@@ -380,6 +382,7 @@ def reconstruct_main(cfg: DictConfig) -> int:
     try:
         threads = setup_threads(cfg)
         check_precision(cfg.get("precision", "auto"))
+        check_compile(cfg.get("compile", "auto"))
     except ValueError as err:
         return _error(str(err))
     if engine == "libertem":
@@ -446,6 +449,7 @@ def reconstruct_main(cfg: DictConfig) -> int:
             scan, method, params, progress=progress, model=model, device=device,
             precision=str(cfg.get("precision", "auto")), engine=engine,
             engine_workers=cfg.get("engine_workers"), engine_scheduler=cfg.get("engine_scheduler"),
+            compile=cfg.get("compile", "auto"),
         )  # fmt: skip
         elapsed = time.perf_counter() - start
         num_patterns = scan.num_positions
@@ -466,6 +470,8 @@ def reconstruct_main(cfg: DictConfig) -> int:
         if scan is not None:
             scan.close()
     precision_note = f", precision {result.info['precision']}" if "precision" in result.info else ""
+    if result.info.get("compiled"):
+        precision_note += ", compiled"
     print(
         f"{method}: {num_patterns} patterns in {elapsed:.3f} s = {patterns_per_s:.0f} patterns/s "
         f"({threads} thread{'s' if threads != 1 else ''}{precision_note}); wrote {h5} and {png}"

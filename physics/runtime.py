@@ -134,6 +134,23 @@ def check_precision(precision: str | int | None) -> str:
     return value
 
 
+#: ``reconstruct.py compile=``: torch.compile of the network (evaluation.networks.resolve_compile)
+COMPILE_CHOICES = ("auto", "true", "false")
+
+
+def check_compile(compile: bool | str | None) -> str:
+    """``compile`` normalised to one of :data:`COMPILE_CHOICES` (booleans, ``on`` / ``off``, ``1`` / ``0``
+    accepted); ValueError naming ``compile`` otherwise."""
+    if isinstance(compile, bool):
+        return "true" if compile else "false"
+    value = "auto" if compile is None else str(compile).strip().lower()
+    aliases = {"on": "true", "1": "true", "yes": "true", "off": "false", "0": "false", "no": "false"}
+    value = aliases.get(value, value)
+    if value not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile!r}")
+    return value
+
+
 def resolve_precision(precision: str | int | None, device_type: str) -> str:
     """``"bf16"`` or ``"32"``: the inference precision of ``precision`` (auto | bf16 | 32) on ``device_type``.
 

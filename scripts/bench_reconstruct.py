@@ -1,9 +1,9 @@
 """Reconstruction throughput (patterns/s) and peak memory of every method on a synthetic 4D-STEM scan.
 
 ``python scripts/bench_reconstruct.py [--methods airpi ptychonn chang epie ssb icom ricom] [--scan 128 128]
-[--detector 64 64] [--device cpu|cuda] [--threads N] [--epie-iterations 2] [--batch 256]
+[--detector 64 64] [--device cpu|cuda] [--threads N] [--epie-iterations 2] [--batch N]
 [--precisions 32 bf16] [--channels-last on|off|both] [--network-min-s 1.0] [--airpi-ckpt PATH]
-[--scale-check] [--tmpdir DIR]``
+[--scale-check] [--read-ahead-check] [--compile off|both] [--batch-sweep 16 32 64] [--tmpdir DIR]``
 
 The scan: ``--scan`` probe positions at 0.3 A steps over a weak phase object (Gaussian "atoms" up to 0.5
 rad), 300 keV, 20 mrad semi-angle, ``--detector`` pixels covering +-40 mrad (``k_pixel = 2 * 40 mrad /
@@ -89,8 +89,12 @@ Prints one JSON line: ``{"benchmark": "reconstruct", "device", "machine" (with "
 {"native", "cpu_flags", "auto_precision"}, "results": {method: {"patterns_per_s", "peak_memory_MB",
 "seconds", ...}}, "airpi_vs_ssb": {...}, "airpi_scale_check": {...}}``. A network's top-level fields are
 those of its reference run (the format before precisions), plus ``"weights"``, ``"precisions": {"32":
-run, "bf16": run}`` (primary layout) and, with ``--channels-last both``, ``"layouts": {"nhwc": run,
-"nchw": run}`` (fp32). A method that fails gets ``{"error": ...}`` and the exit status is 1.
+run, "bf16": run}`` (primary layout), with ``--channels-last both`` ``"layouts": {"nhwc": run, "nchw":
+run}`` (fp32), and with ``--compile both`` ``"compiled": {"32": run, "bf16": run}`` (primary layout,
+``torch.compile``: its ``network_warmup_s`` is the compilation, its end-to-end ``seconds`` include one; in
+``airpi_vs_ssb`` as ``"32/compiled"``, ``"bf16/compiled"``), and with ``--batch-sweep B ...``
+``"batch_sweep": {precision: {B: network patterns/s}}``. A method that fails gets ``{"error": ...}``
+and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -277,13 +281,22 @@ def _label(precision: str, channels_last: bool) -> str:
 
 
 def network_rate(
-    model: Any, method: str, precision: str, channels_last: bool, batch: int, device: str, min_s: float
+    model: Any,
+    method: str,
+    precision: str,
+    channels_last: bool,
+    batch: int,
+    device: str,
+    min_s: float,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Network-alone patterns/s: the predictor of :func:`evaluation.networks.model_predictor` (forward
     pass under ``inference_mode``, bf16 autocast for ``precision="bf16"``, NHWC where ``channels_last``, and
     the output conversion: AIRPI's complex wave) on a uniform random batch of ``batch`` inputs of the
     method's shape (:data:`NETWORK_INPUT`) on ``device``. One untimed warm-up pass, then passes until at
     least ``min_s`` seconds have passed (at least one); ``network_patterns_per_s = batch * passes / s``.
+    With ``compile`` the predictor is :func:`torch.compile`-d; its warm-up pass (the compilation) is
+    reported as ``network_warmup_s``.
     """
     import torch
 
@@ -292,14 +305,16 @@ def network_rate(
     channels, pixels = NETWORK_INPUT[method]
     generator = torch.Generator().manual_seed(0)
     inputs = torch.rand(batch, channels, pixels, pixels, generator=generator).to(device)
-    predict = model_predictor(model, NETWORKS[method], precision, channels_last)
+    predict = model_predictor(model, NETWORKS[method], precision, channels_last, compile=compile)
 
     def sync() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    warmup_start = time.perf_counter()
     predict(inputs)
     sync()
+    warmup_s = time.perf_counter() - warmup_start
     passes = 0
     start = time.perf_counter()
     while True:
@@ -314,6 +329,7 @@ def network_rate(
         "network_batch": batch,
         "network_passes": passes,
         "network_seconds": round(elapsed_s, 4),
+        "network_warmup_s": round(warmup_s, 3),
     }
 
 
@@ -395,11 +411,17 @@ def child(
     network_min_s: float = 1.0,
     ckpt: Path | None = None,
     read_ahead_check: bool = False,
+    compile: str = "off",
+    batch_sweep: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Measure ``method`` on the scan file ``scan_path`` in this process; returns its result dict.
 
     Networks run once per :func:`configurations` pair of ``precisions`` x ``channels_last`` (on | off |
-    both), each with its :func:`network_rate` and a timed ``run_method`` call; conventional methods once.
+    both), each with its :func:`network_rate` and a timed ``run_method`` call, uncompiled; with ``compile``
+    ``both`` every precision runs again compiled (``torch.compile``) in the primary layout, its end-to-end
+    time including the compilation (``compiled``); ``batch_sweep``: the network alone at each of these
+    batches and every precision, primary layout (``batch_sweep``: {precision: {batch: patterns/s}});
+    conventional methods once.
     """
     import importlib
     import tracemalloc
@@ -420,11 +442,16 @@ def child(
     model = _network(method, device, batch, ckpt) if network else None
     run_device = device if network else "cpu"  # the references are NumPy code on the host
 
-    def call(overrides: dict[str, Any] | None = None, precision: str = "32", layout: bool = True) -> Any:
+    def call(
+        overrides: dict[str, Any] | None = None,
+        precision: str = "32",
+        layout: bool = True,
+        compiled: bool = False,
+    ) -> Any:
         params = {**_method_params(method, batch, epie_iterations), **(overrides or {})}
         return run_method(
             scan, NETWORKS.get(method, method), params, progress=False, model=model, device=run_device,
-            precision=precision, channels_last=layout,
+            precision=precision, channels_last=layout, compile=compiled,
         )  # fmt: skip
 
     result: dict[str, Any] = {"device": run_device}
@@ -432,20 +459,29 @@ def child(
         runs: dict[str, dict[str, Any]] = {}
         phases: dict[str, Any] = {}
         pairs = configurations(precisions, channels_last)
-        for precision, layout in pairs:
+        runs_to_make = [(precision, layout, False) for precision, layout in pairs]
+        if compile == "both":
+            runs_to_make += [(precision, channels_last != "off", True) for precision in precisions]
+        for precision, layout, compiled in runs_to_make:
             # model_predictor converts the weights to NHWC but never back: set the layout of this run
             model.to(memory_format=torch.channels_last if layout else torch.contiguous_format)
             entry: dict[str, Any] = {"precision_requested": precision, "channels_last": layout}
-            entry.update(network_rate(model, method, precision, layout, batch, run_device, network_min_s))
-            recon, measured = _measure(lambda p=precision, c=layout: call(precision=p, layout=c), run_device)
+            entry.update(
+                network_rate(model, method, precision, layout, batch, run_device, network_min_s, compiled)
+            )
+            recon, measured = _measure(
+                lambda p=precision, c=layout, k=compiled: call(precision=p, layout=c, compiled=k), run_device
+            )
             entry.update(measured)
             entry["patterns_per_s"] = round(positions / measured["seconds"], 2)
             entry["precision"] = recon.info.get("precision", precision)
+            entry["compiled"] = bool(recon.info.get("compiled", False))
             if "patterns_per_s" in recon.info:
                 entry["patterns_per_s_reported"] = round(float(recon.info["patterns_per_s"]), 2)
             entry["finite_output"] = bool(np.all(np.isfinite(recon.phase)))
-            phases[_label(precision, layout)] = np.asarray(recon.phase, dtype=np.float64)
-            runs[_label(precision, layout)] = entry
+            label = _label(precision, layout) + ("/compiled" if compiled else "")
+            phases[label] = np.asarray(recon.phase, dtype=np.float64)
+            runs[label] = entry
             del recon
         primary = channels_last != "off"
         reference = _label("32", primary)
@@ -459,6 +495,19 @@ def child(
         result["precisions"] = {precision: runs[_label(precision, primary)] for precision in precisions}
         if channels_last == "both" and "32" in precisions:
             result["layouts"] = {"nhwc": runs["32/nhwc"], "nchw": runs["32/nchw"]}
+        if compile == "both":
+            result["compiled"] = {p: runs[_label(p, primary) + "/compiled"] for p in precisions}
+        if batch_sweep:
+            model.to(memory_format=torch.channels_last if primary else torch.contiguous_format)
+            result["batch_sweep"] = {
+                p: {
+                    str(b): network_rate(model, method, p, primary, b, run_device, network_min_s)[
+                        "network_patterns_per_s"
+                    ]
+                    for b in batch_sweep
+                }
+                for p in precisions
+            }
         if read_ahead_check:
             result["read_ahead"] = _read_ahead_check(call, pairs[0], positions, run_device)
         result["positions"] = positions
@@ -542,6 +591,10 @@ def run_child(
         command += ["--airpi-ckpt", str(args.airpi_ckpt)]
     if args.read_ahead_check and not reference_only:
         command += ["--read-ahead-check"]
+    if not reference_only:
+        command += ["--compile", args.compile]
+        if args.batch_sweep:
+            command += ["--batch-sweep", *map(str, args.batch_sweep)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -620,10 +673,12 @@ def airpi_vs_ssb(results: dict[str, Any]) -> dict[str, Any] | None:
     if not airpi or not ssb or "error" in airpi or "error" in ssb:
         return None
     ssb_rate = ssb["patterns_per_s"]
-    ratio = {p: round(run["patterns_per_s"] / ssb_rate, 5) for p, run in airpi.get("precisions", {}).items()}
+    runs = dict(airpi.get("precisions", {}))
+    runs.update({f"{p}/compiled": run for p, run in airpi.get("compiled", {}).items()})
+    ratio = {p: round(run["patterns_per_s"] / ssb_rate, 5) for p, run in runs.items()}
     return {
         "ssb_patterns_per_s": ssb_rate,
-        "airpi_patterns_per_s": {p: run["patterns_per_s"] for p, run in airpi.get("precisions", {}).items()},
+        "airpi_patterns_per_s": {p: run["patterns_per_s"] for p, run in runs.items()},
         "ratio": ratio,
         "goal_ratio": AIRPI_SSB_GOAL,
         "meets_goal": {p: value >= AIRPI_SSB_GOAL for p, value in ratio.items()},
@@ -653,7 +708,10 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch / BLAS threads per method (default: every core)"
     )
     parser.add_argument("--epie-iterations", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=256, help="network batch (conf/reconstruct.yaml: 256)")
+    parser.add_argument(
+        "--batch", type=int, default=None,
+        help="network batch (default: reconstruct.py's batch_size=auto for --device: 32 CPU, 1024 CUDA)",
+    )  # fmt: skip
     parser.add_argument(
         "--precisions", nargs="+", default=["32", "bf16"], help="network inference precisions: 32 bf16"
     )
@@ -672,6 +730,14 @@ def main() -> None:
         "--read-ahead-check", action="store_true",
         help="networks: also the first configuration with the pattern read-ahead off, then on",
     )  # fmt: skip
+    parser.add_argument(
+        "--compile", default="off", choices=["off", "both"],
+        help="networks: both = every precision also torch.compile-d (end to end including the compilation)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-sweep", type=int, nargs="+", default=[],
+        help="networks: also the network alone at each of these batches (e.g. 16 32 64 128 256)",
+    )  # fmt: skip
     parser.add_argument("--tmpdir", type=Path, default=None, help="where the scan files go (default: TMPDIR)")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--scan-path", type=Path, help=argparse.SUPPRESS)
@@ -684,13 +750,22 @@ def main() -> None:
     for name in THREAD_VARIABLES:
         os.environ[name] = str(args.threads)
     args.precisions = _precisions(args.precisions)
+    # this imports torch: after the thread variables are set
+    from evaluation.networks.checkpoints import resolve_batch_size
+
+    try:
+        args.batch = resolve_batch_size(args.batch, args.device)
+    except ValueError as err:
+        raise SystemExit(f"bench_reconstruct: --batch: {err}") from None
+    if any(b < 1 for b in args.batch_sweep):
+        raise SystemExit("bench_reconstruct: need --batch-sweep entries >= 1")
     if args.child:
         configure_threads(args.threads)
         result = child(
             args.child, args.scan_path, args.device, args.batch, args.epie_iterations,
             precisions=args.precisions, channels_last=args.channels_last, network_min_s=args.network_min_s,
             ckpt=args.airpi_ckpt if args.child == "airpi" else None,
-            read_ahead_check=args.read_ahead_check,
+            read_ahead_check=args.read_ahead_check, compile=args.compile, batch_sweep=args.batch_sweep,
         )  # fmt: skip
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -727,6 +802,7 @@ def main() -> None:
         "epie_iterations": args.epie_iterations,
         "precisions": args.precisions,
         "channels_last": args.channels_last,
+        "compile": args.compile,
         "network_min_s": args.network_min_s,
         "bf16": {
             "native": bf16_supported(args.device),

@@ -76,7 +76,9 @@ from evaluation.networks.airpi import airpi_reconstruct
 from evaluation.networks.chang import chang_reconstruct
 from evaluation.networks.checkpoints import (
     ABSOLUTE_TOLERANCE,
+    AUTO_BATCH_SIZE,
     CHANG_GEOMETRY,
+    COMPILE_AUTO_DEVICES,
     NETWORK_CLASSES,
     TRAINED_FOR_UNITS,
     CheckpointError,
@@ -90,6 +92,8 @@ from evaluation.networks.checkpoints import (
     optics_mismatch,
     ptychonn_geometry_params,
     recorded_geometry,
+    resolve_batch_size,
+    resolve_compile,
     training_ranges,
 )
 from evaluation.networks.geometry import (
@@ -106,7 +110,9 @@ from evaluation.references._common import pair
 
 __all__ = [
     "ABSOLUTE_TOLERANCE",
+    "AUTO_BATCH_SIZE",
     "CHANG_GEOMETRY",
+    "COMPILE_AUTO_DEVICES",
     "NETWORK_CLASSES",
     "PAPER_RATIO_ALPHA_GMAX",
     "RECONSTRUCTORS",
@@ -131,6 +137,8 @@ __all__ = [
     "ptychonn_reconstruct",
     "reconstruct_with_network",
     "recorded_geometry",
+    "resolve_batch_size",
+    "resolve_compile",
     "resolve_device",
     "training_ranges",
 ]
@@ -153,6 +161,7 @@ def reconstruct_with_network(
     precision: str = "auto",
     channels_last: bool = True,
     reconstructor: Callable[..., Reconstruction] | None = None,
+    compile: bool | str = "auto",
 ) -> Reconstruction:
     """Run ``method`` with a loaded model or a checkpoint path and the method's keyword ``params``.
 
@@ -162,7 +171,11 @@ def reconstruct_with_network(
     ``info`` here apply to it alike.
 
     ``precision`` auto | bf16 | 32 (:func:`physics.runtime.resolve_precision`: auto = bf16 where the device
-    has bf16 units, fp32 otherwise); the precision used is ``info['precision']``.
+    has bf16 units, fp32 otherwise); the precision used is ``info['precision']``. ``compile`` auto | true |
+    false (:func:`resolve_compile`: auto = on CUDA, not on the CPU) wraps the network in
+    :func:`torch.compile` (local reconstruction only: an engine's ``reconstructor`` runs it uncompiled);
+    ``info['compiled']`` says whether it ran compiled. ``params['batch_size']`` ``auto`` (or unset) is
+    :data:`AUTO_BATCH_SIZE` of the device; ``info['batch_size']`` is the one used.
 
     AIRPI and PtychoNN given neither ``gmax_invA`` nor ``ratio_alpha_gmax`` (or None) resample the scan to
     the ``alpha / gmax`` range the model records (:func:`model_ratio_alpha_gmax`; paper 002's (0.1, 0.95)
@@ -176,7 +189,7 @@ def reconstruct_with_network(
     :func:`chang_reconstruct`, paper 001's 32 / 2 / 2.0 / 0.9, when it records none) and warns for a value
     set otherwise.
     """
-    from physics.runtime import resolve_precision
+    from physics.runtime import check_compile, resolve_precision
 
     if method not in RECONSTRUCTORS:
         raise ValueError(f"unknown network method {method!r}; choose one of {', '.join(RECONSTRUCTORS)}")
@@ -218,7 +231,19 @@ def reconstruct_with_network(
             recorded = model_ratio_alpha_gmax(model)
             source = "paper" if recorded is None else "model"
             options["ratio_alpha_gmax"] = PAPER_RATIO_ALPHA_GMAX if recorded is None else recorded
-    predictor = model_predictor(model, method, used, channels_last)
+    options["batch_size"] = resolve_batch_size(options.get("batch_size"), dev.type)
+    use_compile = resolve_compile(compile, dev.type)
+    if use_compile and reconstructor is not None:
+        if check_compile(compile) == "true":
+            import warnings
+
+            warnings.warn(
+                "compile=true applies to the local engine only; this engine runs the network uncompiled",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        use_compile = False
+    predictor = model_predictor(model, method, used, channels_last, compile=use_compile)
     try:
         run = reconstructor if reconstructor is not None else RECONSTRUCTORS[method]
         result = run(scan, predictor, device=dev, progress=progress, **options)
@@ -251,4 +276,6 @@ def reconstruct_with_network(
         )
     result.info["precision"] = used
     result.info["channels_last"] = bool(channels_last)
+    result.info["compiled"] = bool(predictor.compiled())  # type: ignore[attr-defined]
+    result.info["batch_size"] = options["batch_size"]
     return result

@@ -1,0 +1,119 @@
+"""Inference batch and ``torch.compile`` (issue #17): ``batch_size=auto`` is sized for the device,
+``compile=auto|true|false`` compiles the network only where it pays, a compiled network gives the eager
+numbers (also for a short last batch, which must not recompile), and a compiler failure falls back with one
+warning instead of failing the reconstruction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_reconstruct_networks import TINY, _config, folder  # noqa: F401  (fixture)
+
+from evaluation.cli import reconstruct_main
+from evaluation.networks import (
+    AUTO_BATCH_SIZE,
+    model_predictor,
+    resolve_batch_size,
+    resolve_compile,
+)
+from physics.runtime import check_compile
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _module(method: str):
+    cls, kwargs = TINY[method]
+    torch.manual_seed(0)
+    return cls(**kwargs).eval()
+
+
+def test_auto_batch_is_per_device_and_bad_batches_are_named():
+    assert resolve_batch_size("auto", "cpu") == resolve_batch_size(None, "cpu") == AUTO_BATCH_SIZE["cpu"]
+    assert AUTO_BATCH_SIZE["cpu"] == 32
+    assert resolve_batch_size("AUTO", "cuda") == AUTO_BATCH_SIZE["cuda"] == 1024
+    assert resolve_batch_size(7, "cpu") == 7 and resolve_batch_size("64", "cuda") == 64
+    for bad in (0, -3, "many", 2.5):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive integer or auto, got {bad!r}"):
+            resolve_batch_size(bad, "cpu")
+
+
+def test_compile_auto_only_on_cuda_and_bad_values_named():
+    assert [check_compile(v) for v in (None, "auto", True, False, "on", "OFF", "true", "0")] == [
+        "auto", "auto", "true", "false", "true", "false", "true", "false",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="compile must be one of auto, true, false, got 'max'"):
+        check_compile("max")
+    assert resolve_compile("auto", "cuda") and not resolve_compile("auto", "cpu")
+    assert resolve_compile("true", "cpu") and not resolve_compile(False, "cuda")
+
+
+def test_compiled_network_matches_eager_and_pads_the_last_batch():
+    torch.manual_seed(1)
+    inputs = torch.randn(6, 11, 32, 32)
+    eager = model_predictor(_module("airpi"), "airpi", "32", channels_last=True)
+    compiled = model_predictor(_module("airpi"), "airpi", "32", channels_last=True, compile=True)
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    full = compiled(inputs[:4])
+    short = compiled(inputs[4:])  # the last, smaller batch of a scan
+    assert compiled.compiled(), "torch.compile fell back to eager on this machine"
+    assert short.shape == (2, 32, 32) and full.shape == (4, 32, 32)
+    # one graph for both calls: the short batch was padded, not recompiled
+    assert counters["stats"]["unique_graphs"] == 1
+    want = eager(inputs)
+    got = torch.cat([full, short])
+    np.testing.assert_allclose(np.angle(got.numpy()), np.angle(want.numpy()), atol=2e-4)
+    np.testing.assert_allclose(np.abs(got.numpy()), np.abs(want.numpy()), rtol=2e-4, atol=2e-5)
+
+
+def test_a_compiler_failure_warns_once_and_runs_eagerly(monkeypatch):
+    def broken_compile(model, **kwargs):
+        def fail(*args, **kw):
+            raise RuntimeError("InductorError: no working C++ compiler\nsecond line")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    inputs = torch.randn(3, 1, 32, 32)
+    want = model_predictor(_module("chang_unet"), "chang_unet", "32")(inputs)
+    predict = model_predictor(_module("chang_unet"), "chang_unet", "32", compile=True)
+    message = r"torch.compile failed \(RuntimeError: InductorError: no working"
+    with pytest.warns(RuntimeWarning, match=message):
+        got = predict(inputs)
+    assert not predict.compiled()
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second batch: no second warning
+        predict(inputs)
+
+
+def test_reconstruct_uses_the_auto_batch_and_rejects_a_bad_compile(folder, tmp_path, capsys):  # noqa: F811
+    import h5py
+
+    out = tmp_path / "airpi.h5"
+    code = reconstruct_main(
+        _config(folder, "method=airpi", f"ckpt={folder}/airpi.ckpt", f"output={out}", "airpi.pixels=32")
+    )
+    assert code == 0
+    assert ", compiled" not in capsys.readouterr().out  # the CPU: auto does not compile
+    with h5py.File(out) as f:
+        assert int(f.attrs["info_batch_size"]) == AUTO_BATCH_SIZE["cpu"]
+        assert not bool(f.attrs["info_compiled"])
+    code = reconstruct_main(
+        _config(folder, "method=airpi", f"ckpt={folder}/airpi.ckpt", f"output={tmp_path}/x.h5", "compile=max")
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["deepstem: error: compile must be one of auto, true, false, got 'max'"]
+    assert not (tmp_path / "x.h5").exists()
