@@ -38,6 +38,9 @@ def _module(method: str):
 def test_auto_batch_is_per_device_and_bad_batches_are_named():
     assert resolve_batch_size("auto", "cpu") == resolve_batch_size(None, "cpu") == AUTO_BATCH_SIZE["cpu"]
     assert AUTO_BATCH_SIZE["cpu"] == 32
+    # the same activation size for other inputs on the CPU: Chang's 32 px takes 4x, a 128 px grid 1/4
+    assert resolve_batch_size("auto", "cpu", 32) == 128 and resolve_batch_size("auto", "cpu", 128) == 8
+    assert resolve_batch_size("auto", "cuda", 32) == 1024 and resolve_batch_size(5, "cpu", 32) == 5
     assert resolve_batch_size("AUTO", "cuda") == AUTO_BATCH_SIZE["cuda"] == 1024
     assert resolve_batch_size(7, "cpu") == 7 and resolve_batch_size("64", "cuda") == 64
     for bad in (0, -3, "many", 2.5):
@@ -109,7 +112,7 @@ def test_reconstruct_uses_the_auto_batch_and_rejects_a_bad_compile(folder, tmp_p
     assert code == 0
     assert ", compiled" not in capsys.readouterr().out  # the CPU: auto does not compile
     with h5py.File(out) as f:
-        assert int(f.attrs["info_batch_size"]) == AUTO_BATCH_SIZE["cpu"]
+        assert int(f.attrs["info_batch_size"]) == 128  # auto on the CPU for this 32 px network grid
         assert not bool(f.attrs["info_compiled"])
     code = reconstruct_main(
         _config(folder, "method=airpi", f"ckpt={folder}/airpi.ckpt", f"output={tmp_path}/x.h5", "compile=max")

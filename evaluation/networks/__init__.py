@@ -175,7 +175,8 @@ def reconstruct_with_network(
     false (:func:`resolve_compile`: auto = on CUDA, not on the CPU) wraps the network in
     :func:`torch.compile` (local reconstruction only: an engine's ``reconstructor`` runs it uncompiled);
     ``info['compiled']`` says whether it ran compiled. ``params['batch_size']`` ``auto`` (or unset) is
-    :data:`AUTO_BATCH_SIZE` of the device; ``info['batch_size']`` is the one used.
+    :data:`AUTO_BATCH_SIZE` of the device (scaled to the network input's pixels); ``info['batch_size']`` is
+    the one used.
 
     AIRPI and PtychoNN given neither ``gmax_invA`` nor ``ratio_alpha_gmax`` (or None) resample the scan to
     the ``alpha / gmax`` range the model records (:func:`model_ratio_alpha_gmax`; paper 002's (0.1, 0.95)
@@ -231,7 +232,8 @@ def reconstruct_with_network(
             recorded = model_ratio_alpha_gmax(model)
             source = "paper" if recorded is None else "model"
             options["ratio_alpha_gmax"] = PAPER_RATIO_ALPHA_GMAX if recorded is None else recorded
-    options["batch_size"] = resolve_batch_size(options.get("batch_size"), dev.type)
+    pixels = options.get("pixels") or 64  # the network input grid (Chang: the recorded 32 px)
+    options["batch_size"] = resolve_batch_size(options.get("batch_size"), dev.type, pixels)
     use_compile = resolve_compile(compile, dev.type)
     if use_compile and reconstructor is not None:
         if check_compile(compile) == "true":

@@ -351,10 +351,13 @@ def detector_mismatch(model: Any, scan: Any, pixels: int = 64, tolerance: float 
     ]
 
 
-#: Inference batch per device type when ``batch_size`` is ``auto`` (or None). On the CPU small batches keep a
-#: layer's activations in cache: AIRPI's network at bf16 ran 266 / 249 / 245 / 184 / 141 patterns/s at batch
-#: 16 / 32 / 64 / 128 / 256 on 2 AVX512-BF16 cores (docs/benchmarks.md); a GPU needs large batches to fill.
+#: Inference batch per device type when ``batch_size`` is ``auto`` (or None), for a 64 x 64 network input
+#: (:func:`resolve_batch_size` scales it by the input's pixel count). On the CPU small batches keep a layer's
+#: activations in cache: AIRPI's network at bf16 ran 282 / 278 / 246 / 169 / 134 patterns/s at batch
+#: 16 / 32 / 64 / 128 / 256 on 2 AVX512-BF16 cores (and Chang's 32 x 32 U-Net peaked at 128:
+#: docs/benchmarks.md); a GPU needs large batches to fill.
 AUTO_BATCH_SIZE = {"cpu": 32, "cuda": 1024}
+AUTO_BATCH_PIXELS = 64
 
 #: Device types where ``compile=auto`` compiles the network (:func:`torch.compile`, inductor). Not the CPU:
 #: on 2 AVX512-BF16 cores the compiled AIRPI network ran 1.1-1.4x faster alone (bf16, batch 32), but a
@@ -363,10 +366,14 @@ AUTO_BATCH_SIZE = {"cpu": 32, "cuda": 1024}
 COMPILE_AUTO_DEVICES = ("cuda",)
 
 
-def resolve_batch_size(batch_size: int | str | None, device_type: str) -> int:
-    """The inference batch: ``batch_size``, or for ``auto`` / None the device's :data:`AUTO_BATCH_SIZE`."""
+def resolve_batch_size(batch_size: int | str | None, device_type: str, pixels: int | None = None) -> int:
+    """The inference batch: ``batch_size``, or for ``auto`` / None the device's :data:`AUTO_BATCH_SIZE`, on
+    the CPU scaled to the same activation size for a ``pixels`` x ``pixels`` input (32 px: 4x the batch)."""
     if batch_size is None or (isinstance(batch_size, str) and batch_size.strip().lower() == "auto"):
-        return AUTO_BATCH_SIZE.get(device_type, AUTO_BATCH_SIZE["cuda"])
+        batch = AUTO_BATCH_SIZE.get(device_type, AUTO_BATCH_SIZE["cuda"])
+        if device_type == "cpu" and pixels:
+            batch = max(1, round(batch * (AUTO_BATCH_PIXELS / int(pixels)) ** 2))
+        return batch
     try:
         value = int(batch_size)
     except (TypeError, ValueError):
