@@ -112,3 +112,29 @@ def test_read_ahead_check_reports_both_rates_and_the_same_phase(tmp_path, one_th
     assert check["on_over_off"] == pytest.approx(ratio, rel=1e-2)
     assert check["max_abs_phase_diff_rad"] == 0.0
     assert _PatternStream.read_ahead is True
+
+
+def test_compile_both_and_batch_sweep_report_the_compiled_run_and_each_batch(tmp_path, one_thread):
+    """``--compile both``: every precision again through ``torch.compile`` (flagged compiled, the same
+    phase as eager fp32); ``--batch-sweep``: the network alone at each batch; ``airpi_vs_ssb`` names the
+    compiled runs."""
+    bench = _bench()
+    path = bench.SyntheticScan((4, 4), (32, 32)).write(tmp_path / "scan.h5")
+    result = bench.child(
+        "chang", path, "cpu", batch=4, epie_iterations=1, precisions=("32",), channels_last="on",
+        network_min_s=0.0, compile="both", batch_sweep=(2, 3),
+    )  # fmt: skip
+    json.dumps(result)
+    compiled = result["compiled"]["32"]
+    assert compiled["compiled"] is True and result["precisions"]["32"]["compiled"] is False
+    assert _positive(compiled["patterns_per_s"]) and _positive(compiled["network_warmup_s"])
+    assert compiled["max_abs_phase_diff_rad"] < 1e-4  # compiling changes no answer
+    assert set(result["batch_sweep"]["32"]) == {"2", "3"}
+    assert all(_positive(rate) for rate in result["batch_sweep"]["32"].values())
+    ratio = bench.airpi_vs_ssb(
+        {
+            "airpi": {**result, "precisions": {"32": {"patterns_per_s": 30.0}}},
+            "ssb": {"patterns_per_s": 300.0},
+        }
+    )
+    assert set(ratio["ratio"]) == {"32", "32/compiled"}
