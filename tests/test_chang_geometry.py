@@ -148,7 +148,8 @@ def test_reconstruction_receives_the_recorded_geometry(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reconstruct_with_network(None, "chang_unet", model, unset, device="cpu", reconstructor=capture)
-    assert seen[-1] == {"pixels": 32, "bin_factor": 2, "collection_ratio": 3.0}
+    # batch_size=auto on the CPU: 32 patterns of 64 px, i.e. 128 of the recorded 32 px
+    assert seen[-1] == {"pixels": 32, "bin_factor": 2, "collection_ratio": 3.0, "batch_size": 128}
     with pytest.warns(RuntimeWarning, match="collection_ratio=2.0 differs"):
         reconstruct_with_network(
             None, "chang_unet", model, {"collection_ratio": 2.0}, device="cpu", reconstructor=capture
@@ -156,7 +157,8 @@ def test_reconstruction_receives_the_recorded_geometry(tmp_path):
     assert seen[-1]["collection_ratio"] == 2.0
     bare = _chang_model(tmp_path, None)
     reconstruct_with_network(None, "chang_unet", bare, unset, device="cpu", reconstructor=capture)
-    assert seen[-1] == {}  # chang_reconstruct's defaults (paper 001: 32 / 2 / 2.0 / 0.9) then apply
+    # chang_reconstruct's defaults (paper 001: 32 / 2 / 2.0 / 0.9) then apply; the batch is auto's for 64 px
+    assert seen[-1] == {"batch_size": 32}
 
 
 def test_recorded_collection_ratio_reaches_the_detector_check(tmp_path):

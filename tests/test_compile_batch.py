@@ -120,3 +120,30 @@ def test_reconstruct_uses_the_auto_batch_and_rejects_a_bad_compile(folder, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["deepstem: error: compile must be one of auto, true, false, got 'max'"]
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_auto_precision_keeps_ptychonn_in_fp32(monkeypatch):
+    """PtychoNN's phase varies far below bf16's resolution at its offset: ``precision=auto`` keeps it in
+    fp32 even where bf16 is native (``precision=bf16`` still forces bf16); AIRPI takes bf16 there."""
+    from evaluation.networks import FP32_AUTO_METHODS, reconstruct_with_network
+    from evaluation.references import Reconstruction
+    from physics import runtime
+
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device_type: True)
+
+    def capture(scan, predictor, *, device, progress, **params):
+        return Reconstruction(np.zeros((2, 2)), (1.0, 1.0), (0.0, 0.0), "x")
+
+    class Scan:
+        data = np.zeros((2, 2, 32, 32), np.float32)
+        k_pixel_invA = 0.05
+
+    assert "ptychonn" in FP32_AUTO_METHODS and "airpi" not in FP32_AUTO_METHODS
+    used = {}
+    for method, precision in (("ptychonn", "auto"), ("ptychonn", "bf16"), ("airpi", "auto")):
+        result = reconstruct_with_network(
+            Scan(), method, _module(method), {"gmax_invA": 1.0}, device="cpu", precision=precision,
+            reconstructor=capture,
+        )  # fmt: skip
+        used[(method, precision)] = result.info["precision"]
+    assert used == {("ptychonn", "auto"): "32", ("ptychonn", "bf16"): "bf16", ("airpi", "auto"): "bf16"}

@@ -102,7 +102,11 @@ def test_one_tile_equals_the_untiled_network_and_scale_carries_through(folder) -
 def test_restore_command_writes_image_and_png(folder, tmp_path, capsys) -> None:
     output = tmp_path / "out" / "restored.h5"
     cfg = _config(
-        f"input={folder}/image.npy", "method=cgrdn", f"ckpt={folder}/cgrdn.ckpt", f"output={output}"
+        f"input={folder}/image.npy",
+        "method=cgrdn",
+        f"ckpt={folder}/cgrdn.ckpt",
+        f"output={output}",
+        "precision=32",  # compared with fp32 restore_image below (auto is bf16 on a CPU with bf16 units)
     )
     assert reconstruct_main(cfg) == 0, capsys.readouterr().err
     assert "cgrdn: 300 x 270 px image" in capsys.readouterr().out

@@ -113,6 +113,7 @@ __all__ = [
     "AUTO_BATCH_SIZE",
     "CHANG_GEOMETRY",
     "COMPILE_AUTO_DEVICES",
+    "FP32_AUTO_METHODS",
     "NETWORK_CLASSES",
     "PAPER_RATIO_ALPHA_GMAX",
     "RECONSTRUCTORS",
@@ -151,6 +152,13 @@ RECONSTRUCTORS: dict[str, Callable[..., Reconstruction]] = {
 }
 
 
+#: Networks that ``precision=auto`` runs in fp32 even where bf16 is native: the shipped PtychoNN's phase
+#: varies by ~1e-3 rad around a 0.23 rad offset per pattern, below bf16's resolution there (2^-10), and its
+#: weak-phase test scan scored xc 0.03 in bf16 against > 0.5 in fp32 (tests/test_ptychonn_pretrained.py, a
+#: CPU with AVX512-BF16). ``precision=bf16`` still forces bf16.
+FP32_AUTO_METHODS = ("ptychonn",)
+
+
 def reconstruct_with_network(
     scan: Any,
     method: str,
@@ -171,7 +179,8 @@ def reconstruct_with_network(
     ``info`` here apply to it alike.
 
     ``precision`` auto | bf16 | 32 (:func:`physics.runtime.resolve_precision`: auto = bf16 where the device
-    has bf16 units, fp32 otherwise); the precision used is ``info['precision']``. ``compile`` auto | true |
+    has bf16 units, fp32 otherwise; :data:`FP32_AUTO_METHODS` fp32 always); the precision used is
+    ``info['precision']``. ``compile`` auto | true |
     false (:func:`resolve_compile`: auto = on CUDA, not on the CPU) wraps the network in
     :func:`torch.compile` (local reconstruction only: an engine's ``reconstructor`` runs it uncompiled);
     ``info['compiled']`` says whether it ran compiled. ``params['batch_size']`` ``auto`` (or unset) is
@@ -190,7 +199,7 @@ def reconstruct_with_network(
     :func:`chang_reconstruct`, paper 001's 32 / 2 / 2.0 / 0.9, when it records none) and warns for a value
     set otherwise.
     """
-    from physics.runtime import check_compile, resolve_precision
+    from physics.runtime import check_compile, check_precision, resolve_precision
 
     if method not in RECONSTRUCTORS:
         raise ValueError(f"unknown network method {method!r}; choose one of {', '.join(RECONSTRUCTORS)}")
@@ -198,6 +207,8 @@ def reconstruct_with_network(
     if isinstance(model, (str, Path)):
         model = load_network(model, method, dev)
     used = resolve_precision(precision, dev.type)
+    if method in FP32_AUTO_METHODS and check_precision(precision) == "auto":
+        used = "32"
     options = dict(params or {})
     for key in ("ratio_alpha_gmax", "detector_centre_px"):
         if options.get(key) is not None:
