@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_reconstruct_networks import TINY, _config, folder  # noqa: F401  (fixture)
+from test_precision import _module, _one_thread  # noqa: F401  (the autouse one-thread fixture)
+from test_reconstruct_networks import _config, folder  # noqa: F401  (fixture)
 
 from evaluation.cli import reconstruct_main
 from evaluation.networks import (
@@ -19,20 +20,6 @@ from evaluation.networks import (
     resolve_compile,
 )
 from physics.runtime import check_compile
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _module(method: str):
-    cls, kwargs = TINY[method]
-    torch.manual_seed(0)
-    return cls(**kwargs).eval()
 
 
 def test_auto_batch_is_per_device_and_bad_batches_are_named():

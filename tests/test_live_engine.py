@@ -334,8 +334,6 @@ def test_cli_live_stall_mid_scan_is_one_error_line(tmp_path):
     import subprocess
     import sys
 
-    if os.environ.get("DEEPSTEM_ISOLATED_STALL_TEST") == "1":
-        pytest.skip("the isolated copy runs _stall_check_in_this_process")
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          f"{Path(__file__).resolve()}::test_isolated_stall_check", "--basetemp", str(tmp_path / "isolated")],
