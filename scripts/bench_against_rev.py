@@ -26,7 +26,6 @@ Background load skews both alike only when it is steady: stop other jobs first.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import os
@@ -117,12 +116,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     from evaluation.metrics import xc
 
-    spec = importlib.util.spec_from_file_location(
-        "bench_reconstruct", ROOT / "scripts" / "bench_reconstruct.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, bench)
-    spec.loader.exec_module(bench)
+    sys.path.insert(0, str(ROOT / "scripts"))  # its sibling script, for the synthetic scan writer
+    import bench_reconstruct as bench
+
     scan, _, size_MB = bench._write_scan(folder, tuple(args.scan), tuple(args.detector))
     old_tree = export_revision(args.rev, folder)
     # a relative checkpoint path is each tree's own copy (its file format may have changed in between:

@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
@@ -41,9 +40,8 @@ from evaluation.networks.checkpoints import load_network  # noqa: E402
 from models.airpi import output_to_wave  # noqa: E402
 from models.lightning import as_complex  # noqa: E402
 from models.losses import illuminated_mask, object_phase, pearson_xc  # noqa: E402
-from physics.optics import wavelength  # noqa: E402
 from physics.runtime import configure_threads, resolve_precision  # noqa: E402
-from training.datamodules import MultisliceDataModule  # noqa: E402
+from training.datamodules import MultisliceDataModule, kernel_sample_optics  # noqa: E402
 
 #: per-sample shard columns the optics table groups by (column -> printed name)
 OPTICS_COLUMNS = {
@@ -53,22 +51,6 @@ OPTICS_COLUMNS = {
     "step_A": "scan step (A)",
     "alpha_over_gmax": "alpha / gmax",
 }
-
-
-def sample_optics(module: MultisliceDataModule, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-sample optics of the global sample ``indices`` (the columns of :data:`OPTICS_COLUMNS`; the
-    ``alpha / gmax`` ratio from energy, semi-angle and the CBED's ``gmax_invA``)."""
-    shard_of, local = module.index.locate(np.asarray(indices, dtype=np.int64))
-    out = {name: np.full(len(indices), np.nan) for name in (*OPTICS_COLUMNS, "gmax_invA")}
-    for shard in np.unique(shard_of):
-        rows = shard_of == shard
-        with h5py.File(module.index.paths[int(shard)], "r") as handle:
-            for name in out:
-                if name in handle:
-                    out[name][rows] = np.asarray(handle[name][:], float)[local[rows]]
-    lam = np.array([wavelength(float(e)) if np.isfinite(e) else np.nan for e in out["energy_eV"]])
-    out["alpha_over_gmax"] = out["semiangle_mrad"] * 1e-3 / lam / out.pop("gmax_invA")
-    return out
 
 
 @torch.inference_mode()
@@ -94,7 +76,7 @@ def score_split(
     seen = 0
     try:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-        for batch in module._loader(split, shuffle=False):
+        for batch in getattr(module, f"{split}_dataloader")():
             batch = module.augmentation(batch, deterministic=True)
             with autocast:
                 out = model(batch["inputs"])
@@ -227,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["draw"]["by_decade"][f"1e{int(decade)}"] = row
         print(f"  drawn dose 1e{int(decade)}-1e{int(decade) + 1}: {row['mean']:.3f} +- {row['sem']:.3f} "
               f"(n {row['n']})")  # fmt: skip
-    optics = sample_optics(module, scored["index"])
+    optics = kernel_sample_optics(module.index, scored["index"])
     report["draw"]["by_optics"] = by_optics(scored["xc"], optics, args.bins)
     for name, rows in report["draw"]["by_optics"].items():
         cells = ", ".join(

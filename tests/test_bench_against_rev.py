@@ -7,26 +7,17 @@ a small synthetic scan and reports its printed rate.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from tests.script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_parse_rate_takes_the_last_rate_line():
-    script = _script("bench_against_rev")
+    script = load_script("bench_against_rev")
     text = (
         "x\nairpi: 10 patterns in 2.000 s = 5 patterns/s\n"
         "airpi: 576 patterns in 5.383 s = 107 patterns/s (bf16)"
@@ -37,7 +28,7 @@ def test_parse_rate_takes_the_last_rate_line():
 
 
 def test_export_revision_and_bad_revision(tmp_path):
-    script = _script("bench_against_rev")
+    script = load_script("bench_against_rev")
     tree = script.export_revision("HEAD", tmp_path)
     assert (tree / "reconstruct.py").is_file() and (tree / "evaluation" / "cli.py").is_file()
     with pytest.raises(ValueError, match="--rev 'no-such-rev-xyz'"):
@@ -45,8 +36,8 @@ def test_export_revision_and_bad_revision(tmp_path):
 
 
 def test_run_tree_reports_the_printed_rate(tmp_path):
-    script = _script("bench_against_rev")
-    bench = _script("bench_reconstruct")
+    script = load_script("bench_against_rev")
+    bench = load_script("bench_reconstruct")
     scan, _, _ = bench._write_scan(tmp_path, (8, 8), (16, 16))
     run = script.run_tree(ROOT, scan, "icom", tmp_path / "icom.h5", 1, None)
     assert run["patterns"] == 64 and run["patterns_per_s"] > 0

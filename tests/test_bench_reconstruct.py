@@ -7,29 +7,19 @@ are no thresholds.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.script_modules import load_script
 
 
 def _bench() -> ModuleType:
-    """The script as a module (it is not a package module)."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_reconstruct", ROOT / "scripts" / "bench_reconstruct.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_reconstruct")
 
 
 @pytest.fixture

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+from types import ModuleType
 
 import lightning
 import numpy as np
@@ -12,21 +11,16 @@ import pytest
 import torch
 
 from models.lightning import CGRDNLightning
+from tests.script_modules import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_CGRDN = {
     "net": {"features": 4, "growth": 2, "rdb_layers": 1, "rdbs_per_grdb": 1, "grdbs": 1},
     "discriminator": {"channels": [4, 4, 4, 4]},
 }
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "restoration_benchmark", ROOT / "scripts" / "restoration_benchmark.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _script() -> ModuleType:
+    return load_script("restoration_benchmark")
 
 
 def test_benchmark_scores_every_method_at_every_dose(tmp_path):

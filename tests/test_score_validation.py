@@ -8,30 +8,21 @@ writes its JSON.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 
+from tests.script_modules import load_script
 from tests.test_reconstruct_networks import save_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
+from training.datamodules import kernel_sample_optics
 
 
 def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "score_validation", ROOT / "scripts" / "score_validation.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("score_validation")
 
 
 @pytest.fixture
@@ -70,7 +61,7 @@ def test_draw_stays_in_range_and_optics_bins_partition(scored_setup):
     scored = script.score_split(model, module, (10.0, 1e6), split="test", max_samples=7)
     assert len(scored["xc"]) == 7
     assert np.all((scored["dose_e"] >= 10.0 * (1 - 1e-6)) & (scored["dose_e"] <= 1e6 * (1 + 1e-6)))
-    optics = script.sample_optics(module, scored["index"])
+    optics = kernel_sample_optics(module.index, scored["index"])
     # the synthetic shards: 200 kV, 20 mrad, gmax 2 / A, step 0.1 + index / 1000 A
     np.testing.assert_allclose(optics["step_A"], 0.1 + scored["index"] / 1000)
     from physics.optics import wavelength

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+from types import ModuleType
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "summarize_suite.py"
+from tests.script_modules import load_script
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("summarize_suite", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _module() -> ModuleType:
+    return load_script("summarize_suite")
 
 
 def _row(dose, method, xc, frc):

@@ -4,10 +4,9 @@ several shipped models."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ from evaluation.networks import (
     training_ranges,
 )
 from physics import wavelength
+from tests.script_modules import load_script
 from tests.test_reconstruct_networks import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,13 +48,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _export_script() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "export_checkpoint", ROOT / "scripts" / "export_checkpoint.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _export_script() -> ModuleType:
+    return load_script("export_checkpoint")
 
 
 def tiny(method: str, path: Path, trained_for: dict[str, Any] | None = None) -> Path:

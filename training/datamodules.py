@@ -250,32 +250,42 @@ KERNEL_RANGE_COLUMNS = {
 }
 
 
+def kernel_sample_optics(index: ShardIndex, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-sample optics of the kernel samples ``indices`` (global), in that order: the columns of
+    :data:`KERNEL_RANGE_COLUMNS` that any shard holds (NaN for samples of shards that lack one) and
+    ``alpha_over_gmax``, the aperture ``semiangle / wavelength`` over the CBED's ``gmax_invA``."""
+    from physics.optics import wavelength
+
+    indices = np.asarray(indices, dtype=np.int64)
+    shard_of, local = index.locate(indices)
+    values: dict[str, np.ndarray] = {}
+    for shard in np.unique(shard_of):
+        rows = shard_of == shard
+        with h5py.File(index.paths[int(shard)], "r") as handle:
+            for name in (*KERNEL_RANGE_COLUMNS, "gmax_invA"):
+                if name in handle:
+                    column = values.setdefault(name, np.full(indices.size, np.nan))
+                    column[rows] = np.asarray(handle[name][:], float)[local[rows]]
+    gmax = values.pop("gmax_invA", None)
+    if gmax is not None and "energy_eV" in values and "semiangle_mrad" in values:
+        energy = values["energy_eV"]
+        lam = np.array([wavelength(float(e)) if np.isfinite(e) else np.nan for e in energy])
+        values["alpha_over_gmax"] = values["semiangle_mrad"] * 1e-3 / lam / gmax
+    return values
+
+
 def kernel_training_ranges(
     index: ShardIndex, indices: np.ndarray, scan_step: bool = True
 ) -> dict[str, list[float]]:
     """``{quantity: [low, high]}`` over the kernel samples ``indices`` (global) of ``index``: energy,
-    semi-angle, Cs, defocus, scan step (when ``scan_step``) and ``alpha_over_gmax`` (the aperture
-    ``semiangle / wavelength`` over the CBED's ``gmax_invA``). Columns a shard lacks are left out."""
-    from physics.optics import wavelength
-
-    shard_of, local = index.locate(np.asarray(indices, dtype=np.int64))
-    columns: dict[str, list[np.ndarray]] = {}
-    for shard in np.unique(shard_of):
-        rows = local[shard_of == shard]
-        with h5py.File(index.paths[int(shard)], "r") as handle:
-            for name in (*KERNEL_RANGE_COLUMNS, "gmax_invA"):
-                if name in handle:
-                    columns.setdefault(name, []).append(np.asarray(handle[name][:], float)[rows])
-    values = {name: np.concatenate(parts) for name, parts in columns.items()}
-    ranges = {
-        KERNEL_RANGE_COLUMNS[name]: [float(v.min()), float(v.max())]
-        for name, v in values.items()
-        if name in KERNEL_RANGE_COLUMNS and v.size and (scan_step or name != "step_A")
-    }
-    if all(k in values for k in ("energy_eV", "semiangle_mrad", "gmax_invA")) and values["gmax_invA"].size:
-        lam = np.array([wavelength(float(e)) for e in values["energy_eV"]])
-        ratio = values["semiangle_mrad"] * 1e-3 / lam / values["gmax_invA"]
-        ranges["alpha_over_gmax"] = [float(ratio.min()), float(ratio.max())]
+    semi-angle, Cs, defocus, scan step (when ``scan_step``) and ``alpha_over_gmax``
+    (:func:`kernel_sample_optics`). Columns no shard holds are left out."""
+    ranges = {}
+    for name, v in kernel_sample_optics(index, indices).items():
+        finite = v[np.isfinite(v)]
+        if not finite.size or (name == "step_A" and not scan_step):
+            continue
+        ranges[KERNEL_RANGE_COLUMNS.get(name, name)] = [float(finite.min()), float(finite.max())]
     return ranges
 
 
