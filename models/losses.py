@@ -28,6 +28,7 @@ __all__ = [
     "illuminated_mask",
     "masked_l1",
     "object_phase",
+    "object_phase_spread",
     "pearson_xc",
     "psnr",
     "relativistic_discriminator_loss",
@@ -76,6 +77,19 @@ def object_phase(wave: torch.Tensor, probe: torch.Tensor, eps: float = 1e-12) ->
     """POA object phase ``arg(psi_out / psi_in) = arg(psi_out conj(psi_in))`` (paper 002 eq. 5)."""
     z = wave * probe.conj()
     return torch.atan2(z.imag, z.real + eps * (z.real == 0))
+
+
+def object_phase_spread(
+    wave: torch.Tensor, probe: torch.Tensor, mask_threshold: float = 0.1
+) -> torch.Tensor:
+    """Standard deviation (rad) of the :func:`object_phase` over the :func:`illuminated_mask` of each
+    image (B, H, W) -> (B,): how strong a phase object the probe sees. A thin, light crystal gives a few
+    hundredths of a radian, and its xc (:func:`pearson_xc`) rests on that small signal."""
+    phase = object_phase(wave, probe).flatten(1).double()
+    weight = illuminated_mask(probe, mask_threshold).flatten(1).double()
+    count = weight.sum(1).clamp_min(1.0)
+    mean = (weight * phase).sum(1) / count
+    return torch.sqrt((weight * (phase - mean[:, None]) ** 2).sum(1) / count).float()
 
 
 def _unit_phasor(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

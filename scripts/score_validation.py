@@ -12,7 +12,10 @@ split seed) of the same shards
 * at each fixed dose of ``--doses`` (electrons per CBED; ``inf`` = noise free), every sample of the split,
   with the seeded per-sample noise of validation (``eval_seed``), and
 * at the training dose draw (``--draw-dose``, the experiment's range), grouped by optics: energy,
-  semi-angle, Cs, scan step and ``alpha / gmax`` (bins of ``--bins`` quantiles),
+  semi-angle, Cs, scan step and ``alpha / gmax``, by specimen: thickness and the spread of the true object
+  phase over the illuminated disc (``phase_spread_rad``, its standard deviation: a thin, light crystal is a
+  weak phase object whose xc rests on a small signal), all in bins of ``--bins`` quantiles, and by
+  structure (``source_id``: which held-out crystals fail),
 
 and prints the mean xc with its standard error per cell. ``--split test`` scores the test structures (never
 used for checkpoint selection). The model runs at ``--precision`` (auto: bf16 where the CPU has it).
@@ -39,7 +42,7 @@ if str(ROOT) not in sys.path:
 from evaluation.networks.checkpoints import load_network  # noqa: E402
 from models.airpi import output_to_wave  # noqa: E402
 from models.lightning import as_complex  # noqa: E402
-from models.losses import illuminated_mask, object_phase, pearson_xc  # noqa: E402
+from models.losses import illuminated_mask, object_phase, object_phase_spread, pearson_xc  # noqa: E402
 from physics.runtime import configure_threads, resolve_precision  # noqa: E402
 from training.datamodules import MultisliceDataModule, kernel_sample_optics  # noqa: E402
 
@@ -50,7 +53,11 @@ OPTICS_COLUMNS = {
     "Cs_A": "Cs (A)",
     "step_A": "scan step (A)",
     "alpha_over_gmax": "alpha / gmax",
+    "thickness_A": "thickness (A)",
+    "phase_spread_rad": "true phase spread (rad)",
 }
+#: per-sample shard columns read besides the optics of :func:`kernel_sample_optics`
+SPECIMEN_COLUMNS = ("thickness_A",)
 
 
 @torch.inference_mode()
@@ -66,13 +73,14 @@ def score_split(
     ``dose_e_range`` (electrons per CBED, log-uniform; ``(d, d)`` a fixed dose; ``None`` noise free).
 
     Returns ``index`` (global sample index), ``xc`` and ``dose_e`` (what each sample got), as the training
-    loop's ``val/xc_object_phase`` computes them (mask of the illuminated probe, Pearson xc)."""
+    loop's ``val/xc_object_phase`` computes them (mask of the illuminated probe, Pearson xc), and
+    ``phase_spread_rad``, the standard deviation of the true object phase over that mask."""
     module.setup()
     if split not in module.datasets:
         raise ValueError(f"--split must be one of {', '.join(module.datasets)}, got {split!r}")
     saved = module.augmentation.dose_e_range
     module.augmentation.dose_e_range = dose_e_range
-    parts: dict[str, list[np.ndarray]] = {"index": [], "xc": [], "dose_e": []}
+    parts: dict[str, list[np.ndarray]] = {"index": [], "xc": [], "dose_e": [], "phase_spread_rad": []}
     seen = 0
     try:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -88,6 +96,8 @@ def score_split(
             parts["index"].append(batch["index"].numpy())
             parts["xc"].append(xc.float().numpy())
             parts["dose_e"].append(batch["dose_e"].float().numpy())
+            spread = object_phase_spread(wave_true, probe, model.loss.mask_threshold)
+            parts["phase_spread_rad"].append(spread.numpy())
             seen += len(xc)
             if max_samples is not None and seen >= max_samples:
                 break
@@ -97,6 +107,12 @@ def score_split(
     if max_samples is not None:
         result = {key: value[:max_samples] for key, value in result.items()}
     return result
+
+
+def by_structure(xc: np.ndarray, source_ids: np.ndarray) -> dict[str, dict[str, float]]:
+    """:func:`summarise` of ``xc`` per structure, worst mean first."""
+    table = {str(s): summarise(xc[source_ids == s]) for s in np.unique(source_ids.astype(str))}
+    return dict(sorted(table.items(), key=lambda item: item[1]["mean"]))
 
 
 def summarise(xc: np.ndarray) -> dict[str, float]:
@@ -128,6 +144,8 @@ def by_optics(
     """:func:`summarise` of ``xc`` per bin of each optics column (``low``/``high`` the bin's range)."""
     table: dict[str, list[dict[str, Any]]] = {}
     for name in OPTICS_COLUMNS:
+        if name not in optics:  # a column the shards do not hold
+            continue
         values = optics[name]
         rows = []
         intervals = quantile_bins(values, bins)
@@ -209,7 +227,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["draw"]["by_decade"][f"1e{int(decade)}"] = row
         print(f"  drawn dose 1e{int(decade)}-1e{int(decade) + 1}: {row['mean']:.3f} +- {row['sem']:.3f} "
               f"(n {row['n']})")  # fmt: skip
-    optics = kernel_sample_optics(module.index, scored["index"])
+    optics = kernel_sample_optics(module.index, scored["index"], extra_columns=SPECIMEN_COLUMNS)
+    optics["phase_spread_rad"] = scored["phase_spread_rad"]
     report["draw"]["by_optics"] = by_optics(scored["xc"], optics, args.bins)
     for name, rows in report["draw"]["by_optics"].items():
         cells = ", ".join(
@@ -219,6 +238,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for r in rows
         )
         print(f"  {OPTICS_COLUMNS[name]}: {cells}")
+    report["draw"]["by_structure"] = by_structure(
+        scored["xc"], np.asarray(module.index.source_ids)[scored["index"]]
+    )
+    print("  by structure (worst first): " + ", ".join(
+        f"{name}: {r['mean']:.3f} (median {r['median']:.3f}, n {r['n']})"
+        for name, r in report["draw"]["by_structure"].items()
+    ))  # fmt: skip
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

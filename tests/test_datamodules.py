@@ -17,6 +17,39 @@ class _FakeTrainer:
         self.training, self.sanity_checking, self.global_rank, self.world_size = training, False, 0, 1
 
 
+def test_weak_phase_samples_are_oversampled_in_training_only(kernel_dir):
+    # the synthetic shards have a flat object phase (probe 1, wave index (1 + i)): give every third sample
+    # a 0.2 rad checkerboard (spread 0.2 rad), the others stay weak (spread 0)
+    strong, offset = set(), 0
+    for path in sorted(kernel_dir.glob("shard-*.h5")):  # global index = position over the sorted shards
+        with h5py.File(path, "r+") as f:
+            wave = f["wave"][:]
+            checker = (np.indices(wave.shape[1:]).sum(0) % 2) * 0.4 - 0.2
+            for local in range(wave.shape[0]):
+                if (offset + local) % 3 == 0:
+                    wave[local] = np.exp(1j * checker)
+                    strong.add(offset + local)
+            f["wave"][:] = wave
+            offset += wave.shape[0]
+    option = {"spread_below_rad": 0.03, "repeats": 3}
+    dm = MultisliceDataModule(kernel_dir, batch_size=8, split=(0.6, 0.2, 0.2), oversample_weak_phase=option)
+    dm.setup()
+    train = dm.datasets["train"].indices
+    spread = dm.train_phase_spread_rad()
+    is_strong = np.isin(train, sorted(strong))
+    np.testing.assert_allclose(spread[is_strong], 0.2, atol=1e-5)
+    np.testing.assert_allclose(spread[~is_strong], 0.0, atol=1e-5)
+    seen = np.concatenate([batch["index"].numpy() for batch in dm.train_dataloader()])
+    counts = {int(i): int(n) for i, n in zip(*np.unique(seen, return_counts=True), strict=True)}
+    assert counts == {int(i): 1 if s else 3 for i, s in zip(train, is_strong, strict=True)}
+    val = np.concatenate([batch["index"].numpy() for batch in dm.val_dataloader()])
+    np.testing.assert_array_equal(np.sort(val), dm.datasets["val"].indices)  # validation once each
+    for bad in ({"spread_below_rad": 0.03}, {"spread_below_rad": -1, "repeats": 2},
+                {"spread_below_rad": 0.03, "repeats": 1.5}):  # fmt: skip
+        with pytest.raises(ValueError, match=r"data\.oversample_weak_phase"):
+            MultisliceDataModule(kernel_dir, oversample_weak_phase=bad)
+
+
 def test_multislice_airpi_batches_are_augmented_and_split_by_structure(kernel_dir):
     dm = MultisliceDataModule(
         kernel_dir, batch_size=8, split=(0.6, 0.2, 0.2), augmentation={"dose_e_range": [1e3, 1e4]}

@@ -131,6 +131,20 @@ def test_chunk_batches_cover_each_sample_once_and_read_few_runs(shard_dir):
     assert sorted(np.concatenate(replicas[0] + replicas[1]).tolist()) == list(range(52))
 
 
+def test_chunk_batches_hold_repeated_samples_as_often_as_asked(shard_dir):
+    dataset = KernelDataset(ShardIndex.open(shard_dir))
+    repeats = np.ones(52, dtype=int)
+    repeats[[3, 4, 5, 30]] = 3
+    repeats[7] = 2
+    sampler = ChunkBatchSampler(dataset, batch_size=8, block_size=4, seed=1, repeats=repeats)
+    counts = np.bincount(np.concatenate(list(sampler)), minlength=52)
+    np.testing.assert_array_equal(counts, repeats)  # each position as often as its repeat count
+    assert len(sampler) == int(np.ceil(repeats.sum() / 8))
+    for bad in (np.ones(51, dtype=int), np.zeros(52, dtype=int)):
+        with pytest.raises(ValueError, match="repeats must hold one integer >= 1 per sample"):
+            ChunkBatchSampler(dataset, batch_size=8, repeats=bad)
+
+
 def test_lightning_sets_the_epoch_and_batches_mix_blocks(shard_dir):
     from lightning.fabric.utilities.data import _set_sampler_epoch
 

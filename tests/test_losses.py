@@ -14,6 +14,7 @@ from models.losses import (
     illuminated_mask,
     masked_l1,
     object_phase,
+    object_phase_spread,
     pearson_xc,
     psnr,
     relativistic_discriminator_loss,
@@ -56,6 +57,19 @@ def test_object_phase_and_mask() -> None:
     expected = intensity > 0.1 * intensity.amax(dim=(1, 2), keepdim=True)
     assert torch.equal(mask.bool(), expected)
     assert 0 < mask.mean() < 1
+
+
+def test_object_phase_spread_is_the_std_over_the_illuminated_disc() -> None:
+    probe = _disc_probe()
+    wave, obj = _exit_wave(probe)
+    mask = illuminated_mask(probe).bool()
+    expected = torch.stack([obj[i][mask[i]].double().std(unbiased=False) for i in range(2)]).float()
+    torch.testing.assert_close(object_phase_spread(wave, probe), expected, atol=1e-5, rtol=0)
+    # a uniform phase plate (and the probe's own phase) is no object: spread 0, and the dark rim,
+    # where a strong phase would sit, does not count
+    plate = probe * torch.polar(torch.ones_like(probe.real), torch.full_like(probe.real, 0.7))
+    plate = torch.where(mask, plate, plate * torch.polar(torch.ones_like(probe.real), 3.0 * obj))
+    torch.testing.assert_close(object_phase_spread(plate, probe), torch.zeros(2), atol=1e-6, rtol=0)
 
 
 def test_airpi_loss_zero_for_identical() -> None:

@@ -73,6 +73,19 @@ def test_draw_stays_in_range_and_optics_bins_partition(scored_setup):
         assert sum(row["n"] for row in rows) == finite, name
     assert len(table["energy_eV"]) == 1 and table["energy_eV"][0]["low"] == 200e3  # one value, one bin
     assert len(table["step_A"]) == 3
+    assert "thickness_A" not in table  # read only when asked for (extra_columns)
+    specimen = kernel_sample_optics(module.index, scored["index"], extra_columns=("thickness_A",))
+    np.testing.assert_array_equal(specimen["thickness_A"], 10.0)  # the synthetic shards: 10 A
+    np.testing.assert_array_equal(specimen["step_A"], optics["step_A"])
+
+
+def test_structure_table_is_worst_first():
+    script = _script()
+    xc = np.array([0.9, 0.8, 0.1, 0.3, np.nan])
+    ids = np.array(["Si", "Si", "Na", "Na", "Na"], dtype=object)
+    table = script.by_structure(xc, ids)
+    assert list(table) == ["Na", "Si"]
+    assert table["Na"]["n"] == 2 and table["Na"]["mean"] == pytest.approx(0.2)
 
 
 def test_summarise_and_dose_parsing():
@@ -98,6 +111,9 @@ def test_cli_writes_json(kernel_dir, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert set(report["by_dose_e_per_cbed"]) == {"1000", "inf"}
     assert report["draw"]["dose_e_range"] == [10.0, 1e9]
-    assert set(report["draw"]["by_optics"]) == set(script.OPTICS_COLUMNS)
+    assert set(report["draw"]["by_optics"]) == set(script.OPTICS_COLUMNS)  # thickness, phase spread too
+    thickness = report["draw"]["by_optics"]["thickness_A"]
+    assert len(thickness) == 1 and thickness[0]["low"] == 10.0
+    assert sum(r["n"] for r in report["draw"]["by_structure"].values()) == report["draw"]["n"]
     assert "mean xc" in capsys.readouterr().out
     assert not list(tmp_path.glob("*.tmp"))

@@ -183,6 +183,7 @@ class _ShardDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=rank,
             num_replicas=replicas,
+            repeats=self._train_repeats() if name == "train" else None,
         )
         return ResumableDataLoader(
             dataset,
@@ -194,6 +195,11 @@ class _ShardDataModule(L.LightningDataModule):
             multiprocessing_context="fork" if self.num_workers > 0 and os.name == "posix" else None,
             generator=_loader_generator(self.seed),
         )
+
+    def _train_repeats(self) -> np.ndarray | None:
+        """How often each training sample appears in an epoch (None: once each); see
+        :class:`training.datasets.ChunkBatchSampler`."""
+        return None
 
     def train_dataloader(self) -> DataLoader:
         return self._train_position.attach(self._loader("train", shuffle=True))
@@ -210,6 +216,25 @@ class _ShardDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._train_position.load_state_dict(state.get("train_loader"))
+
+
+def _weak_phase_option(option: Mapping[str, Any] | None) -> dict[str, float] | None:
+    """``data.oversample_weak_phase`` checked: null, or ``{spread_below_rad: > 0, repeats: integer >= 1}``."""
+    if option is None:
+        return None
+    option = _plain(option)
+    if not isinstance(option, Mapping) or set(option) != {"spread_below_rad", "repeats"}:
+        raise ValueError(
+            "data.oversample_weak_phase must be null or {spread_below_rad: RAD, repeats: N}, got "
+            f"{option!r}"
+        )
+    below, repeats = float(option["spread_below_rad"]), option["repeats"]
+    if not below > 0 or int(repeats) != repeats or int(repeats) < 1:
+        raise ValueError(
+            "data.oversample_weak_phase: spread_below_rad must be > 0 and repeats an integer >= 1, got "
+            f"{option!r}"
+        )
+    return {"spread_below_rad": below, "repeats": int(repeats)}
 
 
 def ptychonn_view(
@@ -250,10 +275,13 @@ KERNEL_RANGE_COLUMNS = {
 }
 
 
-def kernel_sample_optics(index: ShardIndex, indices: np.ndarray) -> dict[str, np.ndarray]:
+def kernel_sample_optics(
+    index: ShardIndex, indices: np.ndarray, extra_columns: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
     """Per-sample optics of the kernel samples ``indices`` (global), in that order: the columns of
-    :data:`KERNEL_RANGE_COLUMNS` that any shard holds (NaN for samples of shards that lack one) and
-    ``alpha_over_gmax``, the aperture ``semiangle / wavelength`` over the CBED's ``gmax_invA``."""
+    :data:`KERNEL_RANGE_COLUMNS` and ``extra_columns`` (per-sample scalars such as ``thickness_A``) that
+    any shard holds (NaN for samples of shards that lack one) and ``alpha_over_gmax``, the aperture
+    ``semiangle / wavelength`` over the CBED's ``gmax_invA``."""
     from physics.optics import wavelength
 
     indices = np.asarray(indices, dtype=np.int64)
@@ -262,7 +290,7 @@ def kernel_sample_optics(index: ShardIndex, indices: np.ndarray) -> dict[str, np
     for shard in np.unique(shard_of):
         rows = shard_of == shard
         with h5py.File(index.paths[int(shard)], "r") as handle:
-            for name in (*KERNEL_RANGE_COLUMNS, "gmax_invA"):
+            for name in (*KERNEL_RANGE_COLUMNS, *extra_columns, "gmax_invA"):
                 if name in handle:
                     column = values.setdefault(name, np.full(indices.size, np.nan))
                     column[rows] = np.asarray(handle[name][:], float)[local[rows]]
@@ -311,9 +339,12 @@ class MultisliceDataModule(_ShardDataModule):
         augmentation: Mapping[str, Any] | None = None,
         label_weight: str | None = None,
         statistics_samples: int = 4096,
+        oversample_weak_phase: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(data_dir, **kwargs)
+        self.oversample_weak_phase = _weak_phase_option(oversample_weak_phase)
+        self._repeats: np.ndarray | None = None
         if view not in ("airpi", "ptychonn"):
             raise ValueError(f"data.view must be 'airpi' or 'ptychonn', got {view!r}")
         if label_weight not in (None, "mask"):
@@ -341,6 +372,32 @@ class MultisliceDataModule(_ShardDataModule):
         if dose is not None:
             trained_for["dose_e_per_cbed"] = [float(min(dose)), float(max(dose))]
         return {"trained_for": trained_for}
+
+    def _train_repeats(self) -> np.ndarray | None:
+        """With ``oversample_weak_phase`` ``{spread_below_rad: S, repeats: R}``: each training sample whose
+        true object phase varies by less than ``S`` rad (standard deviation over the illuminated disc,
+        :func:`models.losses.object_phase_spread`) appears ``R`` times per epoch, each time with its own
+        dose and dihedral draws; the others once. Computed once from the labels (noise free)."""
+        if self.oversample_weak_phase is None:
+            return None
+        if self._repeats is None:
+            spread = self.train_phase_spread_rad()
+            weak = spread < self.oversample_weak_phase["spread_below_rad"]
+            self._repeats = np.where(weak, self.oversample_weak_phase["repeats"], 1).astype(np.int64)
+        return self._repeats
+
+    def train_phase_spread_rad(self, batch_size: int = 256) -> np.ndarray:
+        """Object-phase spread (rad) of every training sample, in the training dataset's order."""
+        from models.losses import object_phase_spread
+
+        self.setup()
+        dataset = self.datasets["train"]
+        parts = []
+        for start in range(0, len(dataset), batch_size):
+            positions = list(range(start, min(start + batch_size, len(dataset))))
+            batch = collate_batched(dataset.__getitems__(positions))
+            parts.append(object_phase_spread(batch["wave"], batch["probe"]).numpy())
+        return np.concatenate(parts) if parts else np.empty(0)
 
     def training_statistics(self) -> dict[str, torch.Tensor]:
         """PtychoNN view of up to ``statistics_samples`` training samples (a seeded draw, noise free):

@@ -421,6 +421,10 @@ class ChunkBatchSampler(EpochBatchSampler):
     ``block_size`` consecutive samples of one shard (default: a quarter of the batch, at most the shards'
     HDF5 chunk, so that every batch mixes several blocks); order, distribution over replicas and resume
     are those of :class:`EpochBatchSampler`.
+
+    ``repeats`` (one integer >= 1 per position, optional): an epoch holds position ``i`` ``repeats[i]``
+    times (oversampling). The extra copies form further blocks of the positions repeated, in index order,
+    shuffled with the rest; each copy gets its own augmentation draws.
     """
 
     def __init__(
@@ -433,6 +437,7 @@ class ChunkBatchSampler(EpochBatchSampler):
         seed: int = 0,
         rank: int = 0,
         num_replicas: int = 1,
+        repeats: np.ndarray | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -444,6 +449,16 @@ class ChunkBatchSampler(EpochBatchSampler):
         key = shard * (len(dataset.shards) + 1) + local // block
         starts = np.flatnonzero(np.concatenate([[True], np.diff(key) != 0]))
         blocks = np.split(np.arange(dataset.indices.size), starts[1:])
+        if repeats is not None:
+            repeats = np.asarray(repeats)
+            if repeats.shape != dataset.indices.shape or np.any(repeats < 1):
+                raise ValueError(
+                    f"repeats must hold one integer >= 1 per sample ({dataset.indices.size}), got shape "
+                    f"{repeats.shape} with minimum {repeats.min() if repeats.size else None}"
+                )
+            for copy in range(1, int(repeats.max()) if repeats.size else 1):
+                extra = np.flatnonzero(repeats > copy)
+                blocks += [extra[i : i + block] for i in range(0, extra.size, block)]
         super().__init__(blocks, batch_size, shuffle, drop_last, seed, rank, num_replicas)
 
 
