@@ -17,7 +17,9 @@ split seed) of the same shards
   weak phase object whose xc rests on a small signal), all in bins of ``--bins`` quantiles, and by
   structure (``source_id``: which held-out crystals fail),
 
-and prints the mean xc with its standard error per cell. ``--split test`` scores the test structures (never
+and prints the mean xc with its standard error per cell. ``--baseline CKPT`` adds, at each fixed dose, the
+paired difference to a second checkpoint on the same samples and noise draws (mean +- its own standard error:
+the sample-to-sample spread, ~0.02 here, cancels). ``--split test`` scores the test structures (never
 used for checkpoint selection). The model runs at ``--precision`` (auto: bf16 where the CPU has it).
 """
 
@@ -115,6 +117,16 @@ def by_structure(xc: np.ndarray, source_ids: np.ndarray) -> dict[str, dict[str, 
     return dict(sorted(table.items(), key=lambda item: item[1]["mean"]))
 
 
+def paired_difference(scored: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
+    """:func:`summarise` of the per-sample xc differences ``scored - reference`` over the samples both
+    scored (matched by global index; the same samples and noise draws, so the sample-to-sample spread
+    cancels and the standard error is that of the difference alone)."""
+    common, mine, theirs = np.intersect1d(scored["index"], reference["index"], return_indices=True)
+    if common.size == 0:
+        raise ValueError("paired_difference: the two scorings share no sample")
+    return summarise(scored["xc"][mine] - reference["xc"][theirs])
+
+
 def summarise(xc: np.ndarray) -> dict[str, float]:
     """Mean, standard error of the mean, median and count of per-sample xc (NaN entries left out: a
     sample with a flat true phase has no xc)."""
@@ -209,12 +221,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(f"{args.ckpt}: {args.split} split of {args.data_dir}, precision {precision}, {threads} threads")
     print(f"{'dose (e/CBED)':>14} {'mean xc':>8} {'+-sem':>6} {'median':>7} {'n':>5}")
+    baseline = load_network(args.baseline, "airpi") if args.baseline else None
+    if baseline is not None:
+        report["baseline"] = str(args.baseline)
+        report["paired_difference_by_dose_e_per_cbed"] = {}
     for dose in args.doses:
-        scored = score_split(model, module, None if math.isinf(dose) else (dose, dose), args.split,
-                             precision, args.max_samples)  # fmt: skip
+        fixed = None if math.isinf(dose) else (dose, dose)
+        scored = score_split(model, module, fixed, args.split, precision, args.max_samples)
         row = summarise(scored["xc"])
-        report["by_dose_e_per_cbed"]["inf" if math.isinf(dose) else f"{dose:g}"] = row
-        print(f"{dose:>14g} {row['mean']:8.3f} {row['sem']:6.3f} {row['median']:7.3f} {row['n']:5d}")
+        key = "inf" if math.isinf(dose) else f"{dose:g}"
+        report["by_dose_e_per_cbed"][key] = row
+        line = f"{dose:>14g} {row['mean']:8.3f} {row['sem']:6.3f} {row['median']:7.3f} {row['n']:5d}"
+        if baseline is not None:
+            reference = score_split(baseline, module, fixed, args.split, precision, args.max_samples)
+            diff = paired_difference(scored, reference)
+            report["paired_difference_by_dose_e_per_cbed"][key] = diff
+            line += f"   minus baseline {diff['mean']:+.3f} +- {diff['sem']:.3f} (paired, n {diff['n']})"
+        print(line)
     scored = score_split(model, module, draw, args.split, precision, args.max_samples)
     overall = summarise(scored["xc"])
     report["draw"] = {"dose_e_range": list(draw), **overall}
@@ -262,6 +285,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ckpt", required=True, help="AIRPI checkpoint (Lightning or exported)")
     parser.add_argument("--data-dir", required=True, help="folder of kernel shards (shard-*.h5)")
     parser.add_argument("--split", default="val", choices=("train", "val", "test"))
+    parser.add_argument("--baseline", default=None,
+                        help="a second AIRPI checkpoint: also print the paired per-sample xc difference "
+                             "(ckpt - baseline) at each fixed dose, for controlled comparisons")  # fmt: skip
     parser.add_argument("--doses", nargs="+", type=parse_dose, default=[1e2, 1e3, 1e4, 1e5, 1e6, math.inf],
                         help="fixed doses, electrons per CBED (inf = noise free)")  # fmt: skip
     parser.add_argument("--draw-dose", nargs=2, type=float, default=(10.0, 1e9), metavar=("LOW", "HIGH"),
