@@ -117,3 +117,25 @@ def test_cli_writes_json(kernel_dir, tmp_path, capsys):
     assert sum(r["n"] for r in report["draw"]["by_structure"].values()) == report["draw"]["n"]
     assert "mean xc" in capsys.readouterr().out
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_paired_difference_matches_samples_by_index():
+    script = _script()
+    scored = {"index": np.array([5, 1, 9, 3]), "xc": np.array([0.5, 0.1, 0.9, 0.3])}
+    reference = {"index": np.array([1, 3, 5, 7]), "xc": np.array([0.0, 0.1, 0.2, 0.7])}
+    diff = script.paired_difference(scored, reference)  # common samples 1, 3, 5: 0.1, 0.2, 0.3
+    assert diff["n"] == 3 and diff["mean"] == pytest.approx(0.2)
+    assert diff["sem"] == pytest.approx(0.1 / math.sqrt(3))
+    with pytest.raises(ValueError, match="share no sample"):
+        script.paired_difference(scored, {"index": np.array([0]), "xc": np.array([0.0])})
+
+
+def test_cli_baseline_of_itself_differs_by_zero(kernel_dir, tmp_path):
+    script = _script()
+    ckpt = save_checkpoint("airpi", tmp_path / "airpi.ckpt")
+    out = tmp_path / "val.json"
+    script.main(["--ckpt", str(ckpt), "--baseline", str(ckpt), "--data-dir", str(kernel_dir),
+                 "--doses", "1e3", "--split-fractions", "0.6", "0.2", "0.2", "--seed", "0",
+                 "--batch-size", "8", "--precision", "32", "--threads", "1", "--json", str(out)])  # fmt: skip
+    diff = json.loads(out.read_text())["paired_difference_by_dose_e_per_cbed"]["1000"]
+    assert diff["mean"] == 0.0 and diff["n"] > 0  # same weights, same seeded noise: identical per sample
