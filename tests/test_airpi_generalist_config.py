@@ -19,6 +19,10 @@ def test_generalist_fine_tune_config():
     assert cfg.callbacks.model_checkpoint.monitor == "val/xc_object_phase"
     assert cfg.callbacks.model_checkpoint.mode == "max"
     assert cfg.model.fine_tune and cfg.data.num_workers == 0
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    assert isinstance(instantiate(cfg.callbacks.weight_averaging), EMAWeightAveraging)  # validated on EMA
 
 
 def test_generalist_suite_scores_an_excluded_structure():

@@ -168,6 +168,35 @@ def test_resume_is_bit_for_bit_after_an_epoch_and_mid_epoch(tmp_path, data_root,
         assert straight["val/loss"] == resumed["val/loss"]
 
 
+def test_weight_average_is_validated_saved_and_strippable_for_resume(tmp_path, data_root):
+    """With callbacks.weight_averaging (EMA) checkpoints hold the average as ``state_dict`` and the trained
+    weights beside it; export_checkpoint --strip-weight-average keeps the trained ones and the optimiser
+    (a smaller resumable file), and a run resumes from it."""
+    from tests.script_modules import load_script
+
+    base = [f"paths.data_dir={data_root}", "logger=csv", "data.num_workers=0", "model=airpi",
+            "model.net.filters=8", "data=multislice", "data.batch_size=4", "test=false",
+            "callbacks.prediction_images=null", "callbacks.progress_bar=null",
+            "trainer.enable_model_summary=false", "callbacks.weight_averaging="
+            "{_target_:lightning.pytorch.callbacks.EMAWeightAveraging,decay:0.5}"]  # fmt: skip
+    train(compose_train([*base, f"paths.output_dir={tmp_path}/a", "trainer.max_epochs=1"]))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    averaged, trained = saved["state_dict"], saved["current_model_state"]
+    assert any(not torch.equal(averaged[k], trained[k]) for k in trained)  # the average is not the weights
+    stripped = tmp_path / "stripped.ckpt"
+    assert load_script("export_checkpoint").main([str(last), str(stripped), "--strip-weight-average"]) == 0
+    slim = torch.load(stripped, weights_only=False)
+    assert "current_model_state" not in slim and "averaging_state" not in slim
+    assert all(torch.equal(slim["state_dict"][k], trained[k]) for k in trained)
+    assert slim["optimizer_states"][0]["state"].keys() == saved["optimizer_states"][0]["state"].keys()
+    assert stripped.stat().st_size < last.stat().st_size
+    resumed = [*base, f"paths.output_dir={tmp_path}/b", "trainer.max_epochs=2", f"ckpt_path={stripped}"]
+    train(compose_train(resumed))
+    after = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert after["global_step"] == 2 * saved["global_step"] and after["epoch"] == 1
+
+
 def _nan_data(tmp_path, data_root) -> Path:
     """A copy of the kernel shards with a NaN in CBED 3 of sample 5 of every shard (some in training)."""
     import shutil
