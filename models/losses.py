@@ -79,9 +79,7 @@ def object_phase(wave: torch.Tensor, probe: torch.Tensor, eps: float = 1e-12) ->
     return torch.atan2(z.imag, z.real + eps * (z.real == 0))
 
 
-def object_phase_spread(
-    wave: torch.Tensor, probe: torch.Tensor, mask_threshold: float = 0.1
-) -> torch.Tensor:
+def object_phase_spread(wave: torch.Tensor, probe: torch.Tensor, mask_threshold: float = 0.1) -> torch.Tensor:
     """Standard deviation (rad) of the :func:`object_phase` over the :func:`illuminated_mask` of each
     image (B, H, W) -> (B,): how strong a phase object the probe sees. A thin, light crystal gives a few
     hundredths of a radian, and its xc (:func:`pearson_xc`) rests on that small signal."""
