@@ -131,6 +131,18 @@ def recorded_from_config(config: Mapping[str, Any]) -> tuple[dict[str, list[floa
     return trained_for, geometry
 
 
+def save_atomic(checkpoint: Mapping[str, Any], target: Path) -> None:
+    """``torch.save`` under a temporary name beside ``target``, then renamed: an interrupted write leaves
+    no partial file under the final name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        torch.save(checkpoint, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def export(
     source: Path,
     target: Path,
@@ -195,13 +207,7 @@ def export(
         "pytorch-lightning_version": str(checkpoint.get("pytorch-lightning_version", "")),
         "deepstem": deepstem,
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
-        torch.save(slim, partial)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    save_atomic(slim, target)
     return slim
 
 
@@ -224,13 +230,7 @@ def strip_weight_average(source: Path, target: Path) -> dict[str, Any]:
     checkpoint.pop("averaging_state", None)
     for key in [k for k in checkpoint.get("callbacks", {}) if "WeightAveraging" in k]:
         del checkpoint["callbacks"][key]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
-        torch.save(checkpoint, partial)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    save_atomic(checkpoint, target)
     return checkpoint
 
 
