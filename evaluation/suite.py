@@ -58,6 +58,8 @@ from evaluation.frc import (
 )
 from evaluation.io import Scan4D, ScanError, load_4dstem
 from evaluation.metrics import fourier_resample, xc
+from evaluation.networks.geometry import DetectorReachError
+from evaluation.references._common import InsufficientMemoryError
 from physics import wavelength
 from physics.dose import expected_counts
 from physics.runtime import check_precision
@@ -88,6 +90,11 @@ FRC_CRITERIA = {
     "reconstructions (comparison only)",
 }
 HEADLINE_RESOLUTION = "frc_0.5_A"
+
+
+#: errors by which a method says it cannot take a scan at all (its detector does not reach a network's grid;
+#: the scan would not fit in memory): that (scan, method) cell is left out, not the whole suite
+NOT_APPLICABLE = (DetectorReachError, InsufficientMemoryError)
 
 
 class SuiteError(ValueError):
@@ -473,6 +480,7 @@ def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             except CheckpointError as err:
                 raise SuiteError(f"suite.methods.{entry['label']}: {err}") from None
     rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []  # (scan, method) pairs a method cannot take, with the reason
     images: dict[tuple[str, float, str], Any] = {}
     truths: dict[str, Any] = {}
     grids: dict[str, ScoringGrid] = {}
@@ -494,11 +502,21 @@ def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 )
                 noisy = dataclasses.replace(scan, data=data, _handle=None)
                 for entry in entries:
+                    if any(s["scan"] == name and s["method"] == entry["label"] for s in skipped):
+                        continue
                     start = time.perf_counter()
-                    result = run_method(
-                        noisy, entry["method"], _method_params(entry, grid), progress=progress,
-                        model=models.get(entry["label"]), device=device, precision=precision,
-                    )  # fmt: skip
+                    try:
+                        result = run_method(
+                            noisy, entry["method"], _method_params(entry, grid), progress=progress,
+                            model=models.get(entry["label"]), device=device, precision=precision,
+                        )  # fmt: skip
+                    except NOT_APPLICABLE as err:
+                        # a property of the scan (its detector, its size), so it holds at every dose: the
+                        # method is left out of this scan with one line, the rest of the suite goes on
+                        skipped.append({"scan": name, "method": entry["label"], "reason": str(err)})
+                        print(f"evaluate: {name}: skipping {entry['label']} ({entry['method']}): {err}",
+                              file=sys.stderr)  # fmt: skip
+                        continue
                     elapsed = time.perf_counter() - start
                     metrics = score(
                         scan, result, float(suite.get("max_shift_A", 0.5)), int(suite.get("frc_min_ring", 2)),
@@ -529,13 +547,14 @@ def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                             file=sys.stderr,
                         )
                 reference_label = suite.get("frc_against")
-                if reference_label:
+                if reference_label and (name, dose, str(reference_label)) in images:
                     _score_against_reference(
                         rows, images, name, dose, str(reference_label), grid,
                         float(suite.get("max_shift_A", 0.5)), int(suite.get("frc_min_ring", 2)),
                     )  # fmt: skip
             # the truth and images are kept for the figures; the scan file is closed after them
-            _figures(run_dir, name, grid, doses, entries, images, rows)
+            ran = [e for e in entries if any(r["scan"] == name and r["method"] == e["label"] for r in rows)]
+            _figures(run_dir, name, grid, doses, ran, images, rows)
         finally:
             scan.close()
     content = {
@@ -548,9 +567,10 @@ def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "score_pixel_A": {name: grid.pixel_A for name, grid in grids.items()},
         "max_shift_A": float(suite.get("max_shift_A", 0.5)),
         "rows": rows,
+        "not_applicable": skipped,
     }
     _write_text(run_dir / "metrics.json", json.dumps(_jsonable(content), indent=1))
-    _write_text(run_dir / "results.md", markdown_table(rows))
+    _write_text(run_dir / "results.md", markdown_table(rows, skipped))
     return content
 
 
@@ -583,9 +603,10 @@ def _shift_cell(row: Mapping[str, Any]) -> str:
     return f"{float(value):.2f}" + (" (bound)" if row.get("shift_at_bound") else "")
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def markdown_table(rows: list[dict[str, Any]], skipped: list[dict[str, str]] | None = None) -> str:
     """One Markdown table: scan, dose, method, xc, FRC resolutions (A; the header names each criterion),
-    registration shift (A; "(bound)" when it hit ``max_shift_A``), patterns/s."""
+    registration shift (A; "(bound)" when it hit ``max_shift_A``), patterns/s; then one line per
+    (scan, method) left out because the method cannot take that scan (``skipped``: scan, method, reason)."""
     lines = [
         "| scan | dose (e/Å²) | method | xc | FRC 0.5 vs truth (Å) | FRC 0.143, half-map criterion (Å) | "
         "FRC half-bit, half-map criterion (Å) | shift (Å) | patterns/s |",
@@ -614,7 +635,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "reconstructions, shown for comparison. shift: the registration onto the truth, bounded by "
         'max_shift_A; "(bound)" marks a method that hit the bound.\n'
     )
-    return "\n".join(lines) + "\n" + (notes if rows else "")
+    left_out = "".join(
+        f"\nNot applicable: {entry['method']} on {entry['scan']}: {entry['reason']}\n"
+        for entry in skipped or []
+    )
+    return "\n".join(lines) + "\n" + (notes if rows else "") + left_out
 
 
 def _figures(

@@ -1,6 +1,6 @@
 """Is int8 (VNNI) AIRPI inference faster than bf16 on this CPU? (issue #17, section 1)
 
-    python scripts/bench_int8.py --ckpt checkpoints/airpi_generalist_cpu/best_epoch_063.ckpt --threads 1
+    python scripts/bench_int8.py --ckpt pretrained/airpi_generalist.ckpt --threads 1
 
 The network alone, one run: fp32, bf16 autocast + channels_last (what ``reconstruct.py precision=auto``
 does) and post-training static int8 quantization (PyTorch FX, ``--engine`` x86 / onednn) of every

@@ -1,6 +1,6 @@
 """Where an AIRPI model fails: validation xc of the object phase by dose and by optics (issue #13).
 
-    python scripts/score_validation.py --ckpt checkpoints/airpi_generalist_cpu/best_epoch_063.ckpt \
+    python scripts/score_validation.py --ckpt pretrained/airpi_generalist.ckpt \
         --data-dir /work/data/kernel_generalist --doses 1e2 1e3 1e4 1e5 1e6 inf \
         --json docs/results_airpi_generalist_val.json
 

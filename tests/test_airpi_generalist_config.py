@@ -33,5 +33,35 @@ def test_generalist_suite_scores_an_excluded_structure():
     datagen = (ROOT / "conf/simulation/kernel_generalist.yaml").read_text()
     assert scan.specimen.material == "hBN" and "BN-hexagonal]" in datagen
     assert scan.settings.semiangle_mrad == 17.1 and scan.settings.defocus_A == "scherzer"
-    assert OmegaConf.is_missing(cfg.suite.methods.airpi_generalist, "ckpt")  # the run's checkpoint is given
+    assert cfg.suite.methods.airpi_generalist.ckpt == "pretrained/airpi_generalist.ckpt"  # the shipped model
     assert set(cfg.suite.methods) == {"airpi_generalist", "airpi_specialist", "ssb", "icom"}
+    assert min(cfg.suite.doses_e_per_A2) == 5.0e2 and float("inf") in cfg.suite.doses_e_per_A2
+
+
+def test_generalist_suite_spans_the_generalist_ranges_on_excluded_structures():
+    """Every scan of the held-out suite is of a structure the generalist shards exclude and lies inside the
+    shipped generalist's recorded training ranges (no optics warning), and together they reach both
+    energies, both aberration settings and the detector-reach ends the issue names."""
+    from datagen.scan4d import ScanSettings
+    from models.checkpoints import load_checkpoint
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["suite=airpi_generalist"])
+    checkpoint = load_checkpoint(ROOT / "pretrained/airpi_generalist.ckpt")
+    ranges = checkpoint["deepstem"]["trained_for"]
+    excluded = {"hbn": "BN-hexagonal", "graphene": "mp-48", "mos2": "MoS2"}
+    datagen = (ROOT / "conf/simulation/kernel_generalist.yaml").read_text()
+    energies, aberrated, reach = set(), set(), []
+    for name, scan in cfg.suite.scans.items():
+        material = scan.generate.specimen.material.lower()
+        assert excluded[material] in datagen, name
+        settings = ScanSettings(**OmegaConf.to_container(scan.generate.settings, resolve=True))
+        ratio = settings.semiangle_mrad / settings.detector_max_angle_mrad
+        lo, hi = ranges["alpha_over_gmax"]
+        assert lo <= ratio <= hi + 1e-3, (name, ratio)
+        assert ranges["scan_step_A"][0] <= settings.scan_step_A <= ranges["scan_step_A"][1], name
+        energies.add(settings.energy_eV)
+        aberrated.add(settings.Cs_A > 0)
+        reach.append(1 / ratio)
+    assert energies == {2.0e5, 3.0e5} and aberrated == {True, False}
+    assert min(reach) < 1.8 and max(reach) >= 3.0

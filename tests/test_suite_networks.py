@@ -152,3 +152,28 @@ def test_all_networks_suite_is_the_reference_benchmark_with_every_network(no_shi
     entries = _method_entries(OmegaConf.to_container(given.suite, resolve=True))
     assert [e["label"] for e in entries] == ["airpi", "chang_unet", "ptychonn", "ssb", "icom", "epie"]
     assert not _skip_lines(capsys.readouterr().err)
+
+
+def test_a_method_that_cannot_take_a_scan_is_left_out_of_that_scan_only(
+    folder, no_shipped_models, tmp_path, capsys
+):
+    """An AIRPI model trained at alpha / gmax = 0.2 needs a detector reaching 5 alpha; the scan's reaches 4:
+    that (scan, method) cell is left out with one line, named in metrics.json and results.md, and every
+    other method is still scored at every dose (before, the whole run stopped and wrote nothing)."""
+    from tests.test_training_ranges import SPECIALIST, tiny
+
+    ckpt = tiny("airpi", tmp_path / "airpi_wide.ckpt", {**SPECIALIST, "alpha_over_gmax": [0.2, 0.2]})
+    cfg = _evaluate_config(
+        "suite=tiny", f"suite.scans.tiny.path={folder}/scan.h5", "suite.doses_e_per_A2=[inf,1e4]",
+        "~suite.methods.epie", "+suite.methods.wide.method=airpi", f"+suite.methods.wide.ckpt={ckpt}",
+    )  # fmt: skip
+    assert evaluate_main(cfg, tmp_path / "run") == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("evaluate: tiny: skipping wide")]
+    assert len(lines) == 1 and "the detector reaches" in lines[0], err
+    content = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["method"] for r in content["rows"]] == ["ssb", "icom"] * 2
+    assert [(s["scan"], s["method"]) for s in content["not_applicable"]] == [("tiny", "wide")]
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "Not applicable: wide on tiny: the detector reaches" in table
+    assert imread(tmp_path / "run" / "figures" / "recon_tiny.png").shape[1] == round(2.2 * 3 * 110)

@@ -1,0 +1,81 @@
+"""The shipped generalist AIRPI (pretrained/airpi_generalist.ckpt, issue #13 section 4): small, safe to load,
+documented, its recorded ranges cover the issue's optics, and ``method=airpi`` without ``ckpt`` picks it
+for scans the specialist was not trained for while the specialist keeps its own optics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from evaluation.cli import PRETRAINED, choose_checkpoint
+from evaluation.networks import identify_checkpoint, load_network, optics_mismatch, training_ranges
+from physics import scherzer_defocus
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERALIST = ROOT / "pretrained" / "airpi_generalist.ckpt"
+
+
+def _scan(**values: float | tuple[float, float]) -> SimpleNamespace:
+    base = {
+        "energy_eV": 300e3,
+        "semiangle_mrad": 20.0,
+        "scan_step_A": (0.3, 0.3),
+        "Cs_A": 0.0,
+        "defocus_A": 0.0,
+    }
+    return SimpleNamespace(**{**base, **values})
+
+
+@pytest.fixture(autouse=True)
+def _shipped_folder(monkeypatch):
+    monkeypatch.delenv("DEEPSTEM_PRETRAINED_DIR", raising=False)
+
+
+def test_generalist_is_small_weights_only_and_documented():
+    assert GENERALIST.stat().st_size < 20e6
+    checkpoint = torch.load(GENERALIST, map_location="cpu", weights_only=True)  # no pickled objects
+    assert identify_checkpoint(checkpoint) == "airpi" and "optimizer_states" not in checkpoint
+    info = checkpoint["deepstem"]
+    assert "task_name: airpi_generalist_cpu" in info["config_yaml"]
+    for secret in ("api_key: ", "MP_API_KEY=", "WANDB_API_KEY="):
+        assert secret not in info["config_yaml"]
+    card = (ROOT / "pretrained" / "README.md").read_text()
+    assert "airpi_generalist.ckpt" in card and "experiment=airpi_generalist_cpu" in card
+    assert PRETRAINED["airpi"] == "airpi_reference.ckpt"  # ties still go to the specialist
+
+
+def test_generalist_ranges_cover_the_issue_optics():
+    ranges = training_ranges(torch.load(GENERALIST, map_location="cpu", weights_only=True))
+    assert ranges["energy_eV"] == pytest.approx((200e3, 300e3))
+    low, high = ranges["semiangle_mrad"]
+    assert low <= 15.01 and high >= 29.99
+    assert ranges["Cs_A"] == pytest.approx((0.0, 1.0e4))
+    assert ranges["scan_step_A"][0] <= 0.1001 and ranges["scan_step_A"][1] >= 0.349
+    low, high = ranges["alpha_over_gmax"]
+    assert low <= 0.301 and high >= 0.589  # detectors reaching 1.7 .. 3.3 alpha
+    for energy in (200e3, 300e3):  # Scherzer defocus at Cs 0.001 mm lies inside at both energies
+        scan = _scan(energy_eV=energy, Cs_A=1.0e4, defocus_A=scherzer_defocus(1.0e4, energy))
+        assert optics_mismatch(torch.load(GENERALIST, weights_only=True), scan) == []
+
+
+def test_method_airpi_without_ckpt_picks_the_model_whose_ranges_cover_the_scan():
+    hbn = _scan(
+        semiangle_mrad=17.1, Cs_A=1.0e4, defocus_A=scherzer_defocus(1.0e4, 300e3), scan_step_A=(0.25, 0.25)
+    )
+    path, reason = choose_checkpoint("airpi", hbn)
+    assert path == GENERALIST and "its training ranges cover the scan" in reason
+    path, _ = choose_checkpoint("airpi", _scan(energy_eV=200e3, semiangle_mrad=25.0, scan_step_A=(0.2, 0.2)))
+    assert path == GENERALIST
+    path, reason = choose_checkpoint("airpi", _scan())  # both cover 300 kV / 20 mrad: the default specialist
+    assert path.name == "airpi_reference.ckpt" and "tie, the default" in reason
+
+
+def test_generalist_loads_and_runs_on_a_kernel():
+    model = load_network(GENERALIST, "airpi")
+    x = torch.randn(2, 11, 64, 64)
+    with torch.inference_mode():
+        out = model(x)
+    assert out.shape == (2, 2, 64, 64) and torch.isfinite(out).all()
