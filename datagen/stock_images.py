@@ -52,6 +52,9 @@ __all__ = [
 ]
 
 ABERRATION_KEYS = ("C10", "C12", "phi12", "C21", "phi21", "C23", "phi23")
+#: key of the per-sample aperture edge width (mrad) in a draw, present when ``aperture_edge_mrad`` is a range
+APERTURE_EDGE_KEY = "aperture_edge_mrad"
+
 # photographs scikit-image ships inside its wheel (no download at run time)
 SKIMAGE_PHOTOGRAPHS = (
     "astronaut", "brick", "camera", "cat", "cell", "clock", "coffee", "coins", "grass", "gravel", "horse",
@@ -163,7 +166,12 @@ class ChangForwardModel(torch.nn.Module):
     ptychography-style probe illuminating a few Angstrom; magnitudes ``C12_A``, ``C21_A``, ``C23_A``;
     angles uniform); ``phase_max_rad`` range of the object's phase span; ``crop_fraction``
     range of the source image width a crop covers; ``illuminated_fraction`` of the probe intensity inside
-    the label mask.
+    the label mask; ``aperture_edge_mrad`` range of the width of the aperture edge (a linear ramp,
+    :func:`physics.optics.aperture`; drawn per sample; ``(0, 0)``: a hard edge). An abTEM scan's bright-field
+    disc has a soft rim (its anti-aliased aperture, ~1 mrad at 300 kV on a 20 A cell) and a measured one a
+    softer one (partial spatial coherence, the detector's point spread); with a hard edge in training that
+    rim is a fixed difference between every measured pattern and every training pattern (on the held-out
+    hBN scan: 3x the specimen's own position-varying signal, docs/results_chang.md).
     """
 
     def __init__(
@@ -181,6 +189,7 @@ class ChangForwardModel(torch.nn.Module):
         phase_max_rad: Sequence[float] = (0.1, math.pi),
         crop_fraction: Sequence[float] = (0.1, 0.6),
         illuminated_fraction: float = 0.9,
+        aperture_edge_mrad: Sequence[float] = (0.0, 0.0),
         bank: StockImageBank | None = None,
     ) -> None:
         super().__init__()
@@ -193,7 +202,8 @@ class ChangForwardModel(torch.nn.Module):
                 f"diffraction_px >= 4 and bin_factor >= 1 required, got {diffraction_px}, {bin_factor}"
             )
         for name, bounds in (("C10_A", C10_A), ("C12_A", C12_A), ("C21_A", C21_A), ("C23_A", C23_A),
-                             ("phase_max_rad", phase_max_rad), ("crop_fraction", crop_fraction)):  # fmt: skip
+                             ("phase_max_rad", phase_max_rad), ("crop_fraction", crop_fraction),
+                             ("aperture_edge_mrad", aperture_edge_mrad)):  # fmt: skip
             if len(bounds) != 2 or bounds[0] > bounds[1]:
                 raise ValueError(f"{name} must be a range (low, high) with low <= high, got {list(bounds)}")
         if not (0 < crop_fraction[0] and crop_fraction[1] <= 1):
@@ -209,6 +219,9 @@ class ChangForwardModel(torch.nn.Module):
         if not 0 < illuminated_fraction <= 1:
             raise ValueError(f"illuminated_fraction must lie in (0, 1], got {illuminated_fraction}")
         self.illuminated_fraction = float(illuminated_fraction)
+        if aperture_edge_mrad[0] < 0:
+            raise ValueError(f"aperture_edge_mrad must be >= 0, got {list(aperture_edge_mrad)}")
+        self.aperture_edge_mrad = (float(aperture_edge_mrad[0]), float(aperture_edge_mrad[1]))
         offsets = torch.arange(self.diffraction_px) - self.diffraction_px // 2
         radius = torch.hypot(offsets[:, None].double(), offsets[None, :].double())
         self.register_buffer("_window_radius_px", radius, persistent=False)
@@ -233,10 +246,16 @@ class ChangForwardModel(torch.nn.Module):
             "C23": low_high[3][0] + u[:, 5] * (low_high[3][1] - low_high[3][0]),
             "phi23": u[:, 6] * 2 * np.pi,
         }
+        low, high = self.aperture_edge_mrad
+        if high > 0:  # drawn after the aberrations, so a hard-edged model keeps its random stream
+            w = torch.rand(batch, generator=generator, dtype=torch.float64).numpy()
+            values[APERTURE_EDGE_KEY] = low + w * (high - low)
         return values
 
     def probes(self, aberrations: dict[str, np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
         """Probes (B, sim_px, sim_px) complex64 on the simulation grid, centred at pixel sim_px // 2."""
+        aberrations = dict(aberrations)
+        edge_mrad = aberrations.pop(APERTURE_EDGE_KEY, 0.0)
         waves = probe(
             self.energy_eV,
             self.semiangle_mrad,
@@ -244,6 +263,7 @@ class ChangForwardModel(torch.nn.Module):
             sampling_A=self.pixel_size_A,
             Cs_A=self.Cs_A,
             aberrations=aberrations,
+            aperture_edge_invA=np.asarray(edge_mrad, dtype=np.float64) * 1e-3 / wavelength(self.energy_eV),
         )
         return torch.from_numpy(waves).to(device)
 
@@ -323,7 +343,7 @@ class ChangForwardModel(torch.nn.Module):
         for seed in seeds:
             generator = torch.Generator().manual_seed(int(seed))
             draws.append((self.draw_aberrations(1, generator), self.phase_objects(1, generator, device)))
-        aberrations = {key: np.concatenate([d[0][key] for d in draws]) for key in ABERRATION_KEYS}
+        aberrations = {key: np.concatenate([d[0][key] for d in draws]) for key in draws[0][0]}
         phase = torch.cat([d[1] for d in draws])
         return self._finish(aberrations, phase, device)
 
@@ -348,7 +368,15 @@ class ChangForwardModel(torch.nn.Module):
 # --------------------------------------------------------------------------------------------------
 # fixed sets on disk (`python datagen.py simulation=stock_images`)
 
-FORWARD_MODEL_RANGES = ("C10_A", "C12_A", "C21_A", "C23_A", "phase_max_rad", "crop_fraction")
+FORWARD_MODEL_RANGES = (
+    "C10_A",
+    "C12_A",
+    "C21_A",
+    "C23_A",
+    "phase_max_rad",
+    "crop_fraction",
+    "aperture_edge_mrad",
+)
 
 
 def sample_seed(seed: int, index: int) -> int:

@@ -228,6 +228,7 @@ def probe(
     Cs_A: ArrayLike = 0.0,
     aberrations: Mapping[str, ArrayLike] | None = None,
     soft_aperture: bool = False,
+    aperture_edge_invA: ArrayLike = 0.0,
     position_A: ArrayLike | None = None,
     space: Literal["real", "reciprocal"] = "real",
     dtype: np.dtype | type = np.complex64,
@@ -249,6 +250,11 @@ def probe(
         Further polar coefficients (``C12``, ``phi12``, ``C21``, ...); see :func:`aberration_phase`.
     soft_aperture
         Smooth the aperture edge over one reciprocal pixel instead of a hard cut.
+    aperture_edge_invA
+        Or smooth it over this width (1/A; a number or one per sample, shape ``(B,)``): the linear ramp of
+        :func:`aperture`. A measured disc edge is softer than a hard cut (abTEM's anti-aliased aperture,
+        partial spatial coherence, the detector's point spread); the wider of this and ``soft_aperture``'s
+        pixel wins.
     position_A
         Probe centre in Angstrom from pixel (0, 0) (sub-pixel positions are exact Fourier shifts);
         default the grid centre ``(N // 2) * sampling`` (the centre pixel for even N).
@@ -279,6 +285,13 @@ def probe(
         # the reciprocal pixel's extent along the radial direction
         dkx, dky = grid.reciprocal_sampling_invA
         soft_edge = np.hypot(np.cos(phi) * dkx, np.sin(phi) * dky)
+    edge_invA = np.asarray(aperture_edge_invA, dtype=np.float64)
+    if edge_invA.ndim > 1 or np.any(edge_invA < 0) or not np.all(np.isfinite(edge_invA)):
+        raise ValueError(
+            f"probe: aperture_edge_invA must be >= 0 (a number or (B,)), got {aperture_edge_invA!r}"
+        )
+    if np.any(edge_invA > 0):
+        soft_edge = np.maximum(soft_edge, edge_invA.reshape((*edge_invA.shape, 1, 1)))
     wave_k = aperture(k, energy_eV, semiangle_mrad, soft_edge) * np.exp(
         -1j * aberration_phase(k, phi, energy_eV, coefficients)
     )

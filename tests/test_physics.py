@@ -333,3 +333,31 @@ def test_batched_probe_equals_individual_probes():
         )  # fmt: skip
         np.testing.assert_allclose(batch[i], single, atol=1e-6)
     np.testing.assert_allclose(np.sum(np.abs(batch) ** 2, axis=(1, 2)), 1.0, rtol=1e-5)
+
+
+def test_aperture_edge_is_a_linear_ramp_of_the_given_width_per_sample():
+    """``aperture_edge_invA``: transmission 1/2 at the cut-off, 0 and 1 half a width either side, the
+    transmitted area (sum |A|^2 before normalisation ~ sum A) unchanged to first order; one width per sample
+    gives each sample's own ramp, equal to the single-width call."""
+    from physics import polar_frequencies
+
+    energy, semiangle, n, pixel = 300e3, 20.0, 128, 0.05
+    cutoff = semiangle * 1e-3 / wavelength(energy)
+    widths = np.array([0.0, 0.1, 0.2])
+    batch = probe(energy, semiangle, n, sampling_A=pixel, aperture_edge_invA=widths, space="reciprocal")
+    assert batch.shape == (3, n, n)
+    grid = Grid.from_sampling(pixel, n)
+    k = np.fft.fftshift(polar_frequencies(grid)[0])
+    for i, width in enumerate(widths):
+        single = probe(energy, semiangle, n, sampling_A=pixel, aperture_edge_invA=width, space="reciprocal")
+        np.testing.assert_allclose(batch[i], single, atol=1e-6)
+        amplitude = np.abs(single) / np.abs(single).max()
+        if width == 0:
+            assert set(np.unique(np.round(amplitude, 6))) <= {0.0, 1.0}
+            continue
+        ramp = (k > cutoff - width / 2) & (k < cutoff + width / 2)
+        np.testing.assert_allclose(amplitude[ramp], 0.5 + (cutoff - k[ramp]) / width, atol=1e-5)
+        assert amplitude[k >= cutoff + width / 2].max() < 1e-6
+        assert amplitude[k <= cutoff - width / 2].min() > 1 - 1e-6
+    with pytest.raises(ValueError, match="aperture_edge_invA must be >= 0"):
+        probe(energy, semiangle, n, sampling_A=pixel, aperture_edge_invA=-0.1)
