@@ -63,7 +63,12 @@ PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 PRETRAINED_DIR_ENV = "DEEPSTEM_PRETRAINED_DIR"
 #: network method -> file name of its default shipped model (model card: pretrained/README.md), the one
 #: chosen when several cover a scan equally well
-PRETRAINED = {"airpi": "airpi_reference.ckpt", "cgrdn": "cgrdn_cpu.ckpt", "ptychonn": "ptychonn_cpu.ckpt"}
+PRETRAINED = {
+    "airpi": "airpi_reference.ckpt",
+    "cgrdn": "cgrdn_cpu.ckpt",
+    "chang_unet": "chang_hbn.ckpt",
+    "ptychonn": "ptychonn_cpu.ckpt",
+}
 #: engines of reconstruct.py: evaluation.engines' ENGINES (a saved scan) and engine=libertem_live (frames
 #: streamed from a detector while it scans: evaluation.engines.live, the live extra)
 LIVE_ENGINE = "libertem_live"

@@ -160,8 +160,9 @@ def export(
     ``weights_dtype="float16"`` stores the floating-point tensors in half precision (half the file: the
     9.4 M-parameter Chang U-Net is 38 MB in float32); :func:`evaluation.networks.load_network` copies them
     into the float32 model, so inference runs as before, on weights rounded to 11 significant bits
-    (recorded as ``deepstem.weights_dtype``). Raises :class:`models.checkpoints.CheckpointError` for an
-    unreadable source or a tensor outside the float16 range.
+    (recorded as ``deepstem.weights_dtype``); a tensor outside the float16 range (a batch-norm running
+    variance above 65504) stays float32 and is named in ``deepstem.float32_tensors``. Raises
+    :class:`models.checkpoints.CheckpointError` for an unreadable source.
     """
     from models.checkpoints import CheckpointError, load_checkpoint
 
@@ -191,14 +192,18 @@ def export(
     if weights_dtype not in ("float32", "float16"):
         raise CheckpointError(f"weights_dtype must be float32 or float16, got {weights_dtype!r}")
     state = {}
+    kept_float32 = []
     for key, value in checkpoint["state_dict"].items():
         value = value.detach().clone()
         if weights_dtype == "float16" and value.is_floating_point():
             if value.numel() and float(value.abs().max()) > float(torch.finfo(torch.float16).max):
-                raise CheckpointError(f"{source}: {key} exceeds the float16 range; export in float32")
-            value = value.to(torch.float16)
+                kept_float32.append(key)  # e.g. a batch-norm running variance: kept exact, a few numbers
+            else:
+                value = value.to(torch.float16)
         state[key] = value
     deepstem["weights_dtype"] = weights_dtype
+    if kept_float32:
+        deepstem["float32_tensors"] = kept_float32
     slim = {
         "state_dict": state,
         "hyper_parameters": plain(checkpoint.get("hyper_parameters") or {}),

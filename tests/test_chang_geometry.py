@@ -204,3 +204,32 @@ def test_float16_export_halves_the_file_and_predicts_as_before(tmp_path):
         ya, yb = a(x), b(x)
     assert torch.allclose(ya, yb, rtol=0, atol=5e-3 * float(ya.abs().max()) + 1e-6)
     assert not torch.equal(ya, yb)  # the weights were rounded
+
+
+def test_float16_export_keeps_tensors_beyond_its_range_in_float32(tmp_path):
+    """A batch-norm running variance above 65504 (seen in a trained Chang U-Net) would round to inf in
+    float16: that tensor stays float32, is named in the checkpoint, and the model predicts as the float32
+    export does (the rest is rounded)."""
+    script = _export_script()
+    source = save_checkpoint("chang_unet", tmp_path / "last.ckpt")
+    checkpoint = torch.load(source, weights_only=True)
+    key = next(k for k in checkpoint["state_dict"] if k.endswith("running_var"))
+    checkpoint["state_dict"][key] = checkpoint["state_dict"][key] * 0 + 1.0e6
+    torch.save(checkpoint, source)
+    full, half = tmp_path / "full.ckpt", tmp_path / "half.ckpt"
+    assert script.main([str(source), str(full)]) == 0
+    assert script.main([str(source), str(half), "--weights-dtype", "float16"]) == 0
+    stored = torch.load(half, weights_only=True)
+    assert stored["deepstem"]["float32_tensors"] == [key]
+    assert (
+        stored["state_dict"][key].dtype == torch.float32 and float(stored["state_dict"][key].max()) == 1.0e6
+    )
+    others = [v for k, v in stored["state_dict"].items() if k != key and v.is_floating_point()]
+    assert all(v.dtype == torch.float16 for v in others)
+    a, b = load_network(full, "chang_unet"), load_network(half, "chang_unet")
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    assert torch.isfinite(yb).all() and torch.allclose(
+        ya, yb, rtol=0, atol=5e-3 * float(ya.abs().max()) + 1e-6
+    )
