@@ -58,6 +58,7 @@ __all__ = [
     "load_4dstem",
     "save_4dstem",
     "save_emd",
+    "sparser_scan",
 ]
 
 CALIBRATION_KEYS: dict[str, str] = {
@@ -178,6 +179,26 @@ def _calibrated_scan(
         source_format=source_format,
         **extra,
     )
+
+
+def sparser_scan(scan: Scan4D, stride: int) -> Scan4D:
+    """``scan`` at every ``stride``-th probe position along x and y (the step x ``stride``; the first
+    position, the calibration and the truth unchanged), read into memory: paper 001's sparse-scan study
+    (every second to fourth pattern of one acquisition). ``stride`` 1 returns ``scan`` itself."""
+    import dataclasses
+
+    stride = int(stride)
+    if stride < 1:
+        raise ScanError(f"scan_stride must be a positive integer, got {stride}")
+    if stride == 1:
+        return scan
+    data = np.asarray(scan.data[::stride, ::stride])
+    if min(data.shape[:2]) < 3:
+        raise ScanError(
+            f"scan_stride={stride} leaves {data.shape[0]} x {data.shape[1]} positions (need >= 3 x 3)"
+        )
+    step = tuple(float(v) * stride for v in scan.scan_step_A)
+    return dataclasses.replace(scan, data=data, scan_step_A=step, _handle=None)
 
 
 def check_scan(scan: Scan4D, progress: bool = True) -> None:

@@ -7,7 +7,9 @@ The suite (``conf/suite/*.yaml``, see ``conf/suite/default.yaml`` for every key)
   :mod:`datagen.scan4d` and written there, so later runs reuse it. ``generate`` is a scan section of
   ``conf/simulation/scan4d.yaml`` (``specimen``, ``settings``, ``edge_margin_A``; twisted bilayers and
   crystals with point defects), or for a twisted bilayer the short form with the keys of
-  :func:`datagen.scan4d.twisted_bilayer` next to ``settings`` and ``edge_margin_A``;
+  :func:`datagen.scan4d.twisted_bilayer` next to ``settings`` and ``edge_margin_A``. ``scan_stride: n``
+  scores every ``n``-th position along x and y (:func:`evaluation.io.sparser_scan`: the step x ``n``; two
+  entries may share one file at different strides, paper 001's sparse-scan study);
 * ``doses_e_per_A2``: electron doses per area ``d``; each CBED gets ``D = d * step_x * step_y`` electrons,
   Poisson noise drawn from a seed fixed by ``(seed, scan, dose, scan row)``, so every method sees the same
   noisy data and a rerun gives the same numbers; ``.inf`` is the noise-free scan;
@@ -56,7 +58,7 @@ from evaluation.frc import (
     half_bit_threshold,
     resolution,
 )
-from evaluation.io import Scan4D, ScanError, load_4dstem
+from evaluation.io import Scan4D, ScanError, load_4dstem, sparser_scan
 from evaluation.metrics import fourier_resample, xc
 from evaluation.networks.geometry import DetectorReachError
 from evaluation.references._common import InsufficientMemoryError
@@ -485,8 +487,11 @@ def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     truths: dict[str, Any] = {}
     grids: dict[str, ScoringGrid] = {}
     for scan_index, (name, path) in enumerate(scans.items()):
-        scan = load_4dstem(path, progress=progress)
+        source = scan = load_4dstem(path, progress=progress)
+        stride = (suite["scans"][name] or {}).get("scan_stride", 1)
         try:
+            # every stride-th position (paper 001's sparse scans); doses stay per area of the sparser scan
+            scan = sparser_scan(source, stride)
             if scan.truth_phase is None:
                 raise SuiteError(f"{path}: no truth group; the suite needs simulated scans (scan4d)")
             truths[name] = scan
@@ -557,6 +562,7 @@ def run_suite(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             _figures(run_dir, name, grid, doses, ran, images, rows)
         finally:
             scan.close()
+            source.close()
     content = {
         "suite": suite,
         "seed": seed,

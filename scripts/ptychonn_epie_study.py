@@ -78,14 +78,12 @@ def score_region(scan: Scan4D, results: dict[str, Reconstruction], first_line: i
 
 def make_sparse(scan_path: Path, factor: int, out: Path) -> Path:
     """Write the scan subsampled to every ``factor``-th position in both directions (step x ``factor``)."""
-    from evaluation.io import save_4dstem
+    from evaluation.io import save_4dstem, sparser_scan
 
-    scan = load_4dstem(scan_path)
-    step = np.broadcast_to(np.asarray(scan.scan_step_A, float), (2,))
-    data = np.asarray(scan.data[::factor, ::factor])
+    scan = sparser_scan(load_4dstem(scan_path), factor)
     return save_4dstem(
-        out, data, energy_eV=scan.energy_eV, semiangle_mrad=scan.semiangle_mrad,
-        scan_step_A=tuple(float(v) for v in step * factor), k_pixel_invA=scan.k_pixel_invA,
+        out, np.asarray(scan.data), energy_eV=scan.energy_eV, semiangle_mrad=scan.semiangle_mrad,
+        scan_step_A=scan.scan_step_A, k_pixel_invA=scan.k_pixel_invA,
         Cs_A=scan.Cs_A, defocus_A=scan.defocus_A, truth_phase=scan.truth_phase,
         truth_pixel_size_A=scan.truth_pixel_size_A, truth_origin_A=scan.truth_origin_A, overwrite=True,
     )  # fmt: skip

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import lightning
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -177,3 +178,27 @@ def test_a_method_that_cannot_take_a_scan_is_left_out_of_that_scan_only(
     table = (tmp_path / "run" / "results.md").read_text()
     assert "Not applicable: wide on tiny: the detector reaches" in table
     assert imread(tmp_path / "run" / "figures" / "recon_tiny.png").shape[1] == round(2.2 * 3 * 110)
+
+
+def test_scan_stride_scores_a_sparser_scan_of_the_same_file(folder, no_shipped_models, tmp_path):
+    """Two entries on one file, stride 1 and 2: the second is scored at twice the step on every second
+    position (8 x 8 of 16 x 16), its per-CBED dose is 4x at the same dose per area, and the file itself is
+    unchanged."""
+    cfg = _evaluate_config(
+        "suite=tiny", f"suite.scans.tiny.path={folder}/scan.h5", "suite.doses_e_per_A2=[1e4]",
+        "~suite.methods.epie", "~suite.methods.ssb",
+        f"+suite.scans.tiny_x2={{path:{folder}/scan.h5,scan_stride:2}}",
+    )  # fmt: skip
+    assert evaluate_main(cfg, tmp_path / "run") == 0
+    rows = {r["scan"]: r for r in json.loads((tmp_path / "run" / "metrics.json").read_text())["rows"]}
+    assert rows["tiny_x2"]["dose_e_per_cbed"] == pytest.approx(4 * rows["tiny"]["dose_e_per_cbed"])
+    assert rows["tiny"]["xc"] != rows["tiny_x2"]["xc"]
+    from evaluation.io import ScanError, load_4dstem, sparser_scan
+
+    scan = load_4dstem(folder / "scan.h5")
+    sparse = sparser_scan(scan, 2)
+    assert sparse.shape[:2] == (8, 8) and sparse.scan_step_A == tuple(2 * s for s in scan.scan_step_A)
+    np.testing.assert_array_equal(np.asarray(sparse.data[1, 2]), np.asarray(scan.data[2, 4]))
+    with pytest.raises(ScanError, match="leaves 2 x 2 positions"):
+        sparser_scan(scan, 8)
+    scan.close()
