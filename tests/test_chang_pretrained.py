@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from scan4d_helpers import simulate_scan
 from scipy.ndimage import map_coordinates
 
@@ -75,3 +76,22 @@ def test_shipped_chang_reconstructs_a_defocused_scan_better_than_an_untrained_ne
     assert score > 0.25 and score > baseline + 0.2, (score, baseline)
     # a focused probe lies outside its 80-200 A defocus: named
     assert any("defocus_A" in m for m in optics_mismatch(model, _scan(10.0)[0]))
+
+
+def test_chang_graphene_experiment_and_sparse_suite_compose():
+    """experiment=chang_graphene is chang_hbn's recipe at 80 kV / 31.5 mrad (soft rim kept), and its suite
+    scores one held-out file at paper 001's four steps (0.132 .. 0.528 A) through scan_stride."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        train = compose(config_name="train", overrides=["experiment=chang_graphene"])
+        suite = compose(config_name="evaluate", overrides=["suite=chang_graphene"]).suite
+    forward = train.data.forward_model
+    assert (forward.energy_eV, forward.semiangle_mrad) == (80e3, 31.5)
+    assert list(forward.aperture_edge_mrad) == [0.0, 3.0] and train.task_name == "chang_graphene"
+    dense = suite.scans.graphene_step0132
+    steps = {
+        name: dense.generate.settings.scan_step_A * scan.get("scan_stride", 1)
+        for name, scan in suite.scans.items()
+        if scan.path == dense.path
+    }
+    assert sorted(round(v, 3) for v in steps.values()) == [0.132, 0.264, 0.396, 0.528]
+    assert dense.generate.specimen.material == "graphene" and 80 <= dense.generate.settings.defocus_A <= 200
