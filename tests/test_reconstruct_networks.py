@@ -146,10 +146,13 @@ def test_reconstruct_py_airpi_end_to_end(folder, tmp_path):
         ("ptychonn", "cgrdn.ckpt", "holds model 'cgrdn', not 'ptychonn'"),
         ("chang_unet", "airpi.ckpt", "holds model 'airpi', not 'chang_unet'"),
         ("airpi", "scan.h5", "not a readable PyTorch checkpoint"),
-        ("chang_unet", None, "needs a network checkpoint"),  # no Chang model ships
+        ("chang_unet", None, "needs a network checkpoint"),  # none in the (empty) folder of shipped models
     ],
 )
-def test_wrong_checkpoint_is_one_line_and_writes_nothing(folder, tmp_path, method, ckpt, message, capsys):
+def test_wrong_checkpoint_is_one_line_and_writes_nothing(
+    folder, tmp_path, method, ckpt, message, capsys, monkeypatch
+):
+    monkeypatch.setenv("DEEPSTEM_PRETRAINED_DIR", str(tmp_path / "no_shipped_models"))
     overrides = [f"method={method}", f"output={tmp_path}/out.h5"]
     if ckpt:
         overrides.append(f"ckpt={folder}/{ckpt}")
