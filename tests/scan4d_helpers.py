@@ -113,3 +113,21 @@ def simulate_scan(
         phase=phase,
         scan_rotation_deg=scan_rotation_deg,
     )
+
+
+def truth_at(s: SimulatedScan, x_A: np.ndarray, y_A: np.ndarray) -> np.ndarray:
+    """The periodic true phase of :func:`simulate_scan` at arbitrary points (linear interpolation; exact on
+    its pixels)."""
+    return ndimage.map_coordinates(
+        s.phase,
+        [np.asarray(x_A) / s.object_pixel_A, np.asarray(y_A) / s.object_pixel_A],
+        order=1,
+        mode="grid-wrap",
+    )
+
+
+def truth_on(s: SimulatedScan, recon) -> np.ndarray:
+    """The true phase on the pixels of a reconstruction (its ``origin_A`` and ``pixel_size_A``)."""
+    x = recon.origin_A[0] + np.arange(recon.phase.shape[0]) * recon.pixel_size_A[0]
+    y = recon.origin_A[1] + np.arange(recon.phase.shape[1]) * recon.pixel_size_A[1]
+    return truth_at(s, *np.meshgrid(x, y, indexing="ij"))

@@ -5,7 +5,6 @@ for scans the specialist was not trained for while the specialist keeps its own 
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,20 +12,10 @@ import torch
 from evaluation.cli import PRETRAINED, choose_checkpoint
 from evaluation.networks import identify_checkpoint, load_network, optics_mismatch, training_ranges
 from physics import scherzer_defocus
+from tests.test_training_ranges import _calibration as _scan  # a calibration-only scan stand-in
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERALIST = ROOT / "pretrained" / "airpi_generalist.ckpt"
-
-
-def _scan(**values: float | tuple[float, float]) -> SimpleNamespace:
-    base = {
-        "energy_eV": 300e3,
-        "semiangle_mrad": 20.0,
-        "scan_step_A": (0.3, 0.3),
-        "Cs_A": 0.0,
-        "defocus_A": 0.0,
-    }
-    return SimpleNamespace(**{**base, **values})
 
 
 @pytest.fixture(autouse=True)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from scan4d_helpers import simulate_scan
+from scan4d_helpers import simulate_scan, truth_on
 
 from evaluation.cli import choose_checkpoint
 from evaluation.io import Scan4D
@@ -44,12 +43,7 @@ def test_shipped_ptychonn_reconstructs_a_weak_phase_scan_and_warns_outside_its_o
     model = load_network(SHIPPED, "ptychonn")
     assert optics_mismatch(model, scan) == []
     recon = reconstruct_with_network(scan, "ptychonn", model, device="cpu", progress=False)
-    x = recon.origin_A[0] + np.arange(recon.phase.shape[0]) * recon.pixel_size_A[0]
-    y = recon.origin_A[1] + np.arange(recon.phase.shape[1]) * recon.pixel_size_A[1]
-    from scipy.ndimage import map_coordinates
-
-    xx, yy = np.meshgrid(x / sim.object_pixel_A, y / sim.object_pixel_A, indexing="ij")
-    truth = map_coordinates(sim.phase, [xx, yy], order=1, mode="grid-wrap")
+    truth = truth_on(sim, recon)
     score = xc(recon.phase, truth)
     # an untrained network of the same layout on the same scan, for scale
     untrained = load_network(SHIPPED, "ptychonn")

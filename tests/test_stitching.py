@@ -16,8 +16,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from scan4d_helpers import simulate_scan
-from scipy.ndimage import map_coordinates
+from scan4d_helpers import simulate_scan, truth_at, truth_on
 
 from evaluation.io import Scan4D, load_4dstem, save_4dstem
 from evaluation.metrics import xc
@@ -63,22 +62,6 @@ def as_scan(s, data=None) -> Scan4D:
 
 def gmax_of(s) -> float:
     return s.k_pixel_invA * s.data.shape[-1] / 2
-
-
-def truth_at(s, x_A: np.ndarray, y_A: np.ndarray) -> np.ndarray:
-    """The periodic true phase at arbitrary points (linear interpolation; exact on its pixels)."""
-    return map_coordinates(
-        s.phase,
-        [np.asarray(x_A) / s.object_pixel_A, np.asarray(y_A) / s.object_pixel_A],
-        order=1,
-        mode="grid-wrap",
-    )
-
-
-def truth_on(s, recon) -> np.ndarray:
-    x = recon.origin_A[0] + np.arange(recon.phase.shape[0]) * recon.pixel_size_A[0]
-    y = recon.origin_A[1] + np.arange(recon.phase.shape[1]) * recon.pixel_size_A[1]
-    return truth_at(s, *np.meshgrid(x, y, indexing="ij"))
 
 
 def window(s, x: float, y: float, pixel_A: float, n: int) -> np.ndarray:
