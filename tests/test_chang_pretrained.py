@@ -125,11 +125,11 @@ def _footprint(model, defocus_A: float) -> tuple[int, float]:
 def test_chang_graphene_defocus_range_has_the_hbn_recipes_footprint_in_pixels():
     """On the label grid (pixel lambda / 4 alpha) a defocus df lights a disc of radius 4 df alpha^2 / lambda
     pixels: chang_graphene's defocus range (80 kV / 31.5 mrad) must give chang_hbn's footprints (300 kV /
-    17.1 mrad), both inside the 32 px label window; the 80-200 A of session 11's failed graphene run overfills
-    it (measured: 757 lit pixels and 0.876 of the intensity inside at 200 A, against 401 and 0.965 at 125 A)."""
+    17.1 mrad), both inside the 32 px label window; the 80-200 A of session 11's failed graphene run
+    overfills it (measured: 757 lit pixels, 0.876 of the intensity inside at 200 A; 401, 0.965 at 125 A)."""
     hbn, hbn_range = _forward_model("chang_hbn")
     graphene, graphene_range = _forward_model("chang_graphene")
-    for hbn_df, graphene_df in zip(hbn_range, graphene_range):
+    for hbn_df, graphene_df in zip(hbn_range, graphene_range, strict=True):
         hbn_px, hbn_inside = _footprint(hbn, hbn_df)
         graphene_px, graphene_inside = _footprint(graphene, graphene_df)
         # measured 121 / 101 px at the near end (near the diffraction limit: Cs and the Airy rings differ),
