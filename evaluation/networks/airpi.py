@@ -66,6 +66,12 @@ def _placement_matrices(pixels: int, offsets: torch.Tensor, frac: torch.Tensor, 
     return _fourier_evaluation(pixels, coordinates)
 
 
+def _on_stride(index: np.ndarray, size: int, stride: int) -> np.ndarray:
+    """Which of the positions ``index`` along an axis of ``size`` the network runs at: every ``stride``-th
+    and the last."""
+    return (index % stride == 0) | (index == size - 1)
+
+
 def airpi_reconstruct(
     scan: Any,
     predictor: Predictor,
@@ -79,6 +85,7 @@ def airpi_reconstruct(
     repetition_box: int = 5,
     repetition_stride: int = 2,
     weight_threshold: float = 0.1,
+    inference_stride: int = 1,
     zeta_scale: float = 50.0,
     crop_to_scan: bool = True,
     unwrap_phase: bool = True,
@@ -104,6 +111,13 @@ def airpi_reconstruct(
     range is applied by :func:`evaluation.networks.reconstruct_with_network`); ``info['alpha_over_gmax']``
     is the ratio used.
 
+    ``inference_stride`` n > 1: the network runs at every n-th position along x and y (and at the last row
+    and column, so the field's edge stays covered), 1 / n^2 of the passes; the positions in between still
+    enter as the neighbours of the 3x3 kernels, so at n = 3 every CBED is seen (once), at n = 2 most twice.
+    The stitched footprints (``weight_threshold`` of the probe intensity) must still tile the field: a
+    faster, coarser mode (a live preview, a first look), measured against n = 1 in docs/benchmarks.md;
+    ``info['network_passes']`` counts the passes, the trust map is NaN at the skipped positions.
+
     ``consistency``: the trust map ``Reconstruction.consistency`` (Rx, Ry): the predicted exit wave's
     ``|F psi_out|^2`` against the centre CBED the network saw (the box sum with ``data_repetition``), as
     the normalised Poisson deviance of :func:`evaluation.networks.consistency.normalised_poisson_deviance`
@@ -114,6 +128,9 @@ def airpi_reconstruct(
     patterns its workers resampled (:mod:`evaluation.engines.libertem`).
     """
     dev = resolve_device(device)
+    if isinstance(inference_stride, bool) or int(inference_stride) != inference_stride or inference_stride < 1:
+        raise ValueError(f"airpi.inference_stride must be a positive integer, got {inference_stride!r}")
+    inference_stride = int(inference_stride)
     geometry = ScanGeometry.from_scan(scan, data_repetition, repetition_box, repetition_stride)
     _check_patterns(geometry)
     start_time = time.perf_counter()
@@ -137,12 +154,18 @@ def airpi_reconstruct(
     _, ry = geometry.positions_shape
     rows_per_block = block_rows or _default_block_rows(ry, pixels)
     placements: dict[tuple, tuple] = {}
-    count = 0
+    count = passes = 0
     trust = (
         ConsistencyMap(geometry.positions_shape, dev, consistency_counts_per_unit) if consistency else None
     )
     bar = _inference_bar(geometry, progress, "AIRPI")
     for e, c, kernels in stream.kernels(rows_per_block, False, "AIRPI"):  # the bar counts patterns
+        block_positions = len(e)
+        if inference_stride > 1:
+            keep = _on_stride(e, geometry.positions_shape[0], inference_stride) & _on_stride(
+                c, geometry.positions_shape[1], inference_stride
+            )
+            e, c, kernels = e[keep], c[keep], kernels[torch.as_tensor(np.flatnonzero(keep), device=dev)]
         for part in _batches(len(e), batch_size):
             counts = kernels[part]
             b = counts.shape[0]
@@ -176,8 +199,9 @@ def airpi_reconstruct(
             patch = torch.sgn((ax @ wave @ ay_t) * in_conj) * weight
             index = grid.flat_indices(mx, my, dev).reshape(-1)
             accumulator.index_add_(0, index, torch.view_as_real(patch.reshape(-1)))
-            count += b
-            bar.update(b)
+            passes += b
+        count += block_positions
+        bar.update(block_positions)
     bar.close()
     elapsed = time.perf_counter() - start_time
     total = torch.view_as_complex(accumulator).reshape(grid.shape).cpu().numpy()
@@ -200,6 +224,8 @@ def airpi_reconstruct(
             "phase_wraps_removed": int(wraps),
             "detector_centre_px": centre.tolist(),
             "patterns_per_s": count / max(elapsed, 1e-9),
+            "inference_stride": inference_stride,
+            "network_passes": int(passes),
             **extra,
         },
         consistency=trust_map,
