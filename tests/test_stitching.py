@@ -136,8 +136,10 @@ def test_airpi_inference_stride_runs_the_network_on_a_sub_grid_and_still_tiles_t
     assert np.abs(recon.phase - truth).max() < 1e-5
     trust = recon.consistency
     assert np.isfinite(trust[::2, ::2]).all() and np.isnan(trust[1:-1:2, 1:-1:2]).all()
-    with pytest.raises(ValueError, match="airpi.inference_stride"):
-        airpi_reconstruct(as_scan(sim), airpi_oracle(sim), pixels=K, gmax_invA=gmax_of(sim), inference_stride=0)
+    with pytest.raises(ValueError, match=r"airpi\.inference_stride"):
+        airpi_reconstruct(
+            as_scan(sim), airpi_oracle(sim), pixels=K, gmax_invA=gmax_of(sim), inference_stride=0
+        )
 
 
 def test_airpi_uncropped_field_extends_by_the_probe_footprint(sim):

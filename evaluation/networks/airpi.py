@@ -128,7 +128,8 @@ def airpi_reconstruct(
     patterns its workers resampled (:mod:`evaluation.engines.libertem`).
     """
     dev = resolve_device(device)
-    if isinstance(inference_stride, bool) or int(inference_stride) != inference_stride or inference_stride < 1:
+    stride_ok = not isinstance(inference_stride, bool) and int(inference_stride) == inference_stride
+    if not stride_ok or inference_stride < 1:
         raise ValueError(f"airpi.inference_stride must be a positive integer, got {inference_stride!r}")
     inference_stride = int(inference_stride)
     geometry = ScanGeometry.from_scan(scan, data_repetition, repetition_box, repetition_stride)
