@@ -102,6 +102,7 @@ def _config(folder: Path, *overrides: str):
     [
         ("airpi", ["airpi.pixels=32", "airpi.oversampling=2"], 0.5, 23),
         ("airpi", ["airpi.pixels=32", "airpi.data_repetition=true"], 2.0, 6),
+        ("airpi", ["airpi.pixels=32", "airpi.oversampling=2", "airpi.inference_stride=2"], 0.5, 23),
         ("chang_unet", [], 1.0, 12),
         ("ptychonn", ["ptychonn.pixels=32", "ptychonn.oversampling=1"], 1.0, 12),
         # oversampling null: the object pixel no coarser than the network's (here step / 2)
@@ -123,6 +124,8 @@ def test_network_methods_write_a_reconstruction(folder, method, extra, pixel_fac
         np.testing.assert_allclose(handle.attrs["pixel_size_A"], step * pixel_factor)
         np.testing.assert_allclose(handle.attrs["origin_A"], 0.0)
         assert handle.attrs["patterns_per_s"] > 0
+        if "airpi.inference_stride=2" in extra:  # 7 x 7 of the 12 x 12 positions (every 2nd and the last)
+            assert handle.attrs["info_network_passes"] == 49
     assert phase.dtype == np.float32 and np.all(np.isfinite(phase)) and phase.std() > 0
     assert phase.shape == (size, size)
 
