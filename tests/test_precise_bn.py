@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,8 @@ import torch
 from torch import nn
 
 from training.precise_bn import PreciseBatchNorm, batchnorm_layers, recalibrate_batchnorm
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _net() -> nn.Module:
@@ -56,34 +61,75 @@ def test_eval_output_then_matches_the_data_and_bad_input_is_refused():
     assert len(batchnorm_layers(net)) == 1
 
 
-def test_training_validates_and_checkpoints_with_the_re_estimated_statistics(tmp_path):
-    """train.py with callbacks.precise_bn: the checkpoint's batch-norm buffers are the statistics of its own
-    weights over the first calibration batches (fixed per-index samples of the training loader), not the
-    trailing average of the training steps."""
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A one-epoch Chang run of train.py (tiny network and image bank) with callbacks.precise_bn at 3."""
     from hydra import compose, initialize_config_dir
 
-    from models.lightning import ChangLightning
     from training.cli import train
-    from training.datamodules import StockImagesDataModule
 
-    root = Path(__file__).resolve().parents[1]
+    folder = tmp_path_factory.mktemp("precise_bn_run")
     overrides = [
-        "model=chang_unet", "data=stock_images", f"paths.output_dir={tmp_path}", "logger=csv",
+        "model=chang_unet", "data=stock_images", f"paths.output_dir={folder}", "logger=csv",
         "data.batch_size=4", "data.train_samples=16", "data.val_samples=4", "trainer.max_epochs=1",
         "callbacks.precise_bn.num_batches=3", "data.image_bank.photographs=[camera]",
         "data.image_bank.faces=2", "data.image_bank.textures=2", "data.image_bank.size_px=64",
         "trainer.precision=32-true", "model.net.channels=[4,8,16]",
     ]  # fmt: skip
-    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     train(cfg)
-    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    module = ChangLightning.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
+    return folder, cfg
+
+
+def _recalibrated_copy(path: Path, cfg, num_batches: int) -> nn.Module:
+    """The checkpoint's network with its statistics re-estimated here over the calibration batches."""
+    from models.lightning import ChangLightning
+    from training.datamodules import StockImagesDataModule
+
+    module = ChangLightning.load_from_checkpoint(path, map_location="cpu")
     data = StockImagesDataModule(**{k: v for k, v in cfg.data.items() if k != "_target_"})
     batches = (data.on_after_batch_transfer(b, 0)["diffraction"] for b in data.train_dataloader())
-    recalibrate_batchnorm(module, batches, num_batches=3, forward=module)
-    name = next(k for k in saved["state_dict"] if k.endswith("running_var"))
-    recomputed = dict(module.state_dict())[name]
-    torch.testing.assert_close(saved["state_dict"][name], recomputed, rtol=1e-4, atol=1e-6)
-    stale = saved["state_dict"][name.replace("running_var", "num_batches_tracked")]
-    assert int(stale) == 3  # counted over the 3 calibration batches, not the 4 training steps
+    recalibrate_batchnorm(module, batches, num_batches=num_batches, forward=module)
+    return module
+
+
+def _first_running_var(state: dict) -> str:
+    return next(k for k in state if k.endswith("running_var"))
+
+
+def test_training_validates_and_checkpoints_with_the_re_estimated_statistics(tiny_run):
+    """train.py with callbacks.precise_bn: the checkpoint's batch-norm buffers are the statistics of its own
+    weights over the first calibration batches (fixed per-index samples of the training loader), not the
+    trailing average of the training steps."""
+    folder, cfg = tiny_run
+    saved = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    module = _recalibrated_copy(folder / "checkpoints" / "last.ckpt", cfg, 3)
+    name = _first_running_var(saved["state_dict"])
+    torch.testing.assert_close(saved["state_dict"][name], module.state_dict()[name], rtol=1e-4, atol=1e-6)
+    counted = saved["state_dict"][name.replace("running_var", "num_batches_tracked")]
+    assert int(counted) == 3  # counted over the 3 calibration batches, not the 4 training steps
+
+
+def test_recalibrate_script_writes_the_new_statistics_and_reports_both_scores(tiny_run, tmp_path):
+    folder, cfg = tiny_run
+    out = tmp_path / "recalibrated.ckpt"
+    script = str(ROOT / "scripts" / "recalibrate_batchnorm.py")
+    source = str(folder / "checkpoints" / "last.ckpt")
+    command = [sys.executable, script, source, str(out), "--batches", "2", "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["metric"] == "val/xc_phase" and report["batches"] == 2 and report["out"] == str(out)
+    assert -1 <= report["val_as_saved"] <= 1 and -1 <= report["val_recalibrated"] <= 1
+    written = torch.load(out, map_location="cpu", weights_only=True)
+    expected = _recalibrated_copy(folder / "checkpoints" / "last.ckpt", cfg, 2).state_dict()
+    name = _first_running_var(written["state_dict"])
+    torch.testing.assert_close(written["state_dict"][name], expected[name], rtol=1e-4, atol=1e-6)
+    assert not list(tmp_path.glob(".*partial*"))
+    # bad input: one line naming the file, exit 2, nothing written
+    missing = tmp_path / "missing.ckpt"
+    result = subprocess.run([*command[:2], str(missing), str(tmp_path / "x.ckpt")], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("deepstem: error:")
+    assert str(missing) in result.stderr and not (tmp_path / "x.ckpt").exists()
