@@ -81,8 +81,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON line here")
     parser.add_argument("overrides", nargs="*", default=[], help="KEY=VALUE overrides of the training config")
-    # the positional OUT would swallow a first KEY=VALUE: re-sort
-    args = parser.parse_args()
+    # options may come between the positionals; the positional OUT would swallow a first KEY=VALUE: re-sort
+    args = parser.parse_intermixed_args()
     if args.out is not None and "=" in str(args.out):
         args.overrides.insert(0, str(args.out))
         args.out = None

@@ -133,3 +133,39 @@ def test_recalibrate_script_writes_the_new_statistics_and_reports_both_scores(ti
                             text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("deepstem: error:")
     assert str(missing) in result.stderr and not (tmp_path / "x.ckpt").exists()
+
+
+def test_recalibrate_script_on_an_exported_airpi_model_resolves_its_kernel_data(tmp_path):
+    """An exported AIRPI (pretrained/-style, its training config inside; data.view=auto given as an override)
+    is scored on the validation split of its kernel shards, before and after, as train.py builds them."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.test_datasets import write_shard
+    from training.cli import train
+
+    data = tmp_path / "data" / "kernel"
+    data.mkdir(parents=True)
+    for i in range(3):
+        write_shard(data / f"shard-{i:05d}-of-00003.h5", 12 * i, 12, [f"mp-{i}{j}" for j in range(2)])
+    run = tmp_path / "run"
+    overrides = [
+        "model=airpi", "data=multislice", f"paths.output_dir={run}", f"paths.data_dir={tmp_path / 'data'}",
+        "logger=csv", "model.net.filters=8", "data.batch_size=4", "data.num_workers=0",
+        "trainer.max_epochs=1", "trainer.precision=32-true", "callbacks.precise_bn.num_batches=2",
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        train(compose(config_name="train", overrides=overrides))
+    exported = tmp_path / "airpi.ckpt"
+    source = str(run / "checkpoints" / "last.ckpt")
+    export = [sys.executable, str(ROOT / "scripts" / "export_checkpoint.py"), source, str(exported),
+              "--config", str(run / "config.yaml")]  # fmt: skip
+    assert subprocess.run(export, capture_output=True, text=True, timeout=300).returncode == 0
+    # data.view=auto (as in exports of older runs' configs): resolved from the model as train.py does
+    script = [sys.executable, str(ROOT / "scripts" / "recalibrate_batchnorm.py"), str(exported),
+              "--batches", "2", "--threads", "1", "data.view=auto"]  # fmt: skip
+    result = subprocess.run(script, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (
+        report["method"] == "airpi" and report["metric"] == "val/xc_object_phase" and report["batches"] == 2
+    )
