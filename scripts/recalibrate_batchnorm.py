@@ -31,6 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+#: the buffers of a batch-norm layer that the re-estimate replaces
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 #: the validation score each network logs (models.lightning)
 VAL_METRIC = {
     "airpi": "val/xc_object_phase",
@@ -147,8 +149,6 @@ def main() -> int:
         return report_error(err)
     return 0
 
-
-BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 if __name__ == "__main__":
     raise SystemExit(main())

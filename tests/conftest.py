@@ -30,3 +30,9 @@ def kernel_dir(tmp_path):
     for i in range(3):
         write_shard(tmp_path / f"shard-{i:05d}-of-00003.h5", 20 * i, 20, [f"mp-{i}{j}" for j in range(3)])
     return tmp_path
+
+
+@pytest.fixture
+def repository_pretrained(monkeypatch):
+    """The repository's pretrained/ as the folder of shipped models (no DEEPSTEM_PRETRAINED_DIR)."""
+    monkeypatch.delenv("DEEPSTEM_PRETRAINED_DIR", raising=False)

@@ -115,6 +115,21 @@ def simulate_scan(
     )
 
 
+def as_scan4d(s: SimulatedScan, data: np.ndarray | None = None, **calibration):
+    """The :class:`evaluation.io.Scan4D` of a :func:`simulate_scan` result (its data, or ``data``), with its
+    calibration plus ``calibration`` (e.g. ``defocus_A``, ``Cs_A``)."""
+    from evaluation.io import Scan4D
+
+    return Scan4D(
+        data=s.data if data is None else data,
+        energy_eV=s.energy_eV,
+        semiangle_mrad=s.semiangle_mrad,
+        scan_step_A=(s.scan_step_A, s.scan_step_A),
+        k_pixel_invA=(s.k_pixel_invA, s.k_pixel_invA),
+        **calibration,
+    )
+
+
 def truth_at(s: SimulatedScan, x_A: np.ndarray, y_A: np.ndarray) -> np.ndarray:
     """The periodic true phase of :func:`simulate_scan` at arbitrary points (linear interpolation; exact on
     its pixels)."""

@@ -10,29 +10,20 @@ import pytest
 import torch
 
 from evaluation.cli import PRETRAINED, choose_checkpoint
-from evaluation.networks import identify_checkpoint, load_network, optics_mismatch, training_ranges
+from evaluation.networks import load_network, optics_mismatch, training_ranges
 from physics import scherzer_defocus
+from tests.shipped_helpers import check_shipped
 from tests.test_training_ranges import _calibration as _scan  # a calibration-only scan stand-in
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERALIST = ROOT / "pretrained" / "airpi_generalist.ckpt"
 
 
-@pytest.fixture(autouse=True)
-def _shipped_folder(monkeypatch):
-    monkeypatch.delenv("DEEPSTEM_PRETRAINED_DIR", raising=False)
+pytestmark = pytest.mark.usefixtures("repository_pretrained")
 
 
 def test_generalist_is_small_weights_only_and_documented():
-    assert GENERALIST.stat().st_size < 20e6
-    checkpoint = torch.load(GENERALIST, map_location="cpu", weights_only=True)  # no pickled objects
-    assert identify_checkpoint(checkpoint) == "airpi" and "optimizer_states" not in checkpoint
-    info = checkpoint["deepstem"]
-    assert "task_name: airpi_generalist_cpu" in info["config_yaml"]
-    for secret in ("api_key: ", "MP_API_KEY=", "WANDB_API_KEY="):
-        assert secret not in info["config_yaml"]
-    card = (ROOT / "pretrained" / "README.md").read_text()
-    assert "airpi_generalist.ckpt" in card and "experiment=airpi_generalist_cpu" in card
+    check_shipped("airpi_generalist.ckpt", "airpi", "airpi_generalist_cpu")
     assert PRETRAINED["airpi"] == "airpi_reference.ckpt"  # ties still go to the specialist
 
 

@@ -8,28 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from scan4d_helpers import simulate_scan, truth_on
+from scan4d_helpers import as_scan4d, simulate_scan, truth_on
+from shipped_helpers import check_shipped
 
 from evaluation.cli import choose_checkpoint
 from evaluation.io import Scan4D
 from evaluation.metrics import xc
-from evaluation.networks import identify_checkpoint, load_network, optics_mismatch, reconstruct_with_network
+from evaluation.networks import load_network, optics_mismatch, reconstruct_with_network
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "pretrained" / "chang_hbn.ckpt"
 
 
-@pytest.fixture(autouse=True)
-def _shipped_folder(monkeypatch):
-    monkeypatch.delenv("DEEPSTEM_PRETRAINED_DIR", raising=False)
+pytestmark = pytest.mark.usefixtures("repository_pretrained")
 
 
 def test_shipped_chang_is_small_safe_to_load_documented_and_the_default():
-    assert SHIPPED.is_file() and SHIPPED.stat().st_size <= 20e6
-    checkpoint = torch.load(SHIPPED, map_location="cpu", weights_only=True)  # no pickled objects
-    assert identify_checkpoint(checkpoint) == "chang_unet" and "optimizer_states" not in checkpoint
-    info = checkpoint["deepstem"]
-    assert "task_name: chang_hbn" in info["config_yaml"] and "aperture_edge_mrad:" in info["config_yaml"]
+    info = check_shipped("chang_hbn.ckpt", "chang_unet", "chang_hbn")["deepstem"]
+    assert "aperture_edge_mrad:" in info["config_yaml"]
     assert info["trained_for"]["energy_eV"] == [300e3, 300e3] and info["trained_for"]["defocus_A"] == [
         80.0,
         200.0,
@@ -37,17 +33,12 @@ def test_shipped_chang_is_small_safe_to_load_documented_and_the_default():
     assert info["geometry"]["diffraction_px"] == 32 and info["geometry"]["collection_ratio"] == 2
     choice = choose_checkpoint("chang_unet")
     assert choice is not None and choice[0] == SHIPPED
-    card = (ROOT / "pretrained" / "README.md").read_text()
-    assert "chang_hbn.ckpt" in card and "experiment=chang_hbn" in card
 
 
 def _scan(defocus_A: float, energy_eV: float = 300e3, semiangle_mrad: float = 17.1) -> tuple[Scan4D, object]:
     sim = simulate_scan(scan_px=12, cbed_px=64, energy_eV=energy_eV, semiangle_mrad=semiangle_mrad,
                         gmax_over_alpha=2.0, defocus_A=defocus_A)  # fmt: skip
-    scan = Scan4D(data=sim.data, energy_eV=sim.energy_eV, semiangle_mrad=sim.semiangle_mrad,
-                  scan_step_A=(sim.scan_step_A,) * 2, k_pixel_invA=(sim.k_pixel_invA,) * 2,
-                  defocus_A=defocus_A, Cs_A=1.0e4)  # fmt: skip
-    return scan, sim
+    return as_scan4d(sim, defocus_A=defocus_A, Cs_A=1.0e4), sim
 
 
 def test_shipped_chang_reconstructs_a_defocused_scan_better_than_an_untrained_network():

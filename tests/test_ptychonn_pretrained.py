@@ -5,36 +5,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
-from scan4d_helpers import simulate_scan, truth_on
+from scan4d_helpers import as_scan4d, simulate_scan, truth_on
+from shipped_helpers import check_shipped
 
 from evaluation.cli import choose_checkpoint
 from evaluation.io import Scan4D
 from evaluation.metrics import xc
-from evaluation.networks import identify_checkpoint, load_network, optics_mismatch, reconstruct_with_network
+from evaluation.networks import load_network, optics_mismatch, reconstruct_with_network
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "pretrained" / "ptychonn_cpu.ckpt"
 
 
+pytestmark = pytest.mark.usefixtures("repository_pretrained")
+
+
 def test_shipped_ptychonn_is_small_safe_to_load_documented_and_the_default():
-    assert SHIPPED.is_file() and SHIPPED.stat().st_size <= 20e6
-    checkpoint = torch.load(SHIPPED, map_location="cpu", weights_only=True)  # no pickled objects
-    assert identify_checkpoint(checkpoint) == "ptychonn" and "optimizer_states" not in checkpoint
-    assert "task_name: ptychonn_cpu" in checkpoint["deepstem"]["config_yaml"]
+    checkpoint = check_shipped("ptychonn_cpu.ckpt", "ptychonn", "ptychonn_cpu")
     ranges = checkpoint["deepstem"]["trained_for"]  # written by the ModelProvenance callback in training
     assert ranges["energy_eV"] == [200e3, 300e3] and 0.29 < ranges["alpha_over_gmax"][0] < 0.31
     choice = choose_checkpoint("ptychonn")
     assert choice is not None and choice[0] == SHIPPED
-    card = (ROOT / "pretrained" / "README.md").read_text()
-    assert "ptychonn_cpu.ckpt" in card and "experiment=ptychonn_cpu" in card
 
 
 def _scan(energy_eV: float) -> tuple[Scan4D, object]:
     sim = simulate_scan(scan_px=16, cbed_px=64, energy_eV=energy_eV, semiangle_mrad=20.0, gmax_over_alpha=2.0)
-    scan = Scan4D(data=sim.data, energy_eV=sim.energy_eV, semiangle_mrad=sim.semiangle_mrad,
-                  scan_step_A=(sim.scan_step_A,) * 2, k_pixel_invA=(sim.k_pixel_invA,) * 2)  # fmt: skip
-    return scan, sim
+    return as_scan4d(sim), sim
 
 
 def test_shipped_ptychonn_reconstructs_a_weak_phase_scan_and_warns_outside_its_optics():

@@ -16,6 +16,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from scan4d_helpers import as_scan4d as as_scan
 from scan4d_helpers import simulate_scan, truth_at, truth_on
 
 from evaluation.io import Scan4D, load_4dstem, save_4dstem
@@ -48,16 +49,6 @@ def _one_thread():
 def sim():
     # 16 x 16 positions, CBEDs of 32 px covering +-4 alpha; object pixel = step / 2 = 1 / (2 gmax)
     return simulate_scan(scan_px=16, cbed_px=K)
-
-
-def as_scan(s, data=None) -> Scan4D:
-    return Scan4D(
-        data=s.data if data is None else data,
-        energy_eV=s.energy_eV,
-        semiangle_mrad=s.semiangle_mrad,
-        scan_step_A=(s.scan_step_A, s.scan_step_A),
-        k_pixel_invA=(s.k_pixel_invA, s.k_pixel_invA),
-    )
 
 
 def gmax_of(s) -> float:
