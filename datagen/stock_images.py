@@ -166,7 +166,10 @@ class ChangForwardModel(torch.nn.Module):
     ptychography-style probe illuminating a few Angstrom; magnitudes ``C12_A``, ``C21_A``, ``C23_A``;
     angles uniform); ``phase_max_rad`` range of the object's phase span; ``crop_fraction``
     range of the source image width a crop covers; ``illuminated_fraction`` of the probe intensity inside
-    the label mask; ``aperture_edge_mrad`` range of the width of the aperture edge (a linear ramp,
+    the label mask; ``atom_fraction`` the share of samples whose object is a random atom lattice
+    (:meth:`atom_lattices`, spacings ``atom_spacing_A`` and Gaussian widths ``atom_sigma_A``) instead of
+    a stock-image crop (0: paper 001's recipe); ``aperture_edge_mrad`` range of the width of the aperture
+    edge (a linear ramp,
     :func:`physics.optics.aperture`; drawn per sample; ``(0, 0)``: a hard edge). An abTEM scan's bright-field
     disc has a soft rim (its anti-aliased aperture, ~1 mrad at 300 kV on a 20 A cell) and a measured one a
     softer one (partial spatial coherence, the detector's point spread); with a hard edge in training that
@@ -190,6 +193,9 @@ class ChangForwardModel(torch.nn.Module):
         crop_fraction: Sequence[float] = (0.1, 0.6),
         illuminated_fraction: float = 0.9,
         aperture_edge_mrad: Sequence[float] = (0.0, 0.0),
+        atom_fraction: float = 0.0,
+        atom_spacing_A: Sequence[float] = (1.2, 5.0),
+        atom_sigma_A: Sequence[float] = (0.25, 0.7),
         bank: StockImageBank | None = None,
     ) -> None:
         super().__init__()
@@ -203,7 +209,8 @@ class ChangForwardModel(torch.nn.Module):
             )
         for name, bounds in (("C10_A", C10_A), ("C12_A", C12_A), ("C21_A", C21_A), ("C23_A", C23_A),
                              ("phase_max_rad", phase_max_rad), ("crop_fraction", crop_fraction),
-                             ("aperture_edge_mrad", aperture_edge_mrad)):  # fmt: skip
+                             ("aperture_edge_mrad", aperture_edge_mrad), ("atom_spacing_A", atom_spacing_A),
+                             ("atom_sigma_A", atom_sigma_A)):  # fmt: skip
             if len(bounds) != 2 or bounds[0] > bounds[1]:
                 raise ValueError(f"{name} must be a range (low, high) with low <= high, got {list(bounds)}")
         if not (0 < crop_fraction[0] and crop_fraction[1] <= 1):
@@ -222,6 +229,16 @@ class ChangForwardModel(torch.nn.Module):
         if aperture_edge_mrad[0] < 0:
             raise ValueError(f"aperture_edge_mrad must be >= 0, got {list(aperture_edge_mrad)}")
         self.aperture_edge_mrad = (float(aperture_edge_mrad[0]), float(aperture_edge_mrad[1]))
+        if not 0 <= atom_fraction <= 1:
+            raise ValueError(f"atom_fraction must lie in [0, 1], got {atom_fraction}")
+        if atom_spacing_A[0] <= 0 or atom_sigma_A[0] <= 0:
+            raise ValueError(
+                f"atom_spacing_A and atom_sigma_A must be > 0, "
+                f"got {list(atom_spacing_A)}, {list(atom_sigma_A)}"
+            )
+        self.atom_fraction = float(atom_fraction)
+        self.atom_spacing_A = (float(atom_spacing_A[0]), float(atom_spacing_A[1]))
+        self.atom_sigma_A = (float(atom_sigma_A[0]), float(atom_sigma_A[1]))
         offsets = torch.arange(self.diffraction_px) - self.diffraction_px // 2
         radius = torch.hypot(offsets[:, None].double(), offsets[None, :].double())
         self.register_buffer("_window_radius_px", radius, persistent=False)
@@ -303,7 +320,64 @@ class ChangForwardModel(torch.nn.Module):
         crops = (crops - low) / (high - low).clamp(min=1e-6)
         crops = crops ** gamma.to(device, crops.dtype)[:, None, None]
         crops = torch.where(invert.to(device)[:, None, None], 1 - crops, crops)
+        if self.atom_fraction > 0:  # drawn after the crops, so a stock-only model keeps its random stream
+            is_lattice = torch.rand(batch, generator=generator, dtype=torch.float64) < self.atom_fraction
+            lattices = self.atom_lattices(int(is_lattice.sum()), generator, device)
+            crops = crops.clone()
+            crops[is_lattice.to(device)] = lattices.to(crops.dtype)
         return crops * span.to(device, crops.dtype)[:, None, None]
+
+    def atom_lattices(
+        self, batch: int, generator: torch.Generator, device: torch.device | str
+    ) -> torch.Tensor:
+        """Random crystal-like objects (B, sim_px, sim_px) in [0, 1]: Gaussian "atoms" on a 2D lattice.
+
+        Natural images put little power at the scale of atomic columns (1-2 A, a few label pixels), and a
+        model trained on them alone returns nearly flat patches for a lattice of 2.5 A spacing even in its own
+        forward model (docs/results_chang.md, session 13). Each object: lattice vectors of lengths
+        ``a`` (``atom_spacing_A``, uniform) and ``a * [1, 1.5]``, at 60-120 deg to each other, random
+        rotation and origin; a basis of 1-3 atoms at random fractional positions with weights 0.3-1; one
+        Gaussian width (``atom_sigma_A``) per object; each site left empty with a probability of 0-20 %
+        (vacancies) and moved by up to 0.1 A (disorder). Min-max normalised like the crops; the caller
+        scales by the phase span. No specific crystal is drawn: lattice, basis and widths are continuous.
+        """
+        n, pixel_A = self.sim_px, self.pixel_size_A
+        coords = (torch.arange(n, dtype=torch.float64) - n // 2) * pixel_A
+        x, y = torch.meshgrid(coords, coords, indexing="ij")
+        pixels = torch.stack([x.flatten(), y.flatten()], -1)  # (n*n, 2) Angstrom, probe centre at 0
+        out = torch.empty(batch, n, n, dtype=torch.float64)
+        for b in range(batch):
+            u = torch.rand(15, generator=generator, dtype=torch.float64)
+            a = self.atom_spacing_A[0] + u[0] * (self.atom_spacing_A[1] - self.atom_spacing_A[0])
+            sigma = self.atom_sigma_A[0] + u[1] * (self.atom_sigma_A[1] - self.atom_sigma_A[0])
+            rotation, opening = u[2] * 2 * math.pi, math.radians(60.0) + u[3] * math.radians(60.0)
+            a1 = a * torch.stack([torch.cos(rotation), torch.sin(rotation)])
+            a2 = (
+                a
+                * (1 + 0.5 * u[4])
+                * torch.stack([torch.cos(rotation + opening), torch.sin(rotation + opening)])
+            )
+            n_basis = 1 + int(u[5] * 3 - 1e-12)
+            basis = torch.cat([torch.zeros(1, 2, dtype=torch.float64), u[6:10].reshape(2, 2)])[:n_basis]
+            weights = torch.cat([torch.ones(1, dtype=torch.float64), 0.3 + 0.7 * u[10:12]])[:n_basis]
+            vacancy, origin = 0.2 * u[12], u[13] * a1 + u[14] * a2
+            reach = 0.5 * n * pixel_A * math.sqrt(2) + 4 * float(sigma)
+            cells = math.ceil(reach / (float(a) * math.sin(float(opening)))) + 1
+            index = torch.arange(-cells, cells + 1.0, dtype=torch.float64)
+            i, j = torch.meshgrid(index, index, indexing="ij")
+            frac = torch.stack([i.flatten(), j.flatten()], -1)[:, None, :] + basis[None]  # (cells, basis, 2)
+            sites = (frac[..., :1] * a1 + frac[..., 1:] * a2 + origin).reshape(-1, 2)
+            site_weight = weights.repeat(frac.shape[0])
+            keep = torch.rand(sites.shape[0], generator=generator, dtype=torch.float64) >= vacancy
+            shift = (torch.rand(sites.shape[0], 2, generator=generator, dtype=torch.float64) * 2 - 1) * 0.1
+            sites, site_weight = (sites + shift)[keep], site_weight[keep]
+            near = (sites.abs() <= 0.5 * n * pixel_A + 4 * float(sigma)).all(-1)
+            sites, site_weight = sites[near], site_weight[near]
+            distance2 = torch.cdist(pixels, sites) ** 2  # (n*n, atoms)
+            out[b] = (torch.exp(-distance2 / (2 * sigma**2)) @ site_weight).reshape(n, n)
+        low = out.amin(dim=(-2, -1), keepdim=True)
+        high = out.amax(dim=(-2, -1), keepdim=True)
+        return ((out - low) / (high - low).clamp(min=1e-12)).float().to(device)
 
     def diffraction(self, probes: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
         """``|F[P exp(i phi)]|^2`` binned to (B, diffraction_px, diffraction_px), zero frequency centred."""
@@ -376,6 +450,8 @@ FORWARD_MODEL_RANGES = (
     "phase_max_rad",
     "crop_fraction",
     "aperture_edge_mrad",
+    "atom_spacing_A",
+    "atom_sigma_A",
 )
 
 

@@ -143,3 +143,51 @@ def test_aperture_edge_range_softens_the_disc_rim_and_keeps_the_hard_stream(smal
     )
     with pytest.raises(ValueError, match="aperture_edge_mrad"):
         ChangForwardModel(aperture_edge_mrad=(3.0, 1.0), bank=small_bank)
+
+
+def _radial_peak_invA(objects: np.ndarray, pixel_A: float) -> float:
+    """|k| (1/A) of the strongest ring of the mean power spectrum, zero frequency excluded."""
+    n = objects.shape[-1]
+    power = np.abs(np.fft.fft2(objects - objects.mean(axis=(-2, -1), keepdims=True))) ** 2
+    k = np.fft.fftfreq(n, pixel_A)
+    radius = np.hypot(*np.meshgrid(k, k, indexing="ij"))
+    edges = np.arange(1, n // 2) / (n * pixel_A)
+    ring = np.digitize(radius, edges)
+    profile = [power.mean(axis=0)[ring == i].mean() for i in range(1, len(edges))]
+    return float(edges[int(np.argmax(profile))])
+
+
+def test_atom_lattices_put_their_power_at_the_lattice_spacing(small_bank):
+    # a lattice of spacing a (second vector b = 1-1.5 a, at 60-120 deg) has its first reflections at
+    # |g| = 1 / (a sin(opening)) and 1 / (b sin(opening)): between 1 / (1.5 a) and 2 / (sqrt(3) a)
+    peaks = []
+    for spacing_A in (1.5, 3.0):
+        spacing, width = (spacing_A, spacing_A), (0.25, 0.25)
+        model = ChangForwardModel(
+            atom_fraction=1.0, atom_spacing_A=spacing, atom_sigma_A=width, bank=small_bank
+        )
+        objects = model.atom_lattices(24, torch.Generator().manual_seed(3), "cpu").numpy()
+        assert objects.shape == (24, 64, 64)
+        assert objects.min() == pytest.approx(0.0, abs=1e-6) and objects.max() == pytest.approx(1.0, abs=1e-6)
+        ring_width = 1 / (64 * model.pixel_size_A)
+        peak = _radial_peak_invA(objects, model.pixel_size_A)
+        assert 1 / (1.5 * spacing_A) - 2 * ring_width <= peak <= 2 / (np.sqrt(3) * spacing_A) + 2 * ring_width
+        peaks.append(peak)
+    assert 1.6 <= peaks[0] / peaks[1] <= 2.5  # half the spacing, twice the frequency
+    # a stock crop of the same window has its power at the lowest frequencies
+    crops = ChangForwardModel(bank=small_bank).phase_objects(24, torch.Generator().manual_seed(3), "cpu")
+    assert _radial_peak_invA(crops.numpy(), model.pixel_size_A) < 0.3
+
+
+def test_atom_fraction_mixes_lattices_into_the_stock_stream(small_bank):
+    stock = ChangForwardModel(bank=small_bank)(32, torch.Generator().manual_seed(8))
+    mixed = ChangForwardModel(atom_fraction=0.5, bank=small_bank)(32, torch.Generator().manual_seed(8))
+    same = [torch.equal(stock["phase"][i], mixed["phase"][i]) for i in range(32)]
+    assert 6 <= sum(same) <= 26  # stock samples keep their crops, the others became lattices
+    torch.testing.assert_close(stock["aberrations"], mixed["aberrations"])  # probes drawn as before
+    again = ChangForwardModel(atom_fraction=0.5, bank=small_bank)(32, torch.Generator().manual_seed(8))
+    assert torch.equal(again["phase"], mixed["phase"])
+    with pytest.raises(ValueError, match="atom_fraction"):
+        ChangForwardModel(atom_fraction=1.5, bank=small_bank)
+    with pytest.raises(ValueError, match="atom_spacing_A"):
+        ChangForwardModel(atom_spacing_A=(0.0, 2.0), bank=small_bank)
