@@ -160,6 +160,29 @@ def test_stock_images_validation_samples_do_not_depend_on_the_batch_size():
     assert not torch.equal(a["phase"][0], a["phase"][1])  # samples differ from each other
 
 
+def test_experiment_config_passes_atom_fraction_to_the_forward_model():
+    """`train.py experiment=chang_graphene data.forward_model.atom_fraction=0.5` mixes lattices into the
+    validation objects; the committed experiment (0) keeps paper 001's stock images."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    small = ["data.image_bank.photographs=[camera]", "data.image_bank.faces=2", "data.image_bank.textures=2",
+             "data.image_bank.size_px=64", "data.val_samples=12", "data.batch_size=12"]  # fmt: skip
+    phases = {}
+    for fraction in (0.0, 0.5):
+        overrides = ["experiment=chang_graphene", f"data.forward_model.atom_fraction={fraction}", *small]
+        conf = Path(__file__).resolve().parents[1] / "conf"
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        dm = StockImagesDataModule(**{k: v for k, v in cfg.data.items() if k != "_target_"})
+        batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+        assert dm.model.atom_fraction == fraction and dm.model.energy_eV == 80e3
+        phases[fraction] = batch["phase"]
+    changed = [not torch.equal(phases[0.0][i], phases[0.5][i]) for i in range(12)]
+    assert 1 <= sum(changed) <= 11
+
+
 def test_haadf_module_pairs_distorted_and_clean_images(tmp_path):
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:32, 0:32]
