@@ -109,9 +109,10 @@ def test_reconstruct_uses_the_auto_batch_and_rejects_a_bad_compile(folder, tmp_p
     assert not (tmp_path / "x.h5").exists()
 
 
-def test_auto_precision_keeps_ptychonn_in_fp32(monkeypatch):
-    """PtychoNN's phase varies far below bf16's resolution at its offset: ``precision=auto`` keeps it in
-    fp32 even where bf16 is native (``precision=bf16`` still forces bf16); AIRPI takes bf16 there."""
+def test_auto_precision_keeps_ptychonn_in_fp32_on_an_engine(monkeypatch):
+    """A PtychoNN's phase may vary below bf16's resolution at its offset: on an engine's reconstructor (no
+    local first-batch check) ``precision=auto`` keeps it in fp32 even where bf16 is native
+    (``precision=bf16`` still forces bf16); AIRPI takes bf16 there."""
     from evaluation.networks import FP32_AUTO_METHODS, reconstruct_with_network
     from evaluation.references import Reconstruction
     from physics import runtime
@@ -134,3 +135,39 @@ def test_auto_precision_keeps_ptychonn_in_fp32(monkeypatch):
         )  # fmt: skip
         used[(method, precision)] = result.info["precision"]
     assert used == {("ptychonn", "auto"): "32", ("ptychonn", "bf16"): "bf16", ("airpi", "auto"): "bf16"}
+
+
+class _ToyPtychoNN(torch.nn.Module):
+    """PtychoNN's interface (amplitude, phase), with phase = offset + scale * conv(inputs)."""
+
+    def __init__(self, offset: float, scale: float) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        torch.nn.init.normal_(self.conv.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+        self.offset, self.scale = offset, scale
+
+    def forward(self, inputs):
+        out = self.conv(inputs)
+        return torch.ones_like(out), self.offset + self.scale * out
+
+
+def test_auto_precision_checks_bf16_against_fp32_on_the_first_batch():
+    """bf16 is kept where its phase agrees with fp32 over the first batch, and refused where the phase
+    varies below bf16's resolution at its offset (a weak phase object on a 0.23 rad offset)."""
+    from evaluation.networks import BF16_CHECK_TOLERANCE, precision_checked_predictor
+
+    inputs = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    decisions = {}
+    for name, offset, scale in (("strong", 0.0, 1.0), ("weak", 0.23, 1e-3)):
+        model = _ToyPtychoNN(offset, scale).eval()
+        predict = precision_checked_predictor(model, "ptychonn")
+        assert predict.chosen() is None
+        first = predict(inputs)
+        exact = model(inputs)[1][:, 0].detach()
+        decisions[name] = (predict.chosen(), predict.check())
+        if predict.chosen() == "32":  # the batch that decided is returned in the precision chosen
+            torch.testing.assert_close(first[1], exact)
+        second = predict(inputs)
+        torch.testing.assert_close(second[1], first[1])
+    assert decisions["strong"][0] == "bf16" and decisions["strong"][1] < BF16_CHECK_TOLERANCE / 5
+    assert decisions["weak"][0] == "32" and decisions["weak"][1] > 2 * BF16_CHECK_TOLERANCE
