@@ -342,9 +342,7 @@ class ChangForwardModel(torch.nn.Module):
         scales by the phase span. No specific crystal is drawn: lattice, basis and widths are continuous.
         """
         n, pixel_A = self.sim_px, self.pixel_size_A
-        coords = (torch.arange(n, dtype=torch.float64) - n // 2) * pixel_A
-        x, y = torch.meshgrid(coords, coords, indexing="ij")
-        pixels = torch.stack([x.flatten(), y.flatten()], -1)  # (n*n, 2) Angstrom, probe centre at 0
+        coords = (torch.arange(n, dtype=torch.float64) - n // 2) * pixel_A  # Angstrom, probe centre at 0
         out = torch.empty(batch, n, n, dtype=torch.float64)
         for b in range(batch):
             u = torch.rand(15, generator=generator, dtype=torch.float64)
@@ -373,8 +371,11 @@ class ChangForwardModel(torch.nn.Module):
             sites, site_weight = (sites + shift)[keep], site_weight[keep]
             near = (sites.abs() <= 0.5 * n * pixel_A + 4 * float(sigma)).all(-1)
             sites, site_weight = sites[near], site_weight[near]
-            distance2 = torch.cdist(pixels, sites) ** 2  # (n*n, atoms)
-            out[b] = (torch.exp(-distance2 / (2 * sigma**2)) @ site_weight).reshape(n, n)
+            # a 2D Gaussian is the product of two 1D ones: sum_a w_a g(x_i - x_a) g(y_j - y_a) is one matrix
+            # product of (atoms, n) factors instead of an exp over every pixel-atom pair
+            along_x = torch.exp(-((coords[None, :] - sites[:, :1]) ** 2) / (2 * sigma**2))
+            along_y = torch.exp(-((coords[None, :] - sites[:, 1:]) ** 2) / (2 * sigma**2))
+            out[b] = (along_x * site_weight[:, None]).T @ along_y
         low = out.amin(dim=(-2, -1), keepdim=True)
         high = out.amax(dim=(-2, -1), keepdim=True)
         return ((out - low) / (high - low).clamp(min=1e-12)).float().to(device)

@@ -253,9 +253,10 @@ def reconstruct_with_network(
     if isinstance(model, (str, Path)):
         model = load_network(model, method, dev)
     used = resolve_precision(precision, dev.type)
-    checked = method in FP32_AUTO_METHODS and check_precision(precision) == "auto" and used == "bf16"
     if method in FP32_AUTO_METHODS and check_precision(precision) == "auto":
-        used = "32"
+        checked, used = used == "bf16", "32"  # bf16 only if the first batch agrees (below)
+    else:
+        checked = False
     options = dict(params or {})
     for key in ("ratio_alpha_gmax", "detector_centre_px"):
         if options.get(key) is not None:
