@@ -142,11 +142,13 @@ class _ToyPtychoNN(torch.nn.Module):
 
     def __init__(self, offset: float, scale: float) -> None:
         super().__init__()
+        self.calls = []  # (batch size, under bf16 autocast) of each forward call
         self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
         torch.nn.init.normal_(self.conv.weight, std=0.5, generator=torch.Generator().manual_seed(0))
         self.offset, self.scale = offset, scale
 
     def forward(self, inputs):
+        self.calls.append((len(inputs), torch.is_autocast_enabled("cpu")))
         out = self.conv(inputs)
         return torch.ones_like(out), self.offset + self.scale * out
 
@@ -156,18 +158,24 @@ def test_auto_precision_checks_bf16_against_fp32_on_the_first_batch():
     varies below bf16's resolution at its offset (a weak phase object on a 0.23 rad offset)."""
     from evaluation.networks import BF16_CHECK_TOLERANCE, precision_checked_predictor
 
-    inputs = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(1))
-    decisions = {}
+    inputs = torch.rand(48, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    decisions, calls = {}, {}
     for name, offset, scale in (("strong", 0.0, 1.0), ("weak", 0.23, 1e-3)):
         model = _ToyPtychoNN(offset, scale).eval()
-        predict = precision_checked_predictor(model, "ptychonn")
+        predict = precision_checked_predictor(model, "ptychonn", check_patterns=16)
         assert predict.chosen() is None
         first = predict(inputs)
+        calls[name] = list(model.calls)
         exact = model(inputs)[1][:, 0].detach()
         decisions[name] = (predict.chosen(), predict.check())
         if predict.chosen() == "32":  # the batch that decided is returned in the precision chosen
             torch.testing.assert_close(first[1], exact)
+        else:
+            assert not torch.equal(first[1], exact) and float((first[1] - exact).abs().max()) < 0.05
         second = predict(inputs)
         torch.testing.assert_close(second[1], first[1])
     assert decisions["strong"][0] == "bf16" and decisions["strong"][1] < BF16_CHECK_TOLERANCE / 5
     assert decisions["weak"][0] == "32" and decisions["weak"][1] > 2 * BF16_CHECK_TOLERANCE
+    # fp32 ran on the check's 16 patterns only, and on the whole batch again where it was chosen
+    assert calls["strong"] == [(48, True), (16, False)]
+    assert calls["weak"] == [(48, True), (16, False), (48, False)]
