@@ -70,6 +70,11 @@ def test_chang_graphene_experiment_and_sparse_suite_compose():
     forward = train.data.forward_model
     assert (forward.energy_eV, forward.semiangle_mrad) == (80e3, 31.5)
     assert list(forward.aperture_edge_mrad) == [0.0, 3.0] and train.task_name == "chang_graphene"
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    # the recipe validates and saves an EMA of the weights (chang_hbn's, session 14)
+    assert isinstance(instantiate(train.callbacks.weight_averaging), EMAWeightAveraging)
     dense = suite.scans.graphene_step0132
     steps = {
         name: dense.generate.settings.scan_step_A * scan.get("scan_stride", 1)
