@@ -179,3 +179,9 @@ def test_auto_precision_checks_bf16_against_fp32_on_the_first_batch():
     # fp32 ran on the check's 16 patterns only, and on the whole batch again where it was chosen
     assert calls["strong"] == [(48, True), (16, False)]
     assert calls["weak"] == [(48, True), (16, False), (48, False)]
+    # a first batch smaller than the check: its fp32 pass is the answer when bf16 is rejected
+    model = _ToyPtychoNN(0.23, 1e-3).eval()
+    predict = precision_checked_predictor(model, "ptychonn", check_patterns=16)
+    first = predict(inputs[:8])
+    assert predict.chosen() == "32" and model.calls == [(8, True), (8, False)]
+    torch.testing.assert_close(first[1], model(inputs[:8])[1][:, 0].detach())
