@@ -1,0 +1,103 @@
+"""PtychoNN's patterns/s against ePIE's on one scan, each precision in many fresh processes (issue #15).
+
+    python scripts/bench_ptychonn_epie.py --scan SCAN.h5 --ckpt PTYCHONN.ckpt [--repeats 15]
+        [--precisions auto bf16 32] [--threads 2] [--out-dir DIR] [--json FILE]
+
+Runs ``reconstruct.py input=SCAN method=epie`` once, then ``reconstruct.py ... method=ptychonn ckpt=CKPT
+precision=P`` for every precision in turn, ``--repeats`` rounds, one process per run (what a user runs: model
+loading and every first-use cost included in the process, but the rate is the one ``reconstruct.py`` prints,
+inference and stitching only). PtychoNN reconstructs a 48 x 48 scan in under a second, so single runs scatter
+by +-30 %: the medians over the rounds are the figures to quote. ``--ckpt`` may be omitted for the shipped
+model. Prints one line per run, then a summary (median, range, ratio to ePIE) and writes it with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RATE = re.compile(r"(\d+) patterns in ([\d.]+) s = (\d+) patterns/s")
+
+
+def run_reconstruct(overrides: list[str], threads: int) -> tuple[int, float]:
+    """``(patterns, seconds)`` that one ``reconstruct.py`` process reports (its last rate line)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "reconstruct.py"), *overrides, f"threads={threads}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    text = (done.stdout + done.stderr).replace("\r", "\n")
+    found = RATE.findall(text)
+    if done.returncode != 0 or not found:
+        command = " ".join(overrides)
+        raise RuntimeError(f"reconstruct.py {command} failed (exit {done.returncode}): {text[-1500:]}")
+    patterns, seconds, _ = found[-1]
+    return int(patterns), float(seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scan", type=Path, required=True)
+    parser.add_argument("--ckpt", type=Path, default=None, help="PtychoNN checkpoint (default: shipped)")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--precisions", nargs="+", default=["auto", "bf16", "32"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out-dir", type=Path, default=None, help="reconstructions (default: a temp dir)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    if not args.scan.is_file():
+        parser.error(f"--scan {args.scan}: no such file")
+    with tempfile.TemporaryDirectory() as scratch:
+        out_dir = args.out_dir or Path(scratch)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        scan = f"input={args.scan.resolve()}"
+        epie_patterns, seconds = run_reconstruct(
+            [scan, "method=epie", f"output={out_dir / 'epie.h5'}"], args.threads
+        )
+        epie_rate = epie_patterns / seconds
+        print(f"epie: {epie_patterns} patterns in {seconds:.2f} s = {epie_rate:.1f} patterns/s", flush=True)
+        rates: dict[str, list[float]] = {p: [] for p in args.precisions}
+        ckpt = [] if args.ckpt is None else [f"ckpt={args.ckpt.resolve()}"]
+        for round_index in range(args.repeats):
+            for precision in args.precisions:
+                overrides = [scan, "method=ptychonn", *ckpt, f"precision={precision}",
+                             f"output={out_dir / f'ptychonn_{precision}.h5'}"]  # fmt: skip
+                patterns, seconds = run_reconstruct(overrides, args.threads)
+                rates[precision].append(patterns / seconds)
+                print(f"round {round_index + 1} {precision}: {patterns / seconds:.0f} patterns/s", flush=True)
+    summary = {
+        precision: {
+            "runs": len(values),
+            "median_patterns_per_s": statistics.median(values),
+            "range_patterns_per_s": [min(values), max(values)],
+            "median_over_epie": statistics.median(values) / epie_rate,
+        }
+        for precision, values in rates.items()
+    }
+    print(f"ePIE {epie_rate:.1f} patterns/s ({epie_patterns} patterns); PtychoNN medians of {args.repeats}:")
+    for precision, row in summary.items():
+        low, high = row["range_patterns_per_s"]
+        print(f"  precision={precision}: {row['median_patterns_per_s']:,.0f} patterns/s = "
+              f"{row['median_over_epie']:.0f}x ePIE (runs {low:,.0f}-{high:,.0f})")  # fmt: skip
+    if args.json is not None:
+        record = {"scan": str(args.scan), "ckpt": None if args.ckpt is None else str(args.ckpt),
+                  "threads": args.threads, "epie_patterns_per_s": epie_rate,
+                  "ptychonn_patterns_per_s": rates, "summary": summary}  # fmt: skip
+        args.json.write_text(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
