@@ -15,32 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RATE = re.compile(r"(\d+) patterns in ([\d.]+) s = (\d+) patterns/s")
-
-
-def run_reconstruct(overrides: list[str], threads: int) -> tuple[int, float]:
-    """``(patterns, seconds)`` that one ``reconstruct.py`` process reports (its last rate line)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "reconstruct.py"), *overrides, f"threads={threads}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    text = (done.stdout + done.stderr).replace("\r", "\n")
-    found = RATE.findall(text)
-    if done.returncode != 0 or not found:
-        command = " ".join(overrides)
-        raise RuntimeError(f"reconstruct.py {command} failed (exit {done.returncode}): {text[-1500:]}")
-    patterns, seconds, _ = found[-1]
-    return int(patterns), float(seconds)
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_against_rev import run_tree  # noqa: E402  (one reconstruct.py process, its printed rate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,21 +44,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = args.out_dir or Path(scratch)
         out_dir.mkdir(parents=True, exist_ok=True)
-        scan = f"input={args.scan.resolve()}"
-        epie_patterns, seconds = run_reconstruct(
-            [scan, "method=epie", f"output={out_dir / 'epie.h5'}"], args.threads
-        )
+        scan = args.scan.resolve()
+        epie = run_tree(ROOT, scan, "epie", out_dir / "epie.h5", args.threads, None)
+        epie_patterns, seconds = epie["patterns"], epie["seconds"]
         epie_rate = epie_patterns / seconds
         print(f"epie: {epie_patterns} patterns in {seconds:.2f} s = {epie_rate:.1f} patterns/s", flush=True)
         rates: dict[str, list[float]] = {p: [] for p in args.precisions}
-        ckpt = [] if args.ckpt is None else [f"ckpt={args.ckpt.resolve()}"]
+        ckpt = None if args.ckpt is None else args.ckpt.resolve()
         for round_index in range(args.repeats):
             for precision in args.precisions:
-                overrides = [scan, "method=ptychonn", *ckpt, f"precision={precision}",
-                             f"output={out_dir / f'ptychonn_{precision}.h5'}"]  # fmt: skip
-                patterns, seconds = run_reconstruct(overrides, args.threads)
-                rates[precision].append(patterns / seconds)
-                print(f"round {round_index + 1} {precision}: {patterns / seconds:.0f} patterns/s", flush=True)
+                output = out_dir / f"ptychonn_{precision}.h5"
+                run = run_tree(ROOT, scan, "ptychonn", output, args.threads, ckpt, [f"precision={precision}"])
+                rates[precision].append(run["patterns"] / run["seconds"])
+                rate = rates[precision][-1]
+                print(f"round {round_index + 1} {precision}: {rate:.0f} patterns/s", flush=True)
     summary = {
         precision: {
             "runs": len(values),
