@@ -154,6 +154,14 @@ class AIRPILightning(_NetModule):
         ``ReduceLROnPlateau`` on ``monitor`` (``val/loss``), factor 0.5, patience 3 epochs.
     fine_tune
         The second stage of 002: the object-phase term gets ``loss.fine_tune_object_weight`` (10).
+    teacher_ckpt, distill_fraction
+        Knowledge distillation (e.g. a slimmer ``net.filters`` learning from a trained full-width model):
+        the AIRPI checkpoint of a teacher, read weights-only when fitting starts (never at inference, so a
+        student checkpoint loads without it) and run in eval mode, without gradients, on the same noisy,
+        augmented inputs. The training loss is ``(1 - f) L(pred, label) + f L(pred, teacher's wave)``, both
+        the paper loss, ``f = distill_fraction``; logged as ``train/loss_label`` and ``train/loss_teacher``.
+        Validation scores the student against the true labels only. The teacher is not part of the
+        student's state dict.
     """
 
     def __init__(
@@ -168,9 +176,13 @@ class AIRPILightning(_NetModule):
         fine_tune: bool = False,
         compile: bool = False,
         channels_last: bool = False,
+        teacher_ckpt: str | None = None,
+        distill_fraction: float = 0.5,
     ):
         super().__init__()
         net, loss = _plain(net or {}), _plain(loss or {})
+        if not 0.0 <= float(distill_fraction) <= 1.0:
+            raise ValueError(f"AIRPILightning: distill_fraction must be in [0, 1], got {distill_fraction}")
         self.save_hyperparameters(
             {
                 "net": net,
@@ -183,11 +195,15 @@ class AIRPILightning(_NetModule):
                 "fine_tune": fine_tune,
                 "compile": compile,
                 "channels_last": channels_last,
+                "teacher_ckpt": None if teacher_ckpt is None else str(teacher_ckpt),
+                "distill_fraction": float(distill_fraction),
             }
         )
         self.net = AIRPINet(**net)
         self.loss = AIRPILoss(**{**loss, "fine_tune": fine_tune})
         self._init_switches(compile, channels_last)
+        # the teacher is loaded by on_fit_start and kept out of nn.Module's registry (and the state dict)
+        object.__setattr__(self, "_teacher", None)
 
     BATCH_KEYS = ("inputs", "wave")
     OPTIONAL_BATCH_KEYS = ("probe",)
@@ -207,6 +223,17 @@ class AIRPILightning(_NetModule):
         inputs = batch["inputs"]
         return torch.polar(inputs[:, PROBE_AMPLITUDE_CHANNEL].float(), inputs[:, PROBE_PHASE_CHANNEL].float())
 
+    def on_fit_start(self) -> None:
+        if self.hparams.get("teacher_ckpt") and self._teacher is None:
+            object.__setattr__(self, "_teacher", load_teacher(self.hparams.teacher_ckpt, self.channels_last))
+        if self._teacher is not None:
+            self._teacher.to(self.device)
+
+    @property
+    def teacher(self) -> AIRPILightning | None:
+        """The distillation teacher (loaded when fitting starts), or None."""
+        return self._teacher
+
     def _step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
         self.check_batch(batch)
         out = self(batch["inputs"])
@@ -215,6 +242,14 @@ class AIRPILightning(_NetModule):
         probe = self._probe(batch)
         total, terms = self.loss(wave_pred, wave_true, probe, out[:, 1].float())
         bs = out.shape[0]
+        if stage == "train" and self._teacher is not None:
+            with torch.no_grad():
+                wave_teacher = self._teacher.predict_wave(batch["inputs"]).detach()
+            to_teacher, _ = self.loss(wave_pred, wave_teacher, probe, out[:, 1].float())
+            f = self.hparams.distill_fraction
+            self.log("train/loss_label", total.detach(), batch_size=bs)
+            self.log("train/loss_teacher", to_teacher.detach(), batch_size=bs)
+            total = (1.0 - f) * total + f * to_teacher
         self.log(f"{stage}/loss", total, prog_bar=True, batch_size=bs)
         self._log_terms(stage, terms, bs, self.loss.effective_weights())
         if stage == "val":
@@ -243,6 +278,29 @@ class AIRPILightning(_NetModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor, "interval": "epoch"},
         }
+
+
+def load_teacher(path: str, channels_last: bool = False) -> AIRPILightning:
+    """An AIRPI checkpoint as a frozen distillation teacher (eval mode, no gradients), read weights-only.
+
+    A missing, unsafe or non-AIRPI file raises ``ValueError`` naming it.
+    """
+    from models.checkpoints import CheckpointError, load_checkpoint
+
+    try:
+        checkpoint = load_checkpoint(path)
+    except (CheckpointError, OSError) as err:
+        raise ValueError(f"AIRPILightning: teacher_ckpt={path}: {err}") from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping) or not any(k.startswith("net.amplitude_head.") for k in state):
+        raise ValueError(f"AIRPILightning: teacher_ckpt={path} is not an AIRPI checkpoint")
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams.update(compile=False, channels_last=channels_last, teacher_ckpt=None)
+    teacher = AIRPILightning(**hparams)
+    teacher.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 class ChangLightning(_NetModule):

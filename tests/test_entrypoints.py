@@ -67,6 +67,7 @@ def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
         ("trainer.max_epochs=0", "trainer.max_epochs"),
         ("model.lr=0", "model.lr"),
         ("init_from=absent.ckpt", "init_from"),
+        ("model.teacher_ckpt=absent.ckpt", "model.teacher_ckpt"),
         ("threads=0", "threads"),
         ("trainer.limit_train_batches=-1", "trainer.limit_train_batches"),
     ],

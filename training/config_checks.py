@@ -144,6 +144,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_learning_rates(cfg.get("model") or {})
     _check_trainer(cfg.get("trainer") or {})
     _check_file("init_from", cfg.get("init_from"))
+    _check_file("model.teacher_ckpt", (cfg.get("model") or {}).get("teacher_ckpt"))
     ckpt = cfg.get("ckpt_path")
     if ckpt not in (None, "") and str(ckpt).split(":", 1)[0] not in ("last", "best", "hpc", "registry"):
         _check_file("ckpt_path", ckpt)  # names Lightning resolves itself are left to it
