@@ -2,6 +2,7 @@
 
     python scripts/bench_against_rev.py [--rev 6f445e3^] [--method airpi] [--scan 128 128] [--repeats 2]
         [--threads 2] [--ckpt pretrained/airpi_reference.ckpt] [--with-ssb] [--json out.json]
+        [--extra-ckpt slim=pretrained/airpi_generalist_slim.ckpt ...]
 
 Issue #17's goal is stated against "today", the tree before the inference work (``--rev``, default
 ``6f445e3^``: the commit before ``precision=auto``): AIRPI end to end >= 10x that on 2 CPU cores. Speeds
@@ -18,7 +19,11 @@ same machine, the same scan and in alternating order:
   the Python start-up), and ``--with-ssb`` times this tree's SSB on the same scan (issue #17's second
   goal: AIRPI >= 5 % of SSB's patterns/s in the same run);
 * the two trees' phase images are compared (``evaluation.metrics.xc``, no registration): the speed-up must
-  not change the answer.
+  not change the answer;
+* ``--extra-ckpt NAME=PATH`` (repeatable) also runs this tree with another checkpoint in each repeat (e.g.
+  a slimmer distilled network), reported under ``extra.NAME`` with its speed-up over the old tree, its
+  phase xc against the old tree's and against this tree's ``--ckpt`` run; whether it reconstructs as well
+  as the full model is for the held-out suites (``evaluate.py``) to say, not this synthetic scan.
 
 Background load skews both alike only when it is steady: stop other jobs first.
 """
@@ -125,12 +130,15 @@ def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     # 0b694f0 added training ranges to the shipped AIRPI, which the older loaders cannot read)
     ckpt = None if args.ckpt is None else Path(args.ckpt)
     trees = {"old": old_tree, "new": ROOT}
-    runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
+    ckpts = {"old": ckpt, "new": ckpt}
+    for name, path in args.extra_ckpt:
+        trees[name], ckpts[name] = ROOT, Path(path)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     for repeat in range(args.repeats):
-        order = ("old", "new") if repeat % 2 == 0 else ("new", "old")
+        order = list(trees) if repeat % 2 == 0 else list(reversed(trees))
         for name in order:
             out = folder / f"{name}_{repeat}.h5"
-            runs[name].append(run_tree(trees[name], scan, args.method, out, args.threads, ckpt))
+            runs[name].append(run_tree(trees[name], scan, args.method, out, args.threads, ckpts[name]))
             print(f"repeat {repeat}: {name} ({args.rev if name == 'old' else 'this tree'}) "
                   f"{runs[name][-1]['patterns_per_s']:.1f} patterns/s", flush=True)  # fmt: skip
     report: dict[str, Any] = {
@@ -147,6 +155,18 @@ def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     report["xc_new_vs_old"] = float(
         xc(phase_of(runs["new"][0]["output"]), phase_of(runs["old"][0]["output"]))
     )
+    if args.extra_ckpt:
+        report["extra"] = {}
+    for name, path in args.extra_ckpt:
+        phase = phase_of(runs[name][0]["output"])
+        report["extra"][name] = {
+            "ckpt": path,
+            **summarise(runs[name]),
+            "speedup_median": statistics.median(r["patterns_per_s"] for r in runs[name])
+            / report["old"]["median"],
+            "xc_vs_old": float(xc(phase, phase_of(runs["old"][0]["output"]))),
+            "xc_vs_new": float(xc(phase, phase_of(runs["new"][0]["output"]))),
+        }
     if args.with_ssb:
         ssb = run_tree(ROOT, scan, "ssb", folder / "ssb.h5", args.threads, None)
         report["ssb_patterns_per_s"] = ssb["patterns_per_s"]
@@ -170,7 +190,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--with-ssb", action="store_true", help="also time this tree's SSB on the scan")
     parser.add_argument("--tmpdir", default=None, help="folder for the scan, the old tree and the outputs")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--extra-ckpt",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also run this tree with checkpoint PATH, reported as NAME (repeatable)",
+    )
     args = parser.parse_args(argv)
+    pairs = []
+    for item in args.extra_ckpt:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or name in ("old", "new"):
+            parser.error(f"--extra-ckpt {item!r}: give NAME=PATH (NAME not 'old' or 'new')")
+        pairs.append((name, path))
+    args.extra_ckpt = pairs
     if args.ckpt is not None and args.ckpt.lower() == "none":
         args.ckpt = None
     if args.repeats < 1:
@@ -187,9 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.rev} {report['old']['median']:.1f} -> this tree {report['new']['median']:.1f} patterns/s "
           f"(x{report['speedup_median']:.2f}, medians of {args.repeats}); phase xc new vs old "
           f"{report['xc_new_vs_old']:.4f}")  # fmt: skip
+    for name, extra in report.get("extra", {}).items():
+        print(f"{name} ({extra['ckpt']}): {extra['median']:.1f} patterns/s (x{extra['speedup_median']:.2f} "
+              f"the old tree); phase xc vs old {extra['xc_vs_old']:.4f}, vs this tree's --ckpt "
+              f"{extra['xc_vs_new']:.4f}")  # fmt: skip
     if "new_over_ssb" in report:
         share = 100 * report["new_over_ssb"]
         print(f"SSB {report['ssb_patterns_per_s']:.0f} patterns/s: {args.method} = {share:.1f} % of it")
+        for name, extra in report.get("extra", {}).items():
+            report["extra"][name]["over_ssb"] = extra["median"] / report["ssb_patterns_per_s"]
+            print(f"  {name}: {100 * report['extra'][name]['over_ssb']:.1f} % of SSB")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -44,3 +44,13 @@ def test_run_tree_reports_the_printed_rate(tmp_path):
     assert script.phase_of(run["output"]).ndim == 2
     with pytest.raises(RuntimeError, match="method=nosuch failed"):
         script.run_tree(ROOT, scan, "nosuch", tmp_path / "x.h5", 1, None)
+
+
+def test_extra_checkpoints_are_name_path_pairs():
+    script = load_script("bench_against_rev")
+    args = script.parse_args(["--extra-ckpt", "slim=a/b.ckpt", "--extra-ckpt", "other=c=d.ckpt"])
+    assert args.extra_ckpt == [("slim", "a/b.ckpt"), ("other", "c=d.ckpt")]
+    assert script.parse_args([]).extra_ckpt == []
+    for bad in ("slim", "=x.ckpt", "old=x.ckpt", "slim="):
+        with pytest.raises(SystemExit):
+            script.parse_args(["--extra-ckpt", bad])
