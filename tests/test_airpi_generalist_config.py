@@ -34,7 +34,7 @@ def test_generalist_suite_scores_an_excluded_structure():
     assert scan.specimen.material == "hBN" and "BN-hexagonal]" in datagen
     assert scan.settings.semiangle_mrad == 17.1 and scan.settings.defocus_A == "scherzer"
     assert cfg.suite.methods.airpi_generalist.ckpt == "pretrained/airpi_generalist.ckpt"  # the shipped model
-    assert set(cfg.suite.methods) == {"airpi_generalist", "airpi_specialist", "ssb", "icom"}
+    assert set(cfg.suite.methods) == {"airpi_generalist", "airpi_specialist", "airpi_slim", "ssb", "icom"}
     assert min(cfg.suite.doses_e_per_A2) == 5.0e2 and float("inf") in cfg.suite.doses_e_per_A2
 
 
