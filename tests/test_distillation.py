@@ -15,15 +15,15 @@ from torch.utils.data import DataLoader
 
 from models.airpi import output_to_wave
 from models.lightning import AIRPILightning, load_teacher
-from tests.test_lit_modules import CONF, DictDataset, LossRecorder, _trainer, airpi_samples, small
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.test_lit_modules import (  # noqa: F401  (_one_thread: the autouse one-thread fixture, reused)
+    CONF,
+    DictDataset,
+    LossRecorder,
+    _one_thread,
+    _trainer,
+    airpi_samples,
+    small,
+)
 
 
 def _save(module: AIRPILightning, path: Path) -> Path:
