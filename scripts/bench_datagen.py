@@ -15,10 +15,15 @@ size in both. Timed per sample: building the slab and everything after it. Print
 samples/s, seconds per sample, peak RSS (MB) and the speed-up ``ours / baseline`` measured in this run, plus
 an untimed accuracy check (``centre_cbed_L1_ours_on_same_slab``: L1 distance of the centre CBED when
 deepstem's simulator runs on the baseline's very slab; phonon draws differ; ``--no-check`` skips it).
-Each child's result also goes to stderr as soon as it is measured. Usage::
+Each child's result also goes to stderr as soon as it is measured. ``--gpu`` adds ``ours_gpu``: the same
+samples through deepstem's pipeline with abTEM on CuPy (``python datagen.py device=gpu``), with
+``gpu_over_cpu`` (samples/s ratio in this run) and ``gpu_vs_cpu_centre_cbed_sum_rel_diff`` (same seeds, so
+the same crystal, parameters and phonon draws: the centre CBED's total intensity must agree to float32
+rounding). Usage::
 
     python scripts/bench_datagen.py                       # both configs, default indices
     python scripts/bench_datagen.py --configs kernel --samples 4
+    python scripts/bench_datagen.py --configs kernel_generalist --samples 4 --gpu   # on a CUDA machine
 """
 
 from __future__ import annotations
@@ -45,13 +50,13 @@ def _cfg(config: str):
         return compose(config_name="datagen", overrides=[f"simulation={config}"])
 
 
-def _warm_up() -> None:
-    """A small simulation: imports, numba JIT and dask start-up, outside the timed part."""
+def _warm_up(device: str = "cpu") -> None:
+    """A small simulation: imports, numba JIT, dask start-up (and CuPy's kernels), outside the timed part."""
     from ase.build import bulk
 
     from datagen.kernel import KernelParameters, KernelSimulator, SimulationSettings
 
-    simulator = KernelSimulator(SimulationSettings(pixels=16, max_sampling_A=0.3, max_gpts=64))
+    simulator = KernelSimulator(SimulationSettings(pixels=16, max_sampling_A=0.3, max_gpts=64), device=device)
     params = KernelParameters(200e3, 25.0, 2.5, 0.2, 1e4, 19.4, 2, 0.08, 1)
     simulator.simulate(bulk("Si", "diamond", a=5.431, cubic=True), params, (1.0, 1.0))
 
@@ -150,16 +155,18 @@ def _baseline_sample(maker, drawn, extent_A: float, check: bool = True) -> dict:
     }
 
 
-def child(mode: str, config: str, indices: list[int], seed: int, extent_A: float, check: bool) -> dict:
+def child(
+    mode: str, config: str, indices: list[int], seed: int, extent_A: float, check: bool, device: str = "cpu"
+) -> dict:
     import numpy as np
 
     from datagen.cli import KernelSampleMaker, structures_of
     from datagen.kernel import plan_grid
 
     cfg = _cfg(config)
-    maker = KernelSampleMaker(cfg.simulation, structures_of(cfg), seed, scheduler="threads")
+    maker = KernelSampleMaker(cfg.simulation, structures_of(cfg), seed, device=device, scheduler="threads")
     start = time.perf_counter()
-    _warm_up()
+    _warm_up(device)
     warm_up_s = time.perf_counter() - start
     seconds, totals, grids = [], [], []
     differences = []
@@ -204,12 +211,23 @@ def main() -> None:
         action="store_true",
         help="skip the untimed accuracy check (deepstem's simulator on the baseline's slab)",
     )
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="also deepstem's pipeline with abTEM on CuPy (datagen device=gpu), same samples",
+    )
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="deepstem's pipeline only (no straightforward abTEM chain)"
+    )
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--indices", type=str, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         indices = [int(i) for i in args.indices.split(",")]
-        result = child(args.child, args.configs[0], indices, args.seed, args.extent, not args.no_check)
+        result = child(
+            args.child, args.configs[0], indices, args.seed, args.extent, not args.no_check, args.device
+        )
         print("RESULT " + json.dumps(result), flush=True)
         return
     report: dict = {
@@ -225,7 +243,11 @@ def main() -> None:
         count = args.samples or (3 if config == "kernel" else 1)
         indices = list(range(args.first_index, args.first_index + count))
         entry: dict = {"sample_indices": indices}
-        for mode in ("ours", "baseline"):
+        runs = [("ours", "cpu")]
+        runs += [] if args.no_baseline else [("baseline", "cpu")]
+        runs += [("ours", "gpu")] if args.gpu else []
+        for mode, device in runs:
+            key = mode if device == "cpu" else f"{mode}_{device}"
             command = [
                 sys.executable,
                 __file__,
@@ -239,18 +261,31 @@ def main() -> None:
                 str(args.seed),
                 "--extent",
                 str(args.extent),
+                "--device",
+                device,
                 *(["--no-check"] if args.no_check else []),
             ]
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
-                raise SystemExit(f"bench_datagen: {mode} {config} failed:\n{done.stderr[-3000:]}")
-            entry[mode] = json.loads(lines[-1][len("RESULT ") :])
+                raise SystemExit(f"bench_datagen: {key} {config} failed:\n{done.stderr[-3000:]}")
+            entry[key] = json.loads(lines[-1][len("RESULT ") :])
             print(
-                f"bench_datagen: {config} {mode}: {lines[-1][len('RESULT ') :]}", file=sys.stderr, flush=True
+                f"bench_datagen: {config} {key}: {lines[-1][len('RESULT ') :]}", file=sys.stderr, flush=True
             )
-        entry["speedup"] = entry["ours"]["samples_per_s"] / entry["baseline"]["samples_per_s"]
-        entry["memory_ratio"] = entry["baseline"]["peak_rss_MB"] / entry["ours"]["peak_rss_MB"]
+        if not args.no_baseline:
+            entry["speedup"] = entry["ours"]["samples_per_s"] / entry["baseline"]["samples_per_s"]
+            entry["memory_ratio"] = entry["baseline"]["peak_rss_MB"] / entry["ours"]["peak_rss_MB"]
+        if args.gpu:
+            # same seeds, so the same crystals, parameters and phonon draws: the CBEDs agree to float32
+            # rounding of the two FFT libraries (a physics check of the GPU path, not only a timing)
+            entry["gpu_over_cpu"] = entry["ours_gpu"]["samples_per_s"] / entry["ours"]["samples_per_s"]
+            entry["gpu_vs_cpu_centre_cbed_sum_rel_diff"] = max(
+                abs(g - c) / abs(c)
+                for g, c in zip(
+                    entry["ours_gpu"]["centre_cbed_sum"], entry["ours"]["centre_cbed_sum"], strict=True
+                )
+            )
         report[config] = entry
     print(json.dumps(report))
 
