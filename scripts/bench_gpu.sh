@@ -4,9 +4,13 @@
 # Each step runs under its own time limit and a failing step does not stop the next; each writes its JSON
 # line to $OUT/<step>.json, all logs go to $OUT/gpu.log and a one-line verdict per step to $OUT/steps.txt.
 # Steps (most wanted first): AIRPI end to end with the shipped generalist, eager and torch.compile-d, fp32
-# and bf16, at 256 x 256 positions (65,536 patterns, 1 GiB of float32 CBEDs); PtychoNN and Chang eager;
+# and bf16, first call and warm, at 256 x 256 positions (65,536 patterns, 1 GiB of float32 CBEDs); PtychoNN
+# and Chang likewise;
 # training steps of the four networks in fp32 and bf16; kernel datagen with abTEM on CuPy against its CPU
-# run on the same samples. Where packages are missing on the GPU machine, install them into PYTHONPATH first.
+# run on the same samples. Needs, beside torch / Lightning / h5py / CuPy: hydra-core, omegaconf, antlr4 and,
+# for the datagen step, abTEM 1.0.11 with ase, dask and IPython / ipywidgets (abTEM imports them); on a
+# machine without a package index, install their wheels into a folder on PYTHONPATH first.
+# Figures of one H200 (session 16): docs/benchmarks.md "GPU", docs/bench_gpu_h200_s16.json.
 set -u
 OUT=${OUT:-/tmp/deepstem_gpu}
 mkdir -p "$OUT"
@@ -35,9 +39,9 @@ step() {  # step NAME LIMIT_S COMMAND...
 
 step reconstruct_airpi 210 python3 scripts/bench_reconstruct.py --device cuda --methods airpi \
     --scan "$SCAN" "$SCAN" --detector 64 64 --precisions 32 bf16 --compile both --read-ahead-check \
-    --batch-sweep 256 1024 4096 --network-min-s 2 --airpi-ckpt pretrained/airpi_generalist.ckpt
-step reconstruct_others 90 python3 scripts/bench_reconstruct.py --device cuda --methods ptychonn chang \
-    --scan "$SCAN" "$SCAN" --detector 64 64 --precisions 32 bf16 --network-min-s 2
+    --batch-sweep 256 1024 4096 --warm-repeat --network-min-s 2 --airpi-ckpt pretrained/airpi_generalist.ckpt
+step reconstruct_others 150 python3 scripts/bench_reconstruct.py --device cuda --methods ptychonn chang \
+    --scan "$SCAN" "$SCAN" --detector 64 64 --precisions 32 bf16 --compile both --warm-repeat --network-min-s 1
 step train 90 python3 scripts/bench_train.py --device cuda --models airpi chang ptychonn \
     --precision both --batch 256 --steps 30 --warmup 5
 step train_cgrdn 45 python3 scripts/bench_train.py --device cuda --models cgrdn --precision both --batch 16 \

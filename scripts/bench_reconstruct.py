@@ -3,7 +3,8 @@
 ``python scripts/bench_reconstruct.py [--methods airpi ptychonn chang epie ssb icom ricom] [--scan 128 128]
 [--detector 64 64] [--device cpu|cuda] [--threads N] [--epie-iterations 2] [--batch N]
 [--precisions 32 bf16] [--channels-last on|off|both] [--network-min-s 1.0] [--airpi-ckpt PATH]
-[--scale-check] [--read-ahead-check] [--compile off|both] [--batch-sweep 16 32 64] [--tmpdir DIR]``
+[--scale-check] [--read-ahead-check] [--compile off|both] [--batch-sweep 16 32 64] [--warm-repeat]
+[--tmpdir DIR]``
 
 The scan: ``--scan`` probe positions at 0.3 A steps over a weak phase object (Gaussian "atoms" up to 0.5
 rad), 300 keV, 20 mrad semi-angle, ``--detector`` pixels covering +-40 mrad (``k_pixel = 2 * 40 mrad /
@@ -78,6 +79,15 @@ grows with the field): measured on 2 cores, 16 px detector, batch 64: 32x32 -> 6
 block (fewer than ~900 / Ry rows, e.g. the 6x6 of the tests) is read whole, so there the peak does grow.
 
 ``--scale-check`` runs AIRPI at its reference configuration only.
+
+``--warm-repeat`` (networks): every configuration's end-to-end call once more right after the timed one,
+in the same process: ``"warm": {"patterns_per_s", "seconds", "recompiled"}``, what a second scan (or a live
+detector's next scan) gets once the network is compiled and the kernels are warm (a compiled
+configuration's timed call includes its compilation; ``recompiled`` says whether the repeat compiled again,
+from torch's dynamo counters); and, where the method finds the detector centre from the mean CBED
+(``detector_centre_px`` in its info), a third call with that centre given (``detector_centre_px=[x, y]``,
+as with a calibrated detector): ``"warm_centre_given": {"patterns_per_s", "seconds"}``, the pipeline without
+its first read of the whole scan.
 
 ``--read-ahead-check`` (networks): after the configurations, the first one end to end again with the
 pattern read-ahead off (``_PatternStream.read_ahead = False``: each block of raw rows read in place) and
@@ -413,6 +423,7 @@ def child(
     read_ahead_check: bool = False,
     compile: str = "off",
     batch_sweep: Sequence[int] = (),
+    warm_repeat: bool = False,
 ) -> dict[str, Any]:
     """Measure ``method`` on the scan file ``scan_path`` in this process; returns its result dict.
 
@@ -479,6 +490,8 @@ def child(
             if "patterns_per_s" in recon.info:
                 entry["patterns_per_s_reported"] = round(float(recon.info["patterns_per_s"]), 2)
             entry["finite_output"] = bool(np.all(np.isfinite(recon.phase)))
+            if warm_repeat:
+                entry.update(_warm_repeat(call, recon, precision, layout, compiled, positions, run_device))
             label = _label(precision, layout) + ("/compiled" if compiled else "")
             phases[label] = np.asarray(recon.phase, dtype=np.float64)
             runs[label] = entry
@@ -551,6 +564,41 @@ def child(
 # Parent process
 
 
+def _dynamo_compilations() -> int:
+    """Frames torch.compile has compiled so far in this process (0 where the counter is unavailable)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(sum(counters["stats"].get(key, 0) for key in ("unique_graphs",)))
+
+
+def _warm_repeat(
+    call: Any, recon: Any, precision: str, layout: bool, compiled: bool, positions: int, device: str
+) -> dict[str, Any]:
+    """The end-to-end call again (``warm``) and, where the centre was found from the data, with it given."""
+    before = _dynamo_compilations()
+    _, again = _measure(lambda: call(precision=precision, layout=layout, compiled=compiled), device)
+    out: dict[str, Any] = {
+        "warm": {
+            "patterns_per_s": round(positions / again["seconds"], 2),
+            "seconds": again["seconds"],
+            "recompiled": _dynamo_compilations() > before,
+        }
+    }
+    centre = recon.info.get("detector_centre_px")
+    if centre is not None:
+        overrides = {"detector_centre_px": [float(v) for v in centre]}
+        _, given = _measure(
+            lambda: call(overrides, precision=precision, layout=layout, compiled=compiled), device
+        )
+        out["warm_centre_given"] = {
+            "patterns_per_s": round(positions / given["seconds"], 2),
+            "seconds": given["seconds"],
+        }
+    return out
+
+
 def _read_ahead_check(call: Any, pair: tuple[str, bool], positions: int, device: str) -> dict[str, Any]:
     """The first configuration end to end with the pattern read-ahead off, then on (one after the other,
     same process): patterns/s of each, their ratio, and the largest phase difference (0: same numbers)."""
@@ -591,6 +639,8 @@ def run_child(
         command += ["--airpi-ckpt", str(args.airpi_ckpt)]
     if args.read_ahead_check and not reference_only:
         command += ["--read-ahead-check"]
+    if args.warm_repeat and not reference_only:
+        command += ["--warm-repeat"]
     if not reference_only:
         command += ["--compile", args.compile]
         if args.batch_sweep:
@@ -727,6 +777,10 @@ def main() -> None:
     )
     parser.add_argument("--scale-check", action="store_true", help="AIRPI also on 2x the positions per side")
     parser.add_argument(
+        "--warm-repeat", action="store_true",
+        help="networks: every configuration end to end again (warm, compiled once) and with the centre given",
+    )  # fmt: skip
+    parser.add_argument(
         "--read-ahead-check", action="store_true",
         help="networks: also the first configuration with the pattern read-ahead off, then on",
     )  # fmt: skip
@@ -766,6 +820,7 @@ def main() -> None:
             precisions=args.precisions, channels_last=args.channels_last, network_min_s=args.network_min_s,
             ckpt=args.airpi_ckpt if args.child == "airpi" else None,
             read_ahead_check=args.read_ahead_check, compile=args.compile, batch_sweep=args.batch_sweep,
+            warm_repeat=args.warm_repeat,
         )  # fmt: skip
         print("RESULT " + json.dumps(result), flush=True)
         return

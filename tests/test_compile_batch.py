@@ -15,6 +15,7 @@ from test_reconstruct_networks import _config, folder  # noqa: F401  (fixture)
 from evaluation.cli import reconstruct_main
 from evaluation.networks import (
     AUTO_BATCH_SIZE,
+    COMPILE_AUTO_MIN_POSITIONS,
     model_predictor,
     resolve_batch_size,
     resolve_compile,
@@ -42,6 +43,12 @@ def test_compile_auto_only_on_cuda_and_bad_values_named():
     with pytest.raises(ValueError, match="compile must be one of auto, true, false, got 'max'"):
         check_compile("max")
     assert resolve_compile("auto", "cuda") and not resolve_compile("auto", "cpu")
+    # auto compiles on CUDA only where the scan is large enough to win back the compilation (measured
+    # break-even on an H200: 440,000-710,000 patterns); true / false whatever the size
+    assert not resolve_compile("auto", "cuda", 256 * 256)
+    assert resolve_compile("auto", "cuda", COMPILE_AUTO_MIN_POSITIONS)
+    assert not resolve_compile("auto", "cpu", 10 * COMPILE_AUTO_MIN_POSITIONS)
+    assert resolve_compile("true", "cuda", 9) and not resolve_compile("false", "cuda", 10**7)
     assert resolve_compile("true", "cpu") and not resolve_compile(False, "cuda")
 
 

@@ -79,6 +79,7 @@ from evaluation.networks.checkpoints import (
     AUTO_BATCH_SIZE,
     CHANG_GEOMETRY,
     COMPILE_AUTO_DEVICES,
+    COMPILE_AUTO_MIN_POSITIONS,
     NETWORK_CLASSES,
     TRAINED_FOR_UNITS,
     CheckpointError,
@@ -115,6 +116,7 @@ __all__ = [
     "BF16_CHECK_TOLERANCE",
     "CHANG_GEOMETRY",
     "COMPILE_AUTO_DEVICES",
+    "COMPILE_AUTO_MIN_POSITIONS",
     "FP32_AUTO_METHODS",
     "NETWORK_CLASSES",
     "PAPER_RATIO_ALPHA_GMAX",
@@ -242,7 +244,8 @@ def reconstruct_with_network(
     has bf16 units, fp32 otherwise; :data:`FP32_AUTO_METHODS` bf16 only where their first batch agrees with
     fp32, :func:`precision_checked_predictor`, recorded as ``info['bf16_check']``); the precision used is
     ``info['precision']``. ``compile`` auto | true |
-    false (:func:`resolve_compile`: auto = on CUDA, not on the CPU) wraps the network in
+    false (:func:`resolve_compile`: auto = on CUDA for scans of :data:`COMPILE_AUTO_MIN_POSITIONS` or more,
+    where compiling pays; never on the CPU) wraps the network in
     :func:`torch.compile` (local reconstruction only: an engine's ``reconstructor`` runs it uncompiled);
     ``info['compiled']`` says whether it ran compiled. ``params['batch_size']`` ``auto`` (or unset) is
     :data:`AUTO_BATCH_SIZE` of the device (scaled to the network input's pixels); ``info['batch_size']`` is
@@ -308,7 +311,7 @@ def reconstruct_with_network(
             options["ratio_alpha_gmax"] = PAPER_RATIO_ALPHA_GMAX if recorded is None else recorded
     pixels = options.get("pixels") or 64  # the network input grid (Chang: the recorded 32 px)
     options["batch_size"] = resolve_batch_size(options.get("batch_size"), dev.type, pixels)
-    use_compile = resolve_compile(compile, dev.type)
+    use_compile = resolve_compile(compile, dev.type, getattr(scan, "num_positions", None))
     if use_compile and reconstructor is not None:
         if check_compile(compile) == "true":
             import warnings

@@ -359,11 +359,20 @@ def detector_mismatch(model: Any, scan: Any, pixels: int = 64, tolerance: float 
 AUTO_BATCH_SIZE = {"cpu": 32, "cuda": 1024}
 AUTO_BATCH_PIXELS = 64
 
-#: Device types where ``compile=auto`` compiles the network (:func:`torch.compile`, inductor). Not the CPU:
-#: on 2 AVX512-BF16 cores the compiled AIRPI network ran 1.1-1.4x faster alone (bf16, batch 32), but a
-#: whole 128 x 128 scan end to end took 64.7 s compiled (4-6 s of it compiling) against 61.7 s eager
-#: (docs/benchmarks.md); ``compile=true`` there is for long scans. CUDA is not measured here.
+#: Device types where ``compile=auto`` compiles the network (:func:`torch.compile`, inductor), for scans of
+#: at least :data:`COMPILE_AUTO_MIN_POSITIONS`. Not the CPU: on 2 AVX512-BF16 cores the compiled AIRPI network
+#: ran 1.1-1.4x faster alone (bf16, batch 32), but a whole 128 x 128 scan end to end took 64.7 s compiled
+#: (4-6 s of it compiling) against 61.7 s eager (docs/benchmarks.md); ``compile=true`` there is for long
+#: scans.
 COMPILE_AUTO_DEVICES = ("cuda",)
+
+#: The fewest scan positions for which ``compile=auto`` compiles on :data:`COMPILE_AUTO_DEVICES`. Measured on
+#: one H200 (docs/benchmarks.md "GPU", AIRPI bf16, 256 x 256 scan): compiled, a warm call saves 9.9 us per
+#: pattern (1.86 s against 2.52 s for 65,536), and compiling costs 4.4-7.1 s once per process (6.2 s inside
+#: the first end-to-end call): break-even at 440,000-710,000 patterns. So a single 256 x 256 scan runs
+#: eager (25,360 patterns/s, against 8,101 compiled, compilation included) and one of ~840 x 840 or more
+#: compiled; ``compile=true`` compiles whatever the size (a session of many scans, a live detector).
+COMPILE_AUTO_MIN_POSITIONS = 700_000
 
 
 def resolve_batch_size(batch_size: int | str | None, device_type: str, pixels: int | None = None) -> int:
@@ -383,13 +392,15 @@ def resolve_batch_size(batch_size: int | str | None, device_type: str, pixels: i
     return value
 
 
-def resolve_compile(compile: bool | str | None, device_type: str) -> bool:
+def resolve_compile(compile: bool | str | None, device_type: str, positions: int | None = None) -> bool:
     """Whether to compile the network: ``true`` / ``false`` as given; ``auto`` (or None) on the device types
-    of :data:`COMPILE_AUTO_DEVICES`. Raises ValueError naming ``compile`` for anything else
+    of :data:`COMPILE_AUTO_DEVICES` for scans of at least :data:`COMPILE_AUTO_MIN_POSITIONS` ``positions``
+    (None: size unknown, compiled there). Raises ValueError naming ``compile`` for anything else
     (:func:`physics.runtime.check_compile`)."""
     value = check_compile(compile)
     if value == "auto":
-        return device_type in COMPILE_AUTO_DEVICES
+        large = positions is None or positions >= COMPILE_AUTO_MIN_POSITIONS
+        return device_type in COMPILE_AUTO_DEVICES and large
     return value == "true"
 
 
