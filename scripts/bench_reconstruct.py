@@ -87,7 +87,8 @@ configuration's timed call includes its compilation; ``recompiled`` says whether
 from torch's dynamo counters); and, where the method finds the detector centre from the mean CBED
 (``detector_centre_px`` in its info), a third call with that centre given (``detector_centre_px=[x, y]``,
 as with a calibrated detector): ``"warm_centre_given": {"patterns_per_s", "seconds"}``, the pipeline without
-its first read of the whole scan.
+its first read of the whole scan, and its ``max_abs_phase_diff_rad`` from the timed call (0 for eager fp32:
+the centre found, given back).
 
 ``--read-ahead-check`` (networks): after the configurations, the first one end to end again with the
 pattern read-ahead off (``_PatternStream.read_ahead = False``: each block of raw rows read in place) and
@@ -589,12 +590,14 @@ def _warm_repeat(
     centre = recon.info.get("detector_centre_px")
     if centre is not None:
         overrides = {"detector_centre_px": [float(v) for v in centre]}
-        _, given = _measure(
+        same, given = _measure(
             lambda: call(overrides, precision=precision, layout=layout, compiled=compiled), device
         )
         out["warm_centre_given"] = {
             "patterns_per_s": round(positions / given["seconds"], 2),
             "seconds": given["seconds"],
+            # the centre it found, given back: the same reconstruction (only the mean-CBED pass is skipped)
+            "max_abs_phase_diff_rad": _agreement(recon.phase, same.phase).get("max_abs_phase_diff_rad"),
         }
     return out
 

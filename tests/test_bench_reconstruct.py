@@ -128,3 +128,20 @@ def test_compile_both_and_batch_sweep_report_the_compiled_run_and_each_batch(tmp
         }
     )
     assert set(ratio["ratio"]) == {"32", "32/compiled"}
+
+
+def test_warm_repeat_times_the_call_again_and_with_the_centre_given(tmp_path, one_thread):
+    """``--warm-repeat``: the end-to-end call once more (nothing compiled again: eager here) and with the
+    detector centre it found given back, which skips the mean-CBED pass and must give the same phase."""
+    bench = _bench()
+    path = bench.SyntheticScan((6, 6), (32, 32)).write(tmp_path / "scan.h5")
+    result = bench.child(
+        "airpi", path, "cpu", batch=4, epie_iterations=1, precisions=("32",), channels_last="on",
+        network_min_s=0.0, warm_repeat=True,
+    )  # fmt: skip
+    json.dumps(result)
+    run = result["precisions"]["32"]
+    assert _positive(run["warm"]["patterns_per_s"]) and run["warm"]["recompiled"] is False
+    given = run["warm_centre_given"]
+    assert _positive(given["patterns_per_s"])
+    assert given["max_abs_phase_diff_rad"] == 0.0
