@@ -136,3 +136,12 @@ def test_bench_reconstruct_reports_every_method_and_the_scale_check():
     assert math.isclose(check["data_MB"][1], 4 * check["data_MB"][0], rel_tol=0.01)
     assert all(non_negative(v) for v in check["peak_memory_MB"]), check
     assert all(positive(v) for v in check["patterns_per_s"]), check
+
+
+def test_bench_mean_cbed_times_both_reads_and_they_agree():
+    """The mean-CBED pass serially and with read-ahead: both timed, the same mean bit for bit."""
+    result = run_script("bench_mean_cbed.py", "--scan", "8", "8", "--detector", "16", "16", "--repeats", "1")
+    assert result["benchmark"] == "mean_cbed" and result["identical"] is True
+    assert positive(result["serial_s"]) and positive(result["read_ahead_s"])
+    ratio = result["serial_s"] / result["read_ahead_s"]
+    assert result["read_ahead_speedup"] == pytest.approx(ratio, rel=0.01)

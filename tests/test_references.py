@@ -30,7 +30,7 @@ from evaluation.references import (
     ssb,
     virtual_detector,
 )
-from evaluation.references._common import iter_scan_rows, smooth_periodic_extension
+from evaluation.references._common import iter_scan_rows, mean_pattern, smooth_periodic_extension
 from physics import interaction_parameter, probe, transmission_function, wavelength
 
 
@@ -220,6 +220,24 @@ def test_chunked_reading_matches_whole_array(scan):
     blocks = [block for _, block in iter_scan_rows(scan.data, rows_per_chunk=5, progress=False)]
     assert [b.shape[0] for b in blocks] == [5, 5, 5, 5, 4]
     np.testing.assert_array_equal(np.concatenate(blocks), scan.data)
+
+
+def test_read_ahead_yields_the_same_blocks_in_order_and_stops_cleanly(scan):
+    """``read_ahead``: the next block is read by a thread while this one is used; the same slices and
+    arrays in the same order, and a consumer that stops early leaves no reader behind."""
+    import threading
+
+    serial = list(iter_scan_rows(scan.data, rows_per_chunk=5, progress=False))
+    ahead = list(iter_scan_rows(scan.data, rows_per_chunk=5, progress=False, read_ahead=True))
+    assert [s for s, _ in ahead] == [s for s, _ in serial]
+    for (_, a), (_, b) in zip(ahead, serial, strict=True):
+        np.testing.assert_array_equal(a, b)
+    blocks = iter_scan_rows(scan.data, rows_per_chunk=5, progress=False, read_ahead=True)
+    next(blocks)
+    blocks.close()  # the with-block joins the reader
+    assert not [t for t in threading.enumerate() if t.name.startswith("deepstem-read")]
+    total = sum(block.sum(axis=(0, 1), dtype=np.float64) for _, block in serial)
+    np.testing.assert_allclose(mean_pattern(scan.data, progress=False), total / np.prod(scan.data.shape[:2]))
 
 
 @pytest.mark.parametrize("bad_shape", [(24, 24, 48), (2, 24, 48, 48)])

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from evaluation.references._common import check_scan_array, iter_scan_rows, pair, pattern_centre
+from evaluation.references._common import check_scan_array, mean_pattern, pair, pattern_centre
 from models.inputs import rotate_patterns
 from physics import wavelength
 
@@ -451,10 +451,7 @@ def _detector_centre(
     if centre_px is not None:
         return np.asarray(centre_px, dtype=np.float64).reshape(2)
     rows = None if block_rows is None else max(1, block_rows * geometry.stride)
-    total = np.zeros(geometry.shape[2:], dtype=np.float64)
-    for _, block in iter_scan_rows(geometry.data, rows, desc="mean CBED", progress=progress):
-        total += block.sum(axis=(0, 1), dtype=np.float64)
-    return pattern_centre(total)
+    return pattern_centre(mean_pattern(geometry.data, progress, rows))
 
 
 def _network_grid(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,22 +120,48 @@ def check_scan_array(data: Any, minimum_scan: int = 3) -> tuple[int, int, int, i
 
 
 def iter_scan_rows(
-    data: Any, rows_per_chunk: int | None = None, desc: str | None = None, progress: bool = True
+    data: Any,
+    rows_per_chunk: int | None = None,
+    desc: str | None = None,
+    progress: bool = True,
+    read_ahead: bool = False,
 ) -> Iterator[tuple[slice, np.ndarray]]:
-    """Yield ``(row_slice, float32 array)`` blocks of whole scan rows (works for h5py / memmap data)."""
+    """Yield ``(row_slice, float32 array)`` blocks of whole scan rows (works for h5py / memmap data).
+
+    ``read_ahead``: a reader thread reads the next block while the caller works on this one (h5py and
+    NumPy's reductions release the GIL), so at most two blocks are in memory; the blocks are the same.
+    """
     rx, ry, kx, ky = data.shape
     if rows_per_chunk is None:
         rows_per_chunk = max(1, int(2**26 // max(1, ry * kx * ky * 4)))  # about 64 MB per block
-    starts = range(0, rx, rows_per_chunk)
-    for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
-        block = slice(start, min(rx, start + rows_per_chunk))
-        yield block, np.asarray(data[block], dtype=np.float32)
+    blocks = [slice(start, min(rx, start + rows_per_chunk)) for start in range(0, rx, rows_per_chunk)]
+
+    def read(block: slice) -> np.ndarray:
+        return np.asarray(data[block], dtype=np.float32)
+
+    bar = tqdm(blocks, desc=desc, disable=not progress or len(blocks) < 2, leave=False)
+    if not read_ahead or len(blocks) < 2:
+        for block in bar:
+            yield block, read(block)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepstem-read") as reader:
+        ahead = reader.submit(read, blocks[0])
+        for index, block in enumerate(bar):
+            array = ahead.result()
+            if index + 1 < len(blocks):
+                ahead = reader.submit(read, blocks[index + 1])
+            yield block, array
 
 
-def mean_pattern(data: Any, progress: bool = True, rows_per_chunk: int | None = None) -> np.ndarray:
-    """Position-averaged diffraction pattern (float64), read in blocks of ``rows_per_chunk`` scan rows."""
+def mean_pattern(
+    data: Any, progress: bool = True, rows_per_chunk: int | None = None, read_ahead: bool = True
+) -> np.ndarray:
+    """Position-averaged diffraction pattern (float64), read in blocks of ``rows_per_chunk`` scan rows;
+    ``read_ahead``: the next block read during the sum of this one (the same result;
+    scripts/bench_mean_cbed.py measures the two)."""
     total = np.zeros(data.shape[2:], dtype=np.float64)
-    for _, block in iter_scan_rows(data, rows_per_chunk, desc="mean CBED", progress=progress):
+    blocks = iter_scan_rows(data, rows_per_chunk, desc="mean CBED", progress=progress, read_ahead=read_ahead)
+    for _, block in blocks:
         total += block.sum(axis=(0, 1), dtype=np.float64)
     return total / (data.shape[0] * data.shape[1])
 
