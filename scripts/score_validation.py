@@ -17,9 +17,11 @@ split seed) of the same shards
   weak phase object whose xc rests on a small signal), all in bins of ``--bins`` quantiles, and by
   structure (``source_id``: which held-out crystals fail),
 
-and prints the mean xc with its standard error per cell. ``--baseline CKPT`` adds, at each fixed dose, the
-paired difference to a second checkpoint on the same samples and noise draws (mean +- its own standard error:
-the sample-to-sample spread, ~0.02 here, cancels). ``--split test`` scores the test structures (never
+and prints the mean xc with its standard error per cell. ``--dihedral-average`` scores the mean prediction
+over the 8 dihedral images of each kernel (a test-time average, 8 forward passes) and its paired gain over
+the single prediction. ``--baseline CKPT`` adds, at each fixed dose, the paired difference to a second
+checkpoint on the same samples and noise draws (mean +- its own standard error: the sample-to-sample
+spread, ~0.02 here, cancels). ``--split test`` scores the test structures (never
 used for checkpoint selection). The model runs at ``--precision`` (auto: bf16 where the CPU has it).
 """
 
@@ -43,9 +45,11 @@ if str(ROOT) not in sys.path:
 
 from evaluation.networks.checkpoints import load_network  # noqa: E402
 from models.airpi import output_to_wave  # noqa: E402
+from models.inputs import preprocess  # noqa: E402
 from models.lightning import as_complex  # noqa: E402
 from models.losses import illuminated_mask, object_phase, object_phase_spread, pearson_xc  # noqa: E402
 from physics.runtime import configure_threads, resolve_precision  # noqa: E402
+from training.augment import DIHEDRAL_OPERATIONS, dihedral_transform, undo_dihedral  # noqa: E402
 from training.datamodules import MultisliceDataModule, kernel_sample_optics  # noqa: E402
 
 #: per-sample shard columns the optics table groups by (column -> printed name)
@@ -70,13 +74,18 @@ def score_split(
     split: str = "val",
     precision: str = "32",
     max_samples: int | None = None,
+    dihedral_average: bool = False,
 ) -> dict[str, np.ndarray]:
     """Per-sample object-phase xc of ``split`` with the validation noise of ``module.augmentation`` at
     ``dose_e_range`` (electrons per CBED, log-uniform; ``(d, d)`` a fixed dose; ``None`` noise free).
 
     Returns ``index`` (global sample index), ``xc`` and ``dose_e`` (what each sample got), as the training
     loop's ``val/xc_object_phase`` computes them (mask of the illuminated probe, Pearson xc), and
-    ``phase_spread_rad``, the standard deviation of the true object phase over that mask."""
+    ``phase_spread_rad``, the standard deviation of the true object phase over that mask.
+
+    ``dihedral_average``: predict each kernel under all 8 symmetry operations of the square (the same noisy
+    counts, transformed with their probe, :func:`training.augment.dihedral_transform`), map each prediction
+    back (:func:`training.augment.undo_dihedral`) and score the mean exit wave (8 forward passes)."""
     module.setup()
     if split not in module.datasets:
         raise ValueError(f"--split must be one of {', '.join(module.datasets)}, got {split!r}")
@@ -88,9 +97,12 @@ def score_split(
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
         for batch in getattr(module, f"{split}_dataloader")():
             batch = module.augmentation(batch, deterministic=True)
-            with autocast:
-                out = model(batch["inputs"])
-            wave_pred = output_to_wave(out.float(), model.net.amplitude_exponent)
+            if dihedral_average:
+                wave_pred = dihedral_mean_wave(model, batch, module.augmentation, autocast)
+            else:
+                with autocast:
+                    out = model(batch["inputs"])
+                wave_pred = output_to_wave(out.float(), model.net.amplitude_exponent)
             wave_true = as_complex(batch["wave"])
             probe = model._probe(batch)
             mask = illuminated_mask(probe, model.loss.mask_threshold)
@@ -109,6 +121,31 @@ def score_split(
     if max_samples is not None:
         result = {key: value[:max_samples] for key, value in result.items()}
     return result
+
+
+def dihedral_mean_wave(model: torch.nn.Module, batch: dict, augmentation: Any, autocast: Any) -> torch.Tensor:
+    """The mean of the exit waves predicted for the 8 dihedral images of each kernel of an augmented
+    ``batch`` (its noisy ``cbed`` counts and ``probe``), each mapped back onto the untransformed specimen;
+    the identity's inputs are ``batch["inputs"]`` exactly."""
+    cbed, probe = batch["cbed"], as_complex(batch["probe"])
+    n = cbed.shape[0]
+    total = torch.zeros_like(probe)
+    for ops in DIHEDRAL_OPERATIONS:
+        transpose, flip_x, flip_y = (torch.full((n,), op, dtype=torch.bool) for op in ops)
+        counts, _, probe_t = dihedral_transform(cbed, probe, probe, transpose, flip_x, flip_y)
+        inputs = preprocess(
+            counts,
+            batch["step_A"],
+            probe_t,
+            exponent=augmentation.exponent,
+            zeta_scale=augmentation.zeta_scale,
+            standardise_input=augmentation.standardise_input,
+        )
+        with autocast:
+            out = model(inputs)
+        wave = output_to_wave(out.float(), model.net.amplitude_exponent)
+        total = total + undo_dihedral(wave, transpose, flip_x, flip_y)
+    return total / len(DIHEDRAL_OPERATIONS)
 
 
 def by_structure(xc: np.ndarray, source_ids: np.ndarray) -> dict[str, dict[str, float]]:
@@ -216,6 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "data_dir": str(args.data_dir),
         "split": args.split,
         "precision": precision,
+        "dihedral_average": bool(args.dihedral_average),
         "threads": threads,
         "by_dose_e_per_cbed": {},
     }
@@ -227,13 +265,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["paired_difference_by_dose_e_per_cbed"] = {}
     for dose in args.doses:
         fixed = None if math.isinf(dose) else (dose, dose)
-        scored = score_split(model, module, fixed, args.split, precision, args.max_samples)
+        scored = score_split(
+            model, module, fixed, args.split, precision, args.max_samples, args.dihedral_average
+        )
         row = summarise(scored["xc"])
         key = "inf" if math.isinf(dose) else f"{dose:g}"
         report["by_dose_e_per_cbed"][key] = row
         line = f"{dose:>14g} {row['mean']:8.3f} {row['sem']:6.3f} {row['median']:7.3f} {row['n']:5d}"
+        if args.dihedral_average:  # the gain over the same model's single prediction, paired
+            single = score_split(model, module, fixed, args.split, precision, args.max_samples)
+            gain = paired_difference(scored, single)
+            report.setdefault("dihedral_gain_by_dose_e_per_cbed", {})[key] = gain
+            line += f"   minus single prediction {gain['mean']:+.3f} +- {gain['sem']:.3f}"
         if baseline is not None:
-            reference = score_split(baseline, module, fixed, args.split, precision, args.max_samples)
+            reference = score_split(baseline, module, fixed, args.split, precision, args.max_samples,
+                                    args.dihedral_average)  # fmt: skip
             diff = paired_difference(scored, reference)
             report["paired_difference_by_dose_e_per_cbed"][key] = diff
             line += f"   minus baseline {diff['mean']:+.3f} +- {diff['sem']:.3f} (paired, n {diff['n']})"
@@ -298,6 +344,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=12345, help="the experiment's split seed (conf seed)")
     parser.add_argument("--split-fractions", nargs=3, type=float, default=(0.8, 0.1, 0.1))
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--dihedral-average",
+        action="store_true",
+        help="score the mean prediction over the 8 dihedral images of each kernel (x8 cost)",
+    )
     parser.add_argument("--max-samples", type=int, default=None, help="score at most this many samples")
     parser.add_argument("--precision", default="auto", help="auto | bf16 | 32")
     parser.add_argument("--threads", default="auto", help="torch intra-op threads (auto: the cores)")

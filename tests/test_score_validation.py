@@ -139,3 +139,30 @@ def test_cli_baseline_of_itself_differs_by_zero(kernel_dir, tmp_path):
                  "--batch-size", "8", "--precision", "32", "--threads", "1", "--json", str(out)])  # fmt: skip
     diff = json.loads(out.read_text())["paired_difference_by_dose_e_per_cbed"]["1000"]
     assert diff["mean"] == 0.0 and diff["n"] > 0  # same weights, same seeded noise: identical per sample
+
+
+def test_undo_dihedral_inverts_every_operation():
+    from training.augment import DIHEDRAL_OPERATIONS, dihedral_transform, undo_dihedral
+
+    gen = torch.Generator().manual_seed(3)
+    wave = torch.randn(8, 6, 6, dtype=torch.complex64, generator=gen)
+    cbed = torch.rand(8, 9, 6, 6, generator=gen)
+    assert len(set(DIHEDRAL_OPERATIONS)) == 8 and DIHEDRAL_OPERATIONS[0] == (False, False, False)
+    ops = [torch.tensor([op[i] for op in DIHEDRAL_OPERATIONS]) for i in range(3)]  # one op per sample
+    _, moved, _ = dihedral_transform(cbed, wave, wave, *ops)
+    assert (moved[1:] - wave[1:]).abs().amax(dim=(1, 2)).min() > 0  # every non-identity op moves pixels
+    torch.testing.assert_close(undo_dihedral(moved, *ops), wave, rtol=0, atol=0)
+
+
+def test_dihedral_average_runs_eight_passes_identity_first(scored_setup):
+    script, model, module = scored_setup
+    seen: list = []
+    forward = model.forward
+    model.forward = lambda inputs: (seen.append(inputs.clone()), forward(inputs))[1]
+    plain = script.score_split(model, module, (1e4, 1e4))
+    averaged = script.score_split(model, module, (1e4, 1e4), dihedral_average=True)
+    assert len(seen) == 1 + 8
+    torch.testing.assert_close(seen[1], seen[0], rtol=0, atol=0)  # identity: the plain inputs exactly
+    assert all((seen[i] - seen[0]).abs().max() > 1e-3 for i in range(2, 9))
+    np.testing.assert_array_equal(averaged["index"], plain["index"])
+    assert np.all(np.isfinite(averaged["xc"])) and not np.array_equal(averaged["xc"], plain["xc"])

@@ -145,6 +145,25 @@ def dihedral_transform(
     return grid.reshape(b, 9, k, k), wave, probe
 
 
+#: the 8 symmetry operations of the square as ``(transpose, flip_x, flip_y)``, identity first
+DIHEDRAL_OPERATIONS: tuple[tuple[bool, bool, bool], ...] = tuple(
+    (t, fx, fy) for t in (False, True) for fx in (False, True) for fy in (False, True)
+)
+
+
+def undo_dihedral(wave: Tensor, transpose: Tensor, flip_x: Tensor, flip_y: Tensor) -> Tensor:
+    """The inverse of :func:`dihedral_transform` for a real-space ``wave`` (B, K, K): the flips (each its
+    own inverse, and they commute) first, then the transpose. Maps a prediction made on a transformed
+    kernel back onto the untransformed specimen (dihedral test-time averaging)."""
+
+    def select(on: Tensor, new: Tensor, old: Tensor) -> Tensor:
+        return torch.where(_bview(on.to(torch.bool), old.ndim), new, old)
+
+    for on, dim in ((flip_y, 2), (flip_x, 1)):
+        wave = select(on, flip_about_centre(wave, dim), wave)
+    return select(transpose, wave.transpose(1, 2), wave)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Experimental misalignment: centre shifts and rotations of the diffraction patterns
 # ----------------------------------------------------------------------------------------------------------
