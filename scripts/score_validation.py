@@ -126,7 +126,7 @@ def score_split(
 def dihedral_mean_wave(model: torch.nn.Module, batch: dict, augmentation: Any, autocast: Any) -> torch.Tensor:
     """The mean of the exit waves predicted for the 8 dihedral images of each kernel of an augmented
     ``batch`` (its noisy ``cbed`` counts and ``probe``), each mapped back onto the untransformed specimen;
-    the identity's inputs are ``batch["inputs"]`` exactly."""
+    the identity's inputs are ``batch["inputs"]`` exactly (the same pre-processing)."""
     cbed, probe = batch["cbed"], as_complex(batch["probe"])
     n = cbed.shape[0]
     total = torch.zeros_like(probe)

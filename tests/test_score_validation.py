@@ -35,11 +35,17 @@ def scored_setup(kernel_dir, tmp_path):
     return script, model, module
 
 
-def test_fixed_dose_is_applied_and_noise_is_the_seeded_one(scored_setup):
-    script, model, module = scored_setup
+def record_inputs(model) -> list:
+    """Every input batch the model is called with from now on (copies)."""
     seen: list = []
     forward = model.forward
     model.forward = lambda inputs: (seen.append(inputs.clone()), forward(inputs))[1]
+    return seen
+
+
+def test_fixed_dose_is_applied_and_noise_is_the_seeded_one(scored_setup):
+    script, model, module = scored_setup
+    seen = record_inputs(model)
     low = script.score_split(model, module, (50.0, 50.0))
     again = script.score_split(model, module, (50.0, 50.0))
     clean = script.score_split(model, module, None)
@@ -156,9 +162,7 @@ def test_undo_dihedral_inverts_every_operation():
 
 def test_dihedral_average_runs_eight_passes_identity_first(scored_setup):
     script, model, module = scored_setup
-    seen: list = []
-    forward = model.forward
-    model.forward = lambda inputs: (seen.append(inputs.clone()), forward(inputs))[1]
+    seen = record_inputs(model)
     plain = script.score_split(model, module, (1e4, 1e4))
     averaged = script.score_split(model, module, (1e4, 1e4), dihedral_average=True)
     assert len(seen) == 1 + 8

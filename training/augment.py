@@ -115,6 +115,11 @@ def flip_about_centre(x: Tensor, dim: int) -> Tensor:
     return torch.roll(torch.flip(x, (dim,)), 1, dim)
 
 
+def _select_per_sample(on: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where the (B,) mask ``on`` is set, ``old`` elsewhere."""
+    return torch.where(_bview(on.to(torch.bool), old.ndim), new, old)
+
+
 def dihedral_transform(
     cbed: Tensor, wave: Tensor, probe: Tensor, transpose: Tensor, flip_x: Tensor, flip_y: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -131,10 +136,7 @@ def dihedral_transform(
     """
     b, k = cbed.shape[0], cbed.shape[-1]
     grid = cbed.reshape(b, 3, 3, k, k)  # (B, i, j, x, y)
-
-    def select(on: Tensor, new: Tensor, old: Tensor) -> Tensor:
-        return torch.where(_bview(on.to(torch.bool), old.ndim), new, old)
-
+    select = _select_per_sample
     grid = select(transpose, grid.transpose(1, 2).transpose(3, 4), grid)
     wave = select(transpose, wave.transpose(1, 2), wave)
     probe = select(transpose, probe.transpose(1, 2), probe)
@@ -155,13 +157,9 @@ def undo_dihedral(wave: Tensor, transpose: Tensor, flip_x: Tensor, flip_y: Tenso
     """The inverse of :func:`dihedral_transform` for a real-space ``wave`` (B, K, K): the flips (each its
     own inverse, and they commute) first, then the transpose. Maps a prediction made on a transformed
     kernel back onto the untransformed specimen (dihedral test-time averaging)."""
-
-    def select(on: Tensor, new: Tensor, old: Tensor) -> Tensor:
-        return torch.where(_bview(on.to(torch.bool), old.ndim), new, old)
-
     for on, dim in ((flip_y, 2), (flip_x, 1)):
-        wave = select(on, flip_about_centre(wave, dim), wave)
-    return select(transpose, wave.transpose(1, 2), wave)
+        wave = _select_per_sample(on, flip_about_centre(wave, dim), wave)
+    return _select_per_sample(transpose, wave.transpose(1, 2), wave)
 
 
 # ----------------------------------------------------------------------------------------------------------
